@@ -1,0 +1,57 @@
+"""The result of one trial, as written by the harness (never parsed from train.py's output)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+OK = "ok"
+# Failure classes. The first five come from running train.py; the others are decided before it runs.
+FAILURES = ("oom", "crash", "timeout", "nan", "invalid", "rejected", "oom-predicted")
+PENALTY = 100.0  # the val_bpb a failed trial is reported as to the samplers (the paper's convention)
+
+
+@dataclass
+class TrialResult:
+    status: str = OK                       # "ok" or one of FAILURES
+    val_bpb: float | None = None
+    error: str | None = None               # one line: why it failed
+    training_seconds: float = 0.0          # on the harness clock
+    startup_seconds: float = 0.0           # process start until the clock ran (imports, data, build, compile)
+    eval_seconds: float = 0.0
+    total_seconds: float = 0.0             # wall time of the whole trial: what it costs the budget
+    peak_memory_mb: float | None = None    # CUDA max allocated, or the process's peak RSS on CPU
+    tokens_per_second: float | None = None
+    mfu: float | None = None               # model FLOPs utilization, CUDA only
+    num_params: int | None = None
+    num_steps: int = 0
+    total_tokens: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # the knob values that ran (after snapping)
+    log_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def objective(self) -> float:
+        """What the sampler is told: val_bpb, or the penalty for a failure."""
+        return self.val_bpb if self.ok and self.val_bpb is not None else PENALTY
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> TrialResult:
+        return cls.from_dict(json.loads(path.read_text()))
