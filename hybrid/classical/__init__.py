@@ -1,0 +1,1 @@
+"""The classical half: Optuna samplers and their warm starts."""

@@ -1,0 +1,74 @@
+"""Optuna samplers by name, and a wrapper that lets a method (an LLM, a warm start) pin the next config."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial
+
+CLASSICAL = ("random", "tpe", "cmaes", "gp")
+N_STARTUP = 10  # random trials before the model-based samplers take over (TPE, GP)
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def make_sampler(name: str, seed: int, *, x0: dict[str, Any] | None = None,
+                 source_trials: list[FrozenTrial] | None = None) -> BaseSampler:
+    """The classical sampler `name`, seeded. CMA-ES may start at x0 or be warm-started from source trials."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          n_startup_trials=N_STARTUP, warn_independent_sampling=False)
+    if name == "cmaes":
+        # with_margin keeps integer knobs from collapsing onto one value; categorical knobs are sampled
+        # independently (CMA-ES has no categorical encoding).
+        numeric_x0 = {k: v for k, v in (x0 or {}).items() if not isinstance(v, str)} or None
+        return optuna.samplers.CmaEsSampler(seed=seed, with_margin=source_trials is None, x0=numeric_x0 if source_trials is None else None,
+                                            source_trials=source_trials, warn_independent_sampling=False,
+                                            independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=N_STARTUP, warn_independent_sampling=False,
+                                         independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+    raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(CLASSICAL)}")
+
+
+class PinnedSampler(BaseSampler):
+    """Delegates to a base sampler, except for the next trial when a config has been pinned."""
+
+    def __init__(self, base: BaseSampler) -> None:
+        self.base = base
+        self._pinned: dict[str, Any] | None = None
+
+    def pin(self, config: dict[str, Any]) -> None:
+        self._pinned = dict(config)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        if self._pinned is not None:
+            return {}
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if self._pinned is not None:
+            return {}
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if self._pinned is not None and param_name in self._pinned:
+            return self._pinned[param_name]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state, values) -> None:  # noqa: ANN001
+        self._pinned = None
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()

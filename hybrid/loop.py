@@ -1,0 +1,269 @@
+"""The optimization loop: ask a method for a move, run it, record it, tell the sampler; until the budget is spent."""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from harness.profiles import get_profile
+from harness.result import TrialResult
+from hybrid import generations, store
+from hybrid.errors import UserError
+from hybrid.generations import Generation
+from hybrid.methods import EDITS_CODE, NEEDS_LLM, build_method
+from hybrid.objectives import make_objective
+from hybrid.paths import project_file
+from hybrid.progress import RunProgress
+from hybrid.space import SearchSpace, check_against_source, load_space
+
+DEFAULT_BUDGET_HOURS = {"gpu": 24.0, "cpu": 0.25, "test": 0.01, "surrogate": 24.0}
+
+
+@dataclass
+class RunConfig:
+    """Everything a study was started with; stored in the study so `resume` needs nothing else."""
+    method: str
+    study: str
+    storage: str = "sqlite:///runs/hybrid.db"
+    seed: int = 0
+    budget_hours: float | None = None
+    trials: int | None = None
+    objective: str = "train"
+    profile: str | None = None
+    workers: int = 1
+    llm: str | None = None
+    llm_model: str | None = None
+    llm_base_url: str | None = None
+    sampler: str | None = None
+    memory_model: bool = True
+    vram_cap_gb: float | None = None
+    train_py: str | None = None
+    space: str | None = None
+    mutate_every: int | None = None
+    stagnation: int | None = None
+    llm_fraction: float = 0.3
+    artifacts: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        values["memory_model"] = not args.no_memory_model
+        for key in ("train_py", "space"):
+            values[key] = str(values[key]) if values.get(key) else None
+        return cls(**values)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def finalize(self) -> RunConfig:
+        """Fill the defaults that depend on the machine, and refuse impossible combinations (UserError)."""
+        if self.profile is None:
+            self.profile = "gpu" if self.objective == "surrogate" else get_profile(None).name
+        if self.llm is None:
+            self.llm = "none"
+        if self.method in NEEDS_LLM and self.llm == "none":
+            raise UserError(f"method {self.method} needs an LLM: add --llm anthropic or --llm openai --llm-base-url URL")
+        if self.objective == "surrogate" and self.method in EDITS_CODE:
+            raise UserError(f"method {self.method} edits train.py, which the surrogate objective cannot evaluate: use --objective train")
+        if not 0.0 <= self.llm_fraction <= 1.0:
+            raise UserError(f"--llm-fraction must be within [0, 1], got {self.llm_fraction}")
+        if self.budget_hours is None and self.trials is None:
+            self.budget_hours = DEFAULT_BUDGET_HOURS["surrogate" if self.objective == "surrogate" else self.profile]
+        for name, value in (("budget", self.budget_hours), ("trials", self.trials), ("workers", self.workers)):
+            if value is not None and value <= 0:
+                raise UserError(f"--{name} must be > 0, got {value}")
+        if self.sampler is None:
+            self.sampler = "cmaes" if self.method == "centaur" else "tpe"
+        if self.artifacts is None:
+            self.artifacts = str(_artifacts_root(self.storage) / self.study)
+        return self
+
+
+def _artifacts_root(storage: str) -> Path:
+    """Trial folders live beside a SQLite database, else under ./runs."""
+    if storage.startswith("sqlite:///"):
+        return Path(storage[len("sqlite:///"):]).resolve().parent
+    return Path("runs").resolve()
+
+
+@dataclass
+class Budget:
+    seconds: float | None
+    trials: int | None
+
+    @classmethod
+    def of(cls, config: RunConfig) -> Budget:
+        return cls(config.budget_hours * 3600 if config.budget_hours else None, config.trials)
+
+    def spent(self, finished: list[optuna.trial.FrozenTrial]) -> bool:
+        if self.trials is not None:
+            return len(finished) >= self.trials
+        return store.seconds_used(finished) >= self.seconds
+
+
+# -- starting and resuming --------------------------------------------------------------------------------
+
+def run(config: RunConfig) -> int:
+    """`hybrid run`: create (or continue) the study, then work on it with config.workers processes."""
+    config.finalize()
+    code_path = Path(config.train_py) if config.train_py else project_file("train.py")
+    space_path = Path(config.space) if config.space else project_file("search_space.yaml")
+    try:
+        code = code_path.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {code_path}: {e.strerror}") from None
+    space = load_space(space_path, config.profile)
+    check_against_source(space, code)
+    storage = store.open_storage(config.storage)
+    study = _open_study(storage, config, space, code)
+    return _work_all(study.study_name, config)
+
+
+def resume(study_name: str, storage_url: str, *, workers: int | None = None) -> int:
+    """`hybrid resume`: the stored run config, the stored code and space, the same budget."""
+    storage = store.open_storage(storage_url)
+    if not store.study_exists(storage, study_name):
+        raise UserError(f"no study {study_name!r} in {storage_url}: `hybrid run` creates one")
+    config = RunConfig.from_dict(store.run_info(optuna.load_study(study_name=study_name, storage=storage)))
+    config.storage = storage_url
+    if workers:
+        config.workers = workers
+    return _work_all(study_name, config)
+
+
+def _open_study(storage, config: RunConfig, space: SearchSpace, code: str) -> optuna.Study:  # noqa: ANN001
+    if store.study_exists(storage, config.study):
+        study = optuna.load_study(study_name=config.study, storage=storage)
+        old = store.run_info(study)
+        for key in ("method", "objective", "profile", "seed"):
+            if old.get(key) != getattr(config, key):
+                raise UserError(f"study {config.study!r} exists with {key}={old.get(key)!r}, not {getattr(config, key)!r}: "
+                                "choose another --study name, or `hybrid resume --study` to continue it")
+        if study.user_attrs.get(store.SPACE_KEY) != space.to_dict():
+            raise UserError(f"study {config.study!r} exists with another search space: choose another --study name")
+        return study
+    study = optuna.create_study(storage=storage, study_name=config.study, direction="minimize", load_if_exists=True)
+    study.set_user_attr(store.RUN_KEY, config.to_dict())
+    study.set_user_attr(store.SPACE_KEY, space.to_dict())
+    generations.save(study, Generation(0, None, "the baseline train.py", code, space.to_dict(), status="base"))
+    study.enqueue_trial(space.defaults(), user_attrs={"source": "baseline"}, skip_if_exists=True)
+    return study
+
+
+def _work_all(study_name: str, config: RunConfig) -> int:
+    """Worker 0 here (with the progress display), workers 1..N-1 as processes on the same study."""
+    ctx = multiprocessing.get_context("spawn")
+    others = [ctx.Process(target=_worker_process, args=(study_name, config.to_dict(), i), daemon=False)
+              for i in range(1, config.workers)]
+    for p in others:
+        p.start()
+    try:
+        code = work(study_name, config, worker=0, show=True)
+    finally:
+        for p in others:
+            p.join()
+    return code
+
+
+def _worker_process(study_name: str, config: dict[str, Any], index: int) -> None:
+    _pin_gpu(index)
+    try:
+        work(study_name, RunConfig.from_dict(config), worker=index, show=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def _pin_gpu(index: int) -> None:
+    """One GPU per worker where there are several (trials inherit CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % count)
+
+
+# -- one worker -------------------------------------------------------------------------------------------
+
+def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = True) -> int:
+    """Run moves until the budget is spent; returns the exit status (130 after Ctrl-C)."""
+    storage = store.open_storage(config.storage)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    base = generations.load_all(study)[0]
+    space = SearchSpace.from_dict(study.user_attrs[store.SPACE_KEY])
+    budget = Budget.of(config)
+    done_before = len(store.finished_trials(study))
+    # A resumed run continues from a fresh but deterministic seed: replaying the original seed would repeat
+    # the configs already tried. Workers get seeds of their own.
+    seed = config.seed + 7919 * worker + done_before
+    method = build_method(config, study, space, base.source, seed)
+    study.sampler = method.sampler
+    objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb)
+    progress = RunProgress(study, config, budget, enabled=show)
+    status = 0
+    with progress:
+        while True:
+            store.fail_interrupted(study)
+            trials = study.get_trials(deepcopy=False)
+            finished = [t for t in trials if store.is_finished(t)]
+            if budget.spent(finished):
+                break
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if budget.trials is not None and len(finished) + running >= budget.trials:
+                time.sleep(min(store.HEARTBEAT_SECONDS, 2.0))  # the last trials are in flight elsewhere
+                continue
+            try:
+                frozen = _one_trial(study, method, objective, config, budget)
+            except KeyboardInterrupt:
+                status = 130
+                break
+            if frozen is None:
+                break
+            progress.update(frozen)
+    progress.summary()
+    return status
+
+
+def _one_trial(study: optuna.Study, method, objective, config: RunConfig, budget: Budget):  # noqa: ANN001
+    move = method.next_move(study)
+    if move.config is not None:
+        method.sampler.pin(move.config)
+    trial = study.ask(move.space.distributions())
+    if budget.trials is not None and _ahead_of(study, trial.number) >= budget.trials:
+        study.tell(trial, state=TrialState.FAIL)  # another worker took the last slot: not a trial of ours
+        return None
+    source = trial.user_attrs.get("source", move.source)
+    attrs = {"source": source, "generation": move.generation, "code_sha": store.code_sha(move.code),
+             "seed": config.seed, "method": config.method, **move.attrs}
+    trial_dir = Path(config.artifacts) / f"trial-{trial.number:05d}"
+    try:
+        if move.rejected is not None:
+            result = TrialResult(status="rejected", error=move.rejected)
+        else:
+            with store.Heartbeat(study, trial):
+                result = objective.evaluate(move.code, dict(trial.params), seed=config.seed,
+                                            trial_number=trial.number, trial_dir=trial_dir)
+    except KeyboardInterrupt:
+        study.tell(trial, state=TrialState.FAIL)  # interrupted: recorded as such, never counted
+        raise
+    frozen = store.record_result(study, trial, result, attrs)
+    method.observe(study, frozen, move)
+    return frozen
+
+
+def _ahead_of(study: optuna.Study, number: int) -> int:
+    """Trials before this one that are finished or still running (they hold a slot of a --trials budget)."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < number and (store.is_finished(t) or t.state == TrialState.RUNNING))

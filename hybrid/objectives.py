@@ -1,0 +1,50 @@
+"""Objectives: what evaluating a config costs and returns. `train` runs train.py; `surrogate` predicts it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from harness.profiles import Profile
+from harness.result import TrialResult
+
+
+class Objective(Protocol):
+    name: str
+
+    def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
+                 trial_dir: Path) -> TrialResult: ...
+
+
+@dataclass
+class TrainObjective:
+    """A real trial: the generation's train.py with the config injected, run by the harness."""
+    profile: Profile
+    vram_cap_gb: float | None = None
+    device: str | None = None
+    name: str = "train"
+
+    def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
+                 trial_dir: Path) -> TrialResult:
+        from harness.runner import run_trial
+
+        return run_trial(source, config, self.profile, trial_dir, seed=seed, device=self.device,
+                         vram_cap_gb=self.vram_cap_gb)
+
+
+class SurrogateObjective:
+    """The paper's H200 trials as a model: val_bpb, failure and wall time of a config, in microseconds."""
+    name = "surrogate"
+
+    def __init__(self) -> None:
+        from hybrid.surrogate import SurrogateObjective as Model
+
+        self._model = Model()
+
+    def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
+                 trial_dir: Path) -> TrialResult:
+        return self._model.evaluate(config, seed=seed, trial_number=trial_number)
+
+
+def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None) -> Objective:
+    return SurrogateObjective() if name == "surrogate" else TrainObjective(profile, vram_cap_gb=vram_cap_gb)

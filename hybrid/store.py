@@ -1,0 +1,162 @@
+"""The trial database: one Optuna storage holding studies, trials, their attributes and code generations.
+
+Study user attributes (all JSON):
+  hybrid.run          the RunConfig the study was created with (method, seed, objective, profile, budget, ...)
+  hybrid.space        the search space of generation 0
+  hybrid.gen.<N>      one code generation: parent, description, diff, source, sha, space, status, margin
+Trial user attributes: `source` (who proposed the move), `generation`, `code_sha`, `status` (ok or a failure
+class), `seed`, the measurements of harness.result.TrialResult, `log_path`, `error`, and LLM usage.
+A trial is *finished* once `status` is recorded; a RUNNING trial of a dead process is failed by heartbeat
+and never counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.result import TrialResult
+from hybrid.errors import UserError
+
+HEARTBEAT_SECONDS = float(os.environ.get("HYBRID_HEARTBEAT_SECONDS", 10))
+GRACE_SECONDS = int(max(1, 3 * HEARTBEAT_SECONDS))  # three missed beats and a trial is declared dead
+RUN_KEY = "hybrid.run"
+SPACE_KEY = "hybrid.space"
+GEN_PREFIX = "hybrid.gen."
+MEASUREMENTS = ("val_bpb", "training_seconds", "startup_seconds", "eval_seconds", "total_seconds", "peak_memory_mb",
+                "tokens_per_second", "mfu", "num_params", "num_steps", "total_tokens", "error", "log_path")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def code_sha(source: str) -> str:
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+
+
+def open_storage(url: str) -> RDBStorage:
+    """An RDB storage for an Optuna URL; SQLite files get their folder, WAL and a busy timeout."""
+    if not isinstance(url, str) or "://" not in url:
+        raise UserError(f"malformed storage URL {url!r}: expected e.g. sqlite:///runs/hybrid.db or postgresql://user@host/db")
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme not in ("sqlite", "postgresql", "mysql"):
+        raise UserError(f"unsupported storage {scheme!r} in {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
+    engine_kwargs: dict[str, Any] = {}
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if not path or path == ":memory:":
+            raise UserError(f"malformed SQLite URL {url!r}: expected sqlite:///relative/path.db or sqlite:////abs/path.db")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=max(1, int(HEARTBEAT_SECONDS)),
+                             grace_period=GRACE_SECONDS)
+    except Exception as e:  # sqlalchemy's errors for bad hosts, drivers, credentials
+        raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+    if scheme == "sqlite":
+        _tune_sqlite(storage)
+    return storage
+
+
+def _tune_sqlite(storage: RDBStorage) -> None:
+    """WAL journal: concurrent readers, and commits that survive a killed process without an fsync each."""
+    from sqlalchemy import event
+
+    @event.listens_for(storage.engine, "connect")
+    def _pragmas(conn, _record):  # noqa: ANN001
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    storage.engine.dispose()
+
+
+def study_exists(storage: RDBStorage, name: str) -> bool:
+    return name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+
+
+def run_info(study: optuna.Study) -> dict[str, Any]:
+    info = study.user_attrs.get(RUN_KEY)
+    if info is None:
+        raise UserError(f"study {study.study_name!r} was not created by hybrid (no {RUN_KEY} attribute)")
+    return info
+
+
+# -- trials -----------------------------------------------------------------------------------------------
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """A trial whose outcome was recorded (not an interrupted or still-running one)."""
+    return trial.state in (TrialState.COMPLETE, TrialState.FAIL) and "status" in trial.user_attrs
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if is_finished(t)]
+
+
+def seconds_used(trials: list[FrozenTrial]) -> float:
+    """Trial wall time spent (the budget's currency): failures cost what they used, rejections nothing."""
+    return sum(float(t.user_attrs.get("total_seconds") or 0.0) for t in trials if is_finished(t))
+
+
+def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult, attrs: dict[str, Any]) -> FrozenTrial:
+    """Store a trial's outcome and tell the sampler: val_bpb, or the penalty for a failure (rejections: FAIL)."""
+    values = {k: getattr(result, k) for k in MEASUREMENTS}
+    values.update(attrs)
+    values["status"] = result.status
+    values["config_ran"] = result.config or None
+    for key, value in values.items():
+        if value is not None:
+            trial.set_user_attr(key, value)
+    if result.status == "rejected":
+        return study.tell(trial, state=TrialState.FAIL)
+    return study.tell(trial, result.objective)
+
+
+class Heartbeat:
+    """Beats for a running trial from a thread, so a killed worker's trial is failed by the others."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        self._storage = study._storage
+        self._trial_id = trial._trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception:  # a transient storage error must not kill the trial
+                pass
+
+    def __enter__(self) -> Heartbeat:
+        self._storage.record_heartbeat(self._trial_id)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def fail_interrupted(study: optuna.Study) -> None:
+    """Fail the RUNNING trials whose worker stopped beating (killed, crashed): they are never counted."""
+    optuna.storages.fail_stale_trials(study)
+
+
+# -- generations ------------------------------------------------------------------------------------------
+
+def save_generation(study: optuna.Study, number: int, record: dict[str, Any]) -> None:
+    study.set_user_attr(f"{GEN_PREFIX}{number}", record)
+
+
+def load_generations(study: optuna.Study) -> dict[int, dict[str, Any]]:
+    attrs = study.user_attrs
+    return {int(k[len(GEN_PREFIX):]): v for k, v in attrs.items() if k.startswith(GEN_PREFIX)}
