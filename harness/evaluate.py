@@ -1,0 +1,53 @@
+"""The metric: validation bits per byte, computed by the harness from the model's logits."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from harness.data import Prepared
+from harness.loader import batches
+from harness.profiles import Profile
+from harness.tokenizer import Tokenizer
+
+
+class InvalidOutput(ValueError):
+    """The model's forward did not return logits of shape (B, T, vocab_size)."""
+
+
+def evaluate_bpb(model: torch.nn.Module, profile: Profile, data: Prepared, device: torch.device | str) -> float:
+    """Bits per byte on the first profile.eval_tokens target tokens of the validation split, the same for every trial.
+
+    nll (nats) summed over targets that stand for raw bytes, divided by ln 2 times the sum of those byte counts;
+    special tokens (BOS) count for neither.
+    """
+    device = torch.device(device)
+    token_bytes = torch.from_numpy(Tokenizer.load(data.tokenizer).token_bytes()).to(device)
+    rows = -(-profile.eval_tokens // profile.seq_len)
+    chunk = max(1, profile.eval_batch_tokens // profile.seq_len)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.int64, device=device)
+    model.eval()
+    done = 0
+    with torch.no_grad():
+        for x, y in batches(data, "val", chunk, profile.seq_len, device):
+            x, y = x[:rows - done], y[:rows - done]
+            with autocast:
+                logits = model(x)
+            want = (*x.shape, len(token_bytes))
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
+                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise InvalidOutput(f"model(idx) must return logits of shape {want} (B, T, vocab), got {got}")
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            counts = token_bytes[y.flatten()]
+            nats += torch.where(counts > 0, nll, 0.0).sum(dtype=torch.float64)
+            nbytes += counts.sum()
+            done += len(x)
+            if done == rows:
+                break
+    if done < rows:
+        raise RuntimeError(f"the validation split ran out after {done * profile.seq_len} of {profile.eval_tokens} tokens")
+    return nats.item() / (math.log(2) * nbytes.item())

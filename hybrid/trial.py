@@ -1,0 +1,41 @@
+"""`hybrid trial`: one trial of train.py on a profile, with knob values set from the command line."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from harness.profiles import get_profile
+from harness.result import TrialResult
+from hybrid.errors import UserError
+from hybrid.paths import project_file
+from hybrid.space import check_against_source, load_space
+
+
+def parse_assignments(assignments: list[str], space) -> dict:  # noqa: ANN001
+    """`KNOB=VALUE` strings into a checked config of the space."""
+    config = {}
+    for item in assignments:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--set expects KNOB=VALUE, got {item!r}")
+        if name not in space.knobs:
+            raise UserError(f"unknown knob {name!r}: the search space has {', '.join(space.knobs)}")
+        config[name] = space.knobs[name].parse(text)
+    return space.check(config)
+
+
+def run_single_trial(*, profile: str | None, assignments: list[str], train_py: Path | None, space_path: Path | None,
+                     seed: int, vram_cap_gb: float | None, out: Path | None) -> TrialResult:
+    from harness.runner import run_trial
+
+    prof = get_profile(profile)
+    code_path = train_py or project_file("train.py")
+    try:
+        source = Path(code_path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {code_path}: {e.strerror}") from None
+    space = load_space(space_path or project_file("search_space.yaml"), prof.name)
+    check_against_source(space, source)
+    config = space.complete(parse_assignments(assignments, space))
+    trial_dir = out or Path("runs") / "trials" / time.strftime("%Y%m%d-%H%M%S")
+    return run_trial(source, config, prof, trial_dir, seed=seed, vram_cap_gb=vram_cap_gb)
