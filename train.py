@@ -224,7 +224,7 @@ class GPT(nn.Module):
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def estimate_flops(self) -> int:
         """Training FLOPs per token: 6 per non-embedding matmul weight, plus attention over its window."""

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from harness.profiles import get_profile
@@ -145,22 +149,30 @@ def resume(study_name: str, storage_url: str, *, workers: int | None = None) -> 
 
 
 def _open_study(storage, config: RunConfig, space: SearchSpace, code: str) -> optuna.Study:  # noqa: ANN001
+    """The study, created if new. The run config is written last: a study that has it is complete, and one
+    whose creation was cut short (killed) is completed by the next `hybrid run`."""
     if store.study_exists(storage, config.study):
         study = optuna.load_study(study_name=config.study, storage=storage)
-        old = store.run_info(study)
-        for key in ("method", "objective", "profile", "seed"):
-            if old.get(key) != getattr(config, key):
-                raise UserError(f"study {config.study!r} exists with {key}={old.get(key)!r}, not {getattr(config, key)!r}: "
-                                "choose another --study name, or `hybrid resume --study` to continue it")
-        if study.user_attrs.get(store.SPACE_KEY) != space.to_dict():
-            raise UserError(f"study {config.study!r} exists with another search space: choose another --study name")
-        return study
-    study = optuna.create_study(storage=storage, study_name=config.study, direction="minimize", load_if_exists=True)
-    study.set_user_attr(store.RUN_KEY, config.to_dict())
+        if store.RUN_KEY in study.user_attrs or any(t.state != TrialState.WAITING for t in study.get_trials()):
+            _check_same_run(study, config, space)
+            return study
+    else:
+        study = optuna.create_study(storage=storage, study_name=config.study, direction="minimize", load_if_exists=True)
     study.set_user_attr(store.SPACE_KEY, space.to_dict())
     generations.save(study, Generation(0, None, "the baseline train.py", code, space.to_dict(), status="base"))
     study.enqueue_trial(space.defaults(), user_attrs={"source": "baseline"}, skip_if_exists=True)
+    study.set_user_attr(store.RUN_KEY, config.to_dict())
     return study
+
+
+def _check_same_run(study: optuna.Study, config: RunConfig, space: SearchSpace) -> None:
+    old = store.run_info(study)
+    for key in ("method", "objective", "profile", "seed"):
+        if old.get(key) != getattr(config, key):
+            raise UserError(f"study {config.study!r} exists with {key}={old.get(key)!r}, not {getattr(config, key)!r}: "
+                            "choose another --study name, or `hybrid resume --study` to continue it")
+    if study.user_attrs.get(store.SPACE_KEY) != space.to_dict():
+        raise UserError(f"study {config.study!r} exists with another search space: choose another --study name")
 
 
 def _work_all(study_name: str, config: RunConfig) -> int:
@@ -172,6 +184,10 @@ def _work_all(study_name: str, config: RunConfig) -> int:
         p.start()
     try:
         code = work(study_name, config, worker=0, show=True)
+        if code == 130:  # Ctrl-C reaches the whole process group; a `kill -INT` only this process
+            for p in others:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
     finally:
         for p in others:
             p.join()
@@ -197,8 +213,46 @@ def _pin_gpu(index: int) -> None:
 
 # -- one worker -------------------------------------------------------------------------------------------
 
+POLL_SECONDS = min(2.0, store.HEARTBEAT_SECONDS / 2)  # while waiting for the trials of other workers
+
+
+class _Interrupt:
+    """SIGINT (Ctrl-C) stops the run cleanly: it interrupts a trial being evaluated (recorded as FAIL), and
+    is otherwise held until the trial being recorded is fully recorded."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.evaluating = False
+        self._previous = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self.evaluating:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Where SIGINT raises KeyboardInterrupt (also for one that came while the trial was being proposed)."""
+        if self.requested:
+            raise KeyboardInterrupt
+        self.evaluating = True
+        try:
+            yield
+        finally:
+            self.evaluating = False
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = True) -> int:
-    """Run moves until the budget is spent; returns the exit status (130 after Ctrl-C)."""
+    """Run moves until the budget is spent and no trial is in flight; returns the exit status (130 after Ctrl-C)."""
     storage = store.open_storage(config.storage)
     study = optuna.load_study(study_name=study_name, storage=storage)
     base = generations.load_all(study)[0]
@@ -212,55 +266,70 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     study.sampler = method.sampler
     objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb)
     progress = RunProgress(study, config, budget, enabled=show)
-    status = 0
-    with progress:
-        while True:
-            store.fail_interrupted(study)
-            trials = study.get_trials(deepcopy=False)
+    reaper = store.Reaper(study)
+    with progress, _Interrupt() as interrupt:
+        while not interrupt.requested:
+            trials = reaper.sweep()
             finished = [t for t in trials if store.is_finished(t)]
-            if budget.spent(finished):
-                break
             running = sum(t.state == TrialState.RUNNING for t in trials)
-            if budget.trials is not None and len(finished) + running >= budget.trials:
-                time.sleep(min(store.HEARTBEAT_SECONDS, 2.0))  # the last trials are in flight elsewhere
+            if budget.spent(finished) and not running:
+                break
+            if budget.spent(finished) or (budget.trials is not None and len(finished) + running >= budget.trials):
+                time.sleep(POLL_SECONDS)  # the last trials are in flight elsewhere (or their worker died)
                 continue
             try:
-                frozen = _one_trial(study, method, objective, config, budget)
+                frozen = _one_trial(study, method, objective, config, budget, interrupt)
             except KeyboardInterrupt:
-                status = 130
-                break
-            if frozen is None:
-                break
-            progress.update(frozen)
+                break  # the trial being evaluated was failed
+            if frozen is not None:
+                progress.update(frozen)
     progress.summary()
-    return status
+    if show and hasattr(method, "summary"):  # e.g. the hybrid method's lineage
+        method.summary()
+    return 130 if interrupt.requested else 0
 
 
-def _one_trial(study: optuna.Study, method, objective, config: RunConfig, budget: Budget):  # noqa: ANN001
+def _one_trial(study: optuna.Study, method, objective, config: RunConfig, budget: Budget,  # noqa: ANN001
+               interrupt: _Interrupt) -> optuna.trial.FrozenTrial | None:
+    """Propose, run and record one trial; None if it was not ours to run (another worker took the slot)."""
     move = method.next_move(study)
     if move.config is not None:
         method.sampler.pin(move.config)
-    trial = study.ask(move.space.distributions())
-    if budget.trials is not None and _ahead_of(study, trial.number) >= budget.trials:
-        study.tell(trial, state=TrialState.FAIL)  # another worker took the last slot: not a trial of ours
-        return None
-    source = trial.user_attrs.get("source", move.source)
-    attrs = {"source": source, "generation": move.generation, "code_sha": store.code_sha(move.code),
-             "seed": config.seed, "method": config.method, **move.attrs}
-    trial_dir = Path(config.artifacts) / f"trial-{trial.number:05d}"
-    try:
+    trial = study.ask()  # the heartbeat starts before sampling, which can take seconds (GP)
+    with store.Heartbeat(study, trial):
+        if budget.trials is not None and _ahead_of(study, trial.number) >= budget.trials:
+            trial.set_user_attr("surplus", True)  # the --trials budget was filled by other workers meanwhile
+            study.tell(trial, state=TrialState.FAIL)
+            return None
+        _suggest(trial, move.space.distributions())
+        source = trial.user_attrs.get("source", move.source)
+        attrs = {"source": source, "generation": move.generation, "code_sha": store.code_sha(move.code),
+                 "seed": config.seed, "method": config.method, **move.attrs}
+        trial_dir = Path(config.artifacts) / f"trial-{trial.number:05d}"
         if move.rejected is not None:
             result = TrialResult(status="rejected", error=move.rejected)
         else:
-            with store.Heartbeat(study, trial):
-                result = objective.evaluate(move.code, dict(trial.params), seed=config.seed,
-                                            trial_number=trial.number, trial_dir=trial_dir)
-    except KeyboardInterrupt:
-        study.tell(trial, state=TrialState.FAIL)  # interrupted: recorded as such, never counted
-        raise
-    frozen = store.record_result(study, trial, result, attrs)
+            try:
+                with interrupt.evaluation():
+                    result = objective.evaluate(move.code, dict(trial.params), seed=config.seed,
+                                                trial_number=trial.number, trial_dir=trial_dir)
+            except BaseException:  # Ctrl-C, or a bug: the trial is failed, never counted
+                store.settle(study, trial._trial_id)
+                raise
+        frozen = store.record_result(study, trial, result, attrs)
     method.observe(study, frozen, move)
     return frozen
+
+
+def _suggest(trial: optuna.Trial, distributions: dict[str, BaseDistribution]) -> None:
+    """What `study.ask(distributions)` does, here after the trial has started beating."""
+    for name, d in distributions.items():
+        if isinstance(d, CategoricalDistribution):
+            trial.suggest_categorical(name, d.choices)
+        elif isinstance(d, IntDistribution):
+            trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+        else:
+            trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
 
 
 def _ahead_of(study: optuna.Study, number: int) -> int:

@@ -6,18 +6,21 @@ Study user attributes (all JSON):
   hybrid.gen.<N>      one code generation: parent, description, diff, source, sha, space, status, margin
 Trial user attributes: `source` (who proposed the move), `generation`, `code_sha`, `status` (ok or a failure
 class), `seed`, the measurements of harness.result.TrialResult, `log_path`, `error`, and LLM usage.
-A trial is *finished* once `status` is recorded; a RUNNING trial of a dead process is failed by heartbeat
-and never counted.
+A trial is *finished* once `status` is recorded (it is written last, then the trial is told). A RUNNING
+trial whose worker died (its heartbeat stopped) is settled by the other workers or by `resume`: told its
+recorded outcome if `status` was written, failed otherwise and then never counted.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -25,7 +28,8 @@ from harness.result import TrialResult
 from hybrid.errors import UserError
 
 HEARTBEAT_SECONDS = float(os.environ.get("HYBRID_HEARTBEAT_SECONDS", 10))
-GRACE_SECONDS = int(max(1, 3 * HEARTBEAT_SECONDS))  # three missed beats and a trial is declared dead
+GRACE_SECONDS = 3 * HEARTBEAT_SECONDS  # three missed beats and a trial is declared dead
+HEARTBEAT_KEY = "hybrid.heartbeat"  # trial system attribute: time.time() of the worker's last beat
 RUN_KEY = "hybrid.run"
 SPACE_KEY = "hybrid.space"
 GEN_PREFIX = "hybrid.gen."
@@ -56,8 +60,7 @@ def open_storage(url: str) -> RDBStorage:
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=max(1, int(HEARTBEAT_SECONDS)),
-                             grace_period=GRACE_SECONDS)
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as e:  # sqlalchemy's errors for bad hosts, drivers, credentials
         raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
     if scheme == "sqlite":
@@ -86,7 +89,8 @@ def study_exists(storage: RDBStorage, name: str) -> bool:
 def run_info(study: optuna.Study) -> dict[str, Any]:
     info = study.user_attrs.get(RUN_KEY)
     if info is None:
-        raise UserError(f"study {study.study_name!r} was not created by hybrid (no {RUN_KEY} attribute)")
+        raise UserError(f"study {study.study_name!r} was not created by hybrid (no {RUN_KEY} attribute), or its "
+                        "creation was cut short: run the same `hybrid run` again")
     return info
 
 
@@ -107,21 +111,28 @@ def seconds_used(trials: list[FrozenTrial]) -> float:
 
 
 def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult, attrs: dict[str, Any]) -> FrozenTrial:
-    """Store a trial's outcome and tell the sampler: val_bpb, or the penalty for a failure (rejections: FAIL)."""
+    """Store a trial's outcome and tell the sampler: val_bpb, or the penalty for a failure (rejections: FAIL).
+    `status` is written last: a trial that has it has all its attributes, whatever happens before the tell."""
     values = {k: getattr(result, k) for k in MEASUREMENTS}
     values.update(attrs)
-    values["status"] = result.status
     values["config_ran"] = result.config or None
+    values["status"] = result.status
     for key, value in values.items():
         if value is not None:
             trial.set_user_attr(key, value)
+    state, told = _outcome(result)
+    return study.tell(trial, told, state=state)
+
+
+def _outcome(result: TrialResult) -> tuple[TrialState, list[float] | None]:
     if result.status == "rejected":
-        return study.tell(trial, state=TrialState.FAIL)
-    return study.tell(trial, result.objective)
+        return TrialState.FAIL, None
+    return TrialState.COMPLETE, [result.objective]
 
 
 class Heartbeat:
-    """Beats for a running trial from a thread, so a killed worker's trial is failed by the others."""
+    """Beats for a running trial from a thread (a trial system attribute), so that the other workers can tell
+    a trial in progress from one whose worker was killed."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
         self._storage = study._storage
@@ -129,15 +140,18 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _beat(self) -> None:
+        self._storage.set_trial_system_attr(self._trial_id, HEARTBEAT_KEY, time.time())
+
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                self._storage.record_heartbeat(self._trial_id)
-            except Exception:  # a transient storage error must not kill the trial
+                self._beat()
+            except Exception:  # a transient storage error, or the trial was settled: the trial decides
                 pass
 
     def __enter__(self) -> Heartbeat:
-        self._storage.record_heartbeat(self._trial_id)
+        self._beat()
         self._thread.start()
         return self
 
@@ -146,9 +160,47 @@ class Heartbeat:
         self._thread.join()
 
 
-def fail_interrupted(study: optuna.Study) -> None:
-    """Fail the RUNNING trials whose worker stopped beating (killed, crashed): they are never counted."""
-    optuna.storages.fail_stale_trials(study)
+class Reaper:
+    """Settles the RUNNING trials of dead workers (killed, crashed, powered off).
+
+    A trial is dead once its last beat is GRACE_SECONDS old (clocks of the machines in sync, as NTP keeps
+    them), or, if it never beat (its worker died right after creating it), once this process has watched it
+    stay silent for GRACE_SECONDS."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self._silent_since: dict[int, float] = {}
+
+    def sweep(self) -> list[FrozenTrial]:
+        """The study's trials, after settling the dead ones."""
+        trials = self.study.get_trials(deepcopy=False)
+        running = {t._trial_id: t for t in trials if t.state == TrialState.RUNNING}
+        self._silent_since = {i: s for i, s in self._silent_since.items() if i in running}
+        dead = [i for i, t in running.items() if self._dead(i, t)]
+        for trial_id in dead:
+            settle(self.study, trial_id)
+        return self.study.get_trials(deepcopy=False) if dead else trials
+
+    def _dead(self, trial_id: int, trial: FrozenTrial) -> bool:
+        beat = trial.system_attrs.get(HEARTBEAT_KEY)
+        if beat is not None:
+            return time.time() - beat > GRACE_SECONDS
+        return time.monotonic() - self._silent_since.setdefault(trial_id, time.monotonic()) > GRACE_SECONDS
+
+
+def settle(study: optuna.Study, trial_id: int) -> None:
+    """Finish a trial its worker left RUNNING: with its outcome if `status` was recorded, else FAIL (and an
+    enqueued config, such as the baseline, is enqueued again so that it still runs)."""
+    trial = study._storage.get_trial(trial_id)
+    recorded = "status" in trial.user_attrs
+    state, values = _outcome(TrialResult.from_dict(trial.user_attrs)) if recorded else (TrialState.FAIL, None)
+    try:
+        study._storage.set_trial_state_values(trial_id, state, values)
+    except UpdateFinishedTrialError:
+        return  # settled meanwhile, by its worker or another
+    fixed = trial.system_attrs.get("fixed_params")
+    if not recorded and fixed is not None:
+        study.enqueue_trial(fixed, user_attrs={"source": trial.user_attrs.get("source", "enqueued")})
 
 
 # -- generations ------------------------------------------------------------------------------------------

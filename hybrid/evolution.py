@@ -1,0 +1,293 @@
+"""The hybrid method: the classical sampler tunes the current generation's knobs; when the generation is due, a
+structural agent proposes a code mutation that opens new knobs, and the new generation, warm-started from
+its parent, is kept only if it beats the parent by more than the measured noise.
+
+Everything is derived from the study at every move (generations, their trials, repeats, verdicts), so a
+resumed run and the other workers of the study reconstruct the same state. Structural moves and verdicts are
+made under the study's structural lease, one worker at a time; the others keep tuning meanwhile.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.knobs import KnobError
+from hybrid import generations, store
+from hybrid.classical.generation_view import GENERATION_ATTR, GenerationSampler
+from hybrid.classical.samplers import PinnedSampler, make_sampler
+from hybrid.classical.warmstart import best_configs, cma_source_trials, ok_value
+from hybrid.generations import Generation, GitLineage
+from hybrid.lease import StructuralLease
+from hybrid.methods import Move
+from hybrid.promotion import REPEATS, Schedule, incumbent, judge, pooled_noise, runs_of, score
+from hybrid.space import SearchSpace, SpaceError, check_against_source
+from hybrid.structural import Proposal, make_agent
+
+if TYPE_CHECKING:
+    from hybrid.loop import RunConfig
+
+# (mutate every M trials, stagnation after W) by profile: a few generations within the profile's default budget.
+DEFAULT_SCHEDULES = {"gpu": Schedule(30, 15), "cpu": Schedule(8, 4), "test": Schedule(3, 2)}
+WARM_CONFIGS = 3   # tpe/gp: the parent's best configs (projected) that a new generation runs first
+N_STARTUP = 5      # tpe/gp: random trials of a generation (its warm starts included) before the model takes over
+LIVE = ("base", "promoted", "candidate")
+
+
+@dataclass
+class Snapshot:
+    """The study as the hybrid method sees it: generations, and their trials (finished, or also in flight)."""
+    generations: dict[int, Generation]
+    finished: dict[int, list[FrozenTrial]]
+    attempted: dict[int, list[FrozenTrial]]  # finished or running
+    last_trial: int
+
+    @classmethod
+    def load(cls, study: optuna.Study) -> Snapshot:
+        trials = study.get_trials(deepcopy=False)
+        gens = generations.load_all(study)
+        finished: dict[int, list[FrozenTrial]] = {n: [] for n in gens}
+        attempted: dict[int, list[FrozenTrial]] = {n: [] for n in gens}
+        for t in trials:
+            number = t.user_attrs.get(GENERATION_ATTR)
+            if number not in gens:
+                continue
+            if store.is_finished(t):
+                finished[number].append(t)
+            if store.is_finished(t) or t.state == TrialState.RUNNING:
+                attempted[number].append(t)
+        return cls(gens, finished, attempted, max((t.number for t in trials), default=-1))
+
+    @property
+    def current(self) -> Generation:
+        """The candidate on probation if there is one, else the latest promoted generation (or the base)."""
+        candidates = [g for g in self.generations.values() if g.status == "candidate"]
+        if candidates:
+            return max(candidates, key=lambda g: g.number)
+        return max((g for g in self.generations.values() if g.status in ("base", "promoted")), key=lambda g: g.number)
+
+    @property
+    def noise(self) -> float | None:
+        return pooled_noise(self.finished)
+
+    def epoch_after(self, number: int) -> int:
+        """The last trial number before the generation's latest child was created (-1 without children)."""
+        return max((int(g.extra.get("created_after_trial", -1)) for g in self.generations.values() if g.parent == number),
+                   default=-1)
+
+    def parent_trials(self, generation: Generation) -> list[FrozenTrial]:
+        """The parent's trials that had finished when `generation` was created: what it is warm-started from."""
+        cut = int(generation.extra.get("created_after_trial", math.inf))
+        return [t for t in self.finished.get(generation.parent, []) if t.number <= cut]
+
+
+@dataclass(frozen=True)
+class Due:
+    """A structural action the current generation is ready for: its verdict (a candidate) or a mutation."""
+    generation: Generation
+    reason: str
+
+
+class HybridMethod:
+    """Structural mutations by an agent (the catalog or an LLM), numeric knobs by a classical sampler."""
+
+    def __init__(self, config: RunConfig, study: optuna.Study, space: SearchSpace, code: str, seed: int) -> None:
+        self.config, self.seed, self.study = config, seed, study
+        self.sampler_name = config.sampler or "tpe"
+        default = DEFAULT_SCHEDULES.get(config.profile or "gpu", DEFAULT_SCHEDULES["gpu"])
+        self.schedule = Schedule(config.mutate_every or default.mutate_every, config.stagnation or default.stagnation)
+        self.agent = make_agent(config)
+        self.view = GenerationSampler(self._make_sampler)
+        self.sampler = PinnedSampler(self.view)
+        self.lease = StructuralLease(study)
+        self._git: GitLineage | None = None
+
+    # -- the Method protocol ------------------------------------------------------------------------------
+
+    def next_move(self, study: optuna.Study) -> Move:
+        for _ in range(3):  # a verdict changes the current generation: plan again
+            plan = self._plan(Snapshot.load(study))
+            if isinstance(plan, Move):
+                return plan
+            if not self.lease.try_acquire():
+                return self._tune(plan.generation)  # another worker is making the structural move
+            try:
+                plan = self._plan(Snapshot.load(study))  # what holds under the lease
+                move = plan if isinstance(plan, Move) else self._act(study, plan)
+            finally:
+                self.lease.release()
+            if move is not None:
+                return move
+        return self._tune(Snapshot.load(study).current)
+
+    def observe(self, study: optuna.Study, trial: FrozenTrial, move: Move) -> None:
+        """Nothing to keep: the next move is derived from the study."""
+
+    def summary(self) -> None:
+        """The lineage, printed at the end of a run."""
+        print(format_lineage(lineage_table(self.study)), file=sys.stderr)
+
+    # -- planning -----------------------------------------------------------------------------------------
+
+    def _plan(self, snap: Snapshot) -> Move | Due:
+        gen = snap.current
+        warm = self._warm_start(snap, gen)
+        if warm is not None:
+            return warm
+        reason = self.schedule.due(snap.finished[gen.number], snap.epoch_after(gen.number), snap.noise)
+        if reason is None:
+            return self._tune(gen)
+        best = incumbent(snap.finished[gen.number])
+        if best is not None and len(runs_of(snap.attempted[gen.number], best.params)) < 1 + REPEATS:
+            return self._move("repeat", gen, config=dict(best.params), attrs={"repeat_of": best.number})
+        return Due(gen, reason)
+
+    def _warm_start(self, snap: Snapshot, gen: Generation) -> Move | None:
+        """A candidate's first trials: the parent's incumbent, then (tpe, gp) the parent's next best configs."""
+        if gen.status != "candidate":
+            return None
+        space = gen.search_space()
+        configs = best_configs(snap.parent_trials(gen), space, WARM_CONFIGS) or [space.defaults()]
+        tried = snap.attempted[gen.number]
+        if not tried:
+            return self._move(gen.extra.get("agent", "catalog"), gen, config=configs[0],
+                              attrs={"mutation": gen.extra.get("mutation")})
+        if self.sampler_name == "cmaes":
+            return None  # CMA-ES is warm-started through its source trials instead
+        fresh = [c for c in configs[1:] if not runs_of(tried, c)]
+        return self._move("warmstart", gen, config=fresh[0]) if fresh else None
+
+    def _tune(self, gen: Generation) -> Move:
+        return self._move(self.sampler_name, gen)
+
+    def _move(self, source: str, gen: Generation, *, config: dict[str, Any] | None = None,
+              rejected: str | None = None, space: SearchSpace | None = None,
+              attrs: dict[str, Any] | None = None) -> Move:
+        self.view.select(gen.number, source)
+        return Move(source, gen.number, gen.source, space or gen.search_space(), config, rejected, attrs or {})
+
+    # -- structural actions (under the lease) -------------------------------------------------------------
+
+    def _act(self, study: optuna.Study, due: Due) -> Move | None:
+        """Judge a candidate (None: plan again), or mutate the current generation."""
+        snap = Snapshot.load(study)
+        if due.generation.status == "candidate":
+            gen = due.generation
+            verdict = judge(score(snap.finished[gen.parent]), score(snap.finished[gen.number]), snap.noise)
+            generations.set_status(study, gen, "promoted" if verdict.promoted else "rejected",
+                                   **verdict.to_extra(), decided_after_trial=snap.last_trial)
+            return None
+        return self._mutate(study, snap, due)
+
+    def _mutate(self, study: optuna.Study, snap: Snapshot, due: Due) -> Move:
+        parent = due.generation
+        proposal = self.agent.propose(parent, snap.generations)
+        if proposal is None:
+            return self._tune(parent)  # the agent has nothing left to try: tuning goes on
+        rejected = proposal.rejected or _check(parent, proposal)
+        space = parent.search_space() if rejected else parent.search_space().with_changes(proposal.added,
+                                                                                          proposal.removed)
+        gen = generations.create(study, parent, proposal.source, space, proposal.description,
+                                 mutation=proposal.name, agent=self.agent.source, trigger=due.reason,
+                                 new_knobs={k: v.to_dict() for k, v in proposal.added.items()},
+                                 removed_knobs=proposal.removed, created_after_trial=snap.last_trial, **proposal.attrs)
+        attrs = {"mutation": proposal.name, **proposal.attrs}
+        if rejected:
+            generations.set_status(study, gen, "rejected", reason=rejected)
+            parent_best = best_configs(snap.finished[parent.number], space, 1) or [space.defaults()]
+            return self._move(self.agent.source, gen, config=parent_best[0], rejected=rejected, space=space, attrs=attrs)
+        gen.extra["commit"] = self._commit({**snap.generations, gen.number: gen}, gen.number)
+        generations.save(study, gen)
+        first = self._warm_start(Snapshot.load(study), gen)
+        first.attrs.update(attrs)
+        return first
+
+    def _commit(self, gens: dict[int, Generation], number: int) -> str:
+        """The generation's commit on the run's branch, committing its ancestors first where this machine lacks them."""
+        if self._git is None:
+            self._git = GitLineage(Path(self.config.artifacts) / "lineage", self.study.study_name)
+        tags = {t.name: t.commit.hexsha for t in self._git.repo.tags}
+        if f"gen-{number}" in tags:
+            return tags[f"gen-{number}"]
+        gen = gens[number]
+        parent = None if gen.parent is None else self._commit(gens, gen.parent)
+        return self._git.commit(gen, parent)
+
+    # -- samplers -----------------------------------------------------------------------------------------
+
+    def _make_sampler(self, number: int) -> BaseSampler:
+        """The classical sampler of one generation; CMA-ES of a child starts from its parent's trials."""
+        snap = Snapshot.load(self.study)
+        gen = snap.generations[number]
+        space = gen.search_space()
+        seed = self.seed + 1009 * number
+        if self.sampler_name == "cmaes" and gen.parent is not None:
+            sources = cma_source_trials(snap.parent_trials(gen), space)
+            if sources:
+                return make_sampler("cmaes", seed, source_trials=sources)
+        return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=N_STARTUP)
+
+
+def _check(parent: Generation, proposal: Proposal) -> str | None:
+    """Why the proposal may not run (the patch guard, or knobs it declares that its code lacks), or None."""
+    from hybrid.llm.guard import PatchRejected, check_patch
+
+    try:
+        check_patch(parent.source, proposal.source)
+        space = parent.search_space().with_changes(proposal.added, proposal.removed)
+        check_against_source(space, proposal.source)
+    except PatchRejected as e:
+        return f"patch guard: {e.reason}"
+    except (SpaceError, KnobError) as e:
+        return f"knob space: {e}"
+    return None
+
+
+# -- the lineage ------------------------------------------------------------------------------------------
+
+def lineage_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per generation: what it changed, its knobs, its trials and best val_bpb, and its verdict."""
+    snap = Snapshot.load(study)
+    rows = []
+    for number, gen in snap.generations.items():
+        trials = snap.finished[number]
+        values = [v for t in trials if (v := ok_value(t)) is not None]
+        measured = score(trials)
+        extra = gen.extra
+        rows.append({
+            "generation": number, "parent": gen.parent, "status": gen.status,
+            "mutation": extra.get("mutation") or ("baseline" if gen.parent is None else ""),
+            "description": gen.description, "agent": extra.get("agent"),
+            "new_knobs": sorted(extra.get("new_knobs") or {}), "knobs": len(gen.space),
+            "trials": len(trials), "repeats": sum(t.user_attrs.get("source") == "repeat" for t in trials),
+            "best_val_bpb": min(values) if values else None,
+            "score": measured.value if measured else None,
+            "parent_score": extra.get("parent_score"), "delta": extra.get("delta"), "margin": extra.get("margin"),
+            "noise": extra.get("noise"), "reason": extra.get("reason"), "trigger": extra.get("trigger"),
+            "commit": extra.get("commit"),
+        })
+    return rows
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_lineage(rows: list[dict[str, Any]]) -> str:
+    """The lineage as a text table, with each generation's verdict on a line of its own."""
+    lines = ["lineage: gen  parent  status     trials  best      score     delta     margin    mutation (new knobs)"]
+    for r in rows:
+        parent = "-" if r["parent"] is None else str(r["parent"])
+        knobs = f" ({', '.join(r['new_knobs'])})" if r["new_knobs"] else ""
+        lines.append(f"         {r['generation']:<4} {parent:<7} {r['status']:<10} {r['trials']:<7} "
+                     f"{_number(r['best_val_bpb']):<9} {_number(r['score']):<9} {_number(r['delta']):<9} "
+                     f"{_number(r['margin']):<9} {r['mutation']}{knobs}")
+        if r["reason"]:
+            lines.append(f"              {r['reason']}")
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Method `llm-code`: an LLM edits train.py; a better val_bpb keeps the change, anything else reverts it (autoresearch).
+
+Each edit that passes the guard is a candidate generation; a kept one becomes the incumbent and a commit on the
+run's branch (GitLineage under <artifacts>/lineage). The agent is shown the incumbent's train.py with the knob
+values that ran written in, so an edit's literals are the config it runs with: the new generation's space is the
+declared space restricted to the knobs the edited file still assigns validly, and its config is those values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from harness.knobs import find_knobs, inject_knobs
+from hybrid import generations, store
+from hybrid.classical.samplers import PinnedSampler
+from hybrid.generations import Generation, GitLineage
+from hybrid.llm import prompts
+from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
+from hybrid.llm.client import Advisor, ProviderError, make_provider
+from hybrid.llm.edits import Edit, read_edit
+from hybrid.llm.guard import PatchRejected, check_patch
+from hybrid.methods import Move
+from hybrid.space import SearchSpace, SpaceError
+
+if TYPE_CHECKING:
+    from hybrid.loop import RunConfig
+
+ALIVE = ("base", "kept")  # generations the incumbent may come from
+DIFF_CHARS = 20_000       # of a diff kept with its trial (the generation keeps all of it)
+
+
+def checked_edit(answer: str, current: str) -> Edit:
+    """The answer's edit of `current`, read and passed through the patch guard; PatchRejected otherwise."""
+    edit = read_edit(answer, current)
+    check_patch(current, edit.source)
+    return edit
+
+
+def generation_space(declared: SearchSpace, source: str) -> tuple[SearchSpace, dict[str, Any]]:
+    """The declared knobs that `source` still assigns with a value inside the space, and those values."""
+    found = find_knobs(source)
+    knobs, config = {}, {}
+    for name, knob in declared.knobs.items():
+        if name not in found:
+            continue
+        try:
+            config[name] = knob.check(found[name].value)
+        except SpaceError:
+            continue  # a value outside the declared range: the file's own, no longer tuned
+        knobs[name] = knob
+    if not knobs:
+        raise PatchRejected("the edit leaves none of the search space's knobs in train.py")
+    return SearchSpace(knobs), config
+
+
+def diff_summary(diff: str) -> str:
+    lines = diff.splitlines()
+    added = sum(1 for s in lines if s.startswith("+") and not s.startswith("+++"))
+    removed = sum(1 for s in lines if s.startswith("-") and not s.startswith("---"))
+    return f"+{added} -{removed} lines"
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    """The best kept generation, the config it ran with, and its val_bpb (None while nothing succeeded)."""
+    generation: Generation
+    config: dict[str, Any]
+    value: float | None
+
+    @property
+    def source(self) -> str:
+        """Its train.py with the config written in: what the agent sees and edits."""
+        return inject_knobs(self.generation.source, self.config)
+
+    @property
+    def space(self) -> SearchSpace:
+        return self.generation.search_space()
+
+
+def _ok_value(trial: FrozenTrial) -> float | None:
+    return trial.user_attrs.get("val_bpb") if trial.user_attrs.get("status") == "ok" else None
+
+
+def incumbent(gens: dict[int, Generation], trials: list[FrozenTrial]) -> Incumbent:
+    """The best trial of a base or kept generation; generation 0 with the baseline's config before any success."""
+    ran = [t for t in trials if gens.get(t.user_attrs.get("generation"), gens[0]).status in ALIVE]
+    ok = [t for t in ran if _ok_value(t) is not None]
+    if ok:
+        best = min(ok, key=_ok_value)
+        return Incumbent(gens[best.user_attrs["generation"]], dict(best.params), _ok_value(best))
+    baseline = next((t for t in ran if t.user_attrs.get("generation") == 0 and t.params), None)
+    base = gens[0].search_space()
+    return Incumbent(gens[0], dict(baseline.params) if baseline else base.defaults(), None)
+
+
+def history(gens: dict[int, Generation], trials: list[FrozenTrial]) -> list[prompts.Change]:
+    """The agent's past proposals in order: what ran (kept or reverted, with the diff and result) and what was refused."""
+    changes, best = [], None
+    for t in trials:
+        attrs = t.user_attrs
+        value = _ok_value(t)
+        if attrs.get("source") == "llm-code" and attrs.get("status") == "rejected":
+            changes.append(prompts.Change("refused before running", attrs.get("description", "(unreadable answer)"),
+                                          attrs.get("error", "")))
+        elif attrs.get("source") == "llm-code":
+            gen = gens[attrs["generation"]]
+            result = f"val_bpb {value:.4f}" if value is not None else f"{attrs.get('status')}: {attrs.get('error', '')}"
+            before = f" (best before: {best:.4f})" if best is not None else ""
+            changes.append(prompts.Change(f"generation {gen.number}, {gen.status}", gen.description, result + before, gen.diff))
+        if value is not None and gens.get(attrs.get("generation"), gens[0]).status in ALIVE:
+            best = value if best is None else min(best, value)
+    return changes
+
+
+class LLMCodeMethod:
+    """Propose an edit of the incumbent's train.py, run it once, keep it if it beats the incumbent, else revert."""
+
+    def __init__(self, config: RunConfig, study: optuna.Study, space: SearchSpace, code: str, seed: int) -> None:
+        self.space, self.code = space, code
+        self.sampler = PinnedSampler(optuna.samplers.RandomSampler(seed=seed))
+        self.advisor = Advisor(make_provider(config))
+        self.program = read_program()
+        self.lineage = GitLineage(Path(config.artifacts) / "lineage", study.study_name)
+        base = generations.load_all(study)[0]
+        if "commit" not in base.extra:
+            generations.set_status(study, base, base.status, commit=self.lineage.commit(base))
+
+    def next_move(self, study: optuna.Study) -> Move:
+        if baseline_pending(study):
+            return Move("baseline", 0, self.code, self.space)
+        gens, trials = generations.load_all(study), store.finished_trials(study)
+        inc = incumbent(gens, trials)
+        current = inc.source
+        prefix = prompts.prefix(self.program, current, inc.space)
+        try:
+            reply = self.advisor.ask(prefix, prompts.code_task(history(gens, trials), inc.value))
+        except ProviderError as e:
+            return self._refused(inc, f"LLM provider error: {e}", failure_attrs(e))
+        attrs = reply_attrs(reply)
+        try:
+            edit = checked_edit(reply.text, current)
+            space, config = generation_space(self.space, edit.source)
+        except PatchRejected as e:
+            return self._refused(inc, e.reason, attrs)
+        parent = replace(inc.generation, source=current)  # the diff is against the file the agent saw
+        gen = generations.create(study, parent, edit.source, space, edit.description, form=edit.form)
+        attrs.update(description=edit.description, diff=gen.diff[:DIFF_CHARS], diff_summary=diff_summary(gen.diff),
+                     edit_form=edit.form)
+        return Move("llm-code", gen.number, edit.source, space, config=config, attrs=attrs)
+
+    def _refused(self, inc: Incumbent, reason: str, attrs: dict[str, Any]) -> Move:
+        """A recorded rejection at the incumbent (zero time), its config pinned so that no sampler runs for it."""
+        space = inc.space
+        return Move("llm-code", inc.generation.number, inc.source, space,
+                    config={k: v for k, v in inc.config.items() if k in space.knobs}, rejected=reason, attrs=attrs)
+
+    def observe(self, study: optuna.Study, trial: FrozenTrial, move: Move) -> None:
+        if move.source != "llm-code" or move.rejected is not None:
+            return
+        gens = generations.load_all(study)
+        gen = gens[move.generation]
+        others = [t for t in store.finished_trials(study) if t.number != trial.number]
+        best = incumbent(gens, others).value
+        value = _ok_value(trial)
+        if value is not None and (best is None or value < best):
+            parent_commit = gens[gen.parent].extra.get("commit") if gen.parent is not None else None
+            generations.set_status(study, gen, "kept", commit=self.lineage.commit(gen, parent_commit),
+                                   trial=trial.number, val_bpb=value)
+        else:
+            generations.set_status(study, gen, "reverted", trial=trial.number, result=trial.user_attrs.get("status"))

@@ -1,0 +1,201 @@
+"""The memory model: a config's peak GPU memory, predicted before its trial runs.
+
+The estimate is analytic: train.py, with the config injected, builds its model on the meta device (exact
+shapes, no memory, no GPU), and the peak follows from those shapes, the micro-batch and what training keeps
+alive (weights, gradients, optimizer states, activations saved for the backward pass, logits). Earlier trials
+of the same code calibrate it: their recorded peaks against their estimates. A config predicted over the VRAM
+cap is not run; it is recorded as a failed trial of class `oom-predicted` that cost no GPU time.
+"""
+from __future__ import annotations
+
+import statistics
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from optuna.trial import FrozenTrial
+
+from harness.knobs import inject_knobs
+from harness.profiles import Profile
+from harness.result import TrialResult
+from hybrid.store import code_sha
+
+MIB, GIB = 2**20, 2**30
+FP32, BF16 = 4, 2             # bytes per element
+PAPER_CAP_GB = 76.0           # the paper's H200, capped to 0.543 of its 140 GiB
+WORKSPACE_BYTES = 256 * MIB   # cuBLAS and attention workspaces, rotary tables, block masks, the batch itself
+MUON_STEP_COPIES = 7          # fp32 copies of one stack of matrices alive at once inside Muon.step (see peak_bytes)
+UNCALIBRATED_MARGIN = 1.05    # the estimate's error before any trial of the code recorded its peak
+MIN_CALIBRATION_POINTS = 3    # successful trials of the same code needed to calibrate
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    model_dim: int
+    n_head: int
+    mlp_hidden: int
+    value_embedding: bool
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What a trial's peak memory depends on, read from the model and optimizers train.py builds."""
+    blocks: tuple[BlockShape, ...]
+    model_dim: int            # width of the token embedding and of lm_head's input
+    vocab_size: int
+    seq_len: int
+    device_batch_size: int    # rows per forward/backward pass
+    grad_accum: int           # micro-batches per optimizer step
+    eval_rows: int            # rows per forward pass of the harness's evaluation
+    params: int
+    adam_params: int          # in AdamW: two fp32 states each
+    muon_params: int          # in Muon: one fp32 momentum each
+    muon_second_moment: int   # NorMuon's per-neuron second moments: one per row (or column) of each matrix
+    largest_muon_group: int   # elements of the largest stack of same-shape matrices that Muon updates at once
+
+
+def activation_bytes_per_token(s: ModelShapes) -> int:
+    """Bytes kept for the backward pass per token of a micro-batch, under bf16 autocast and torch.compile.
+
+    Compilation recomputes cheap elementwise work in the backward pass (rotary, RMS norms, relu², the residual
+    mixing, weight casts) from what is saved; the tensors below are those it cannot recompute cheaply.
+    """
+    total = 0
+    for b in s.blocks:
+        d = b.model_dim
+        total += (FP32 * d                  # residual stream entering the block (lambda gradients, attention norm)
+                  + FP32 * d                # residual stream after attention (the MLP norm's input)
+                  + BF16 * d                # normed input of c_q, c_k, c_v
+                  + BF16 * 2 * d            # q and k out of their linears (input of rotary and norm)
+                  + BF16 * 3 * d            # q, k, v as the attention kernel's inputs
+                  + BF16 * 2 * d            # attention output, and the (B, T, d) copy of it that c_proj reads
+                  + FP32 * b.n_head         # attention's log-sum-exp, one per head
+                  + BF16 * d                # normed input of c_fc
+                  + BF16 * b.mlp_hidden     # c_fc's output (relu² and c_proj's input are recomputed from it)
+                  + (FP32 * d if b.value_embedding else 0))  # the value embedding gated into v
+    d = s.model_dim
+    total += FP32 * d + FP32 * d + BF16 * d   # x0 (normed token embedding), final residual stream, its norm
+    total += BF16 * s.vocab_size * 2          # bf16 logits, and their gradient, alive together as backward starts
+    return total
+
+
+def peak_bytes(s: ModelShapes) -> float:
+    """Peak CUDA memory a trial allocates (what torch.cuda.max_memory_allocated records): the largest of
+    three moments, plus the workspaces. The CUDA context is outside the allocator: neither recorded nor capped.
+
+    - training, as the backward pass starts: weights, optimizer states, every activation saved by the forward
+      pass of one micro-batch; gradients too when accumulation keeps them between micro-batches (with one
+      micro-batch per step they are allocated while the activations are being freed);
+    - the optimizer step: weights, gradients, states, and Muon's working copies of its largest stack of matrices
+      (stacked gradients, the scaled and final updates, stacked weights, the decay and two temporaries);
+    - the harness's evaluation, eager and without gradients, after train.py returned (optimizers and gradients
+      freed): the fp32 logits of one evaluation batch and the two fp32 temporaries of their soft-capping.
+    """
+    weights = grads = FP32 * s.params
+    states = 2 * FP32 * s.adam_params + FP32 * (s.muon_params + s.muon_second_moment)
+    tokens = s.device_batch_size * s.seq_len
+    training = weights + states + (grads if s.grad_accum > 1 else 0) + tokens * activation_bytes_per_token(s)
+    step = weights + grads + states + MUON_STEP_COPIES * FP32 * s.largest_muon_group
+    evaluation = weights + s.eval_rows * s.seq_len * 3 * FP32 * s.vocab_size
+    return WORKSPACE_BYTES + max(training, step, evaluation)
+
+
+def model_shapes(source: str, config: dict[str, Any], profile: Profile) -> ModelShapes | None:
+    """The shapes of the model and optimizers that `source` with `config` injected builds for `profile`,
+    or None when they cannot be read (no build_model, a failure building it, another model structure)."""
+    try:
+        module = types.ModuleType("hybrid_memory_probe")  # a fresh namespace: train.py's main() never runs
+        exec(compile(inject_knobs(source, config), "train.py", "exec"), module.__dict__)
+        model = module.build_model(profile.vocab_size, profile.seq_len, device=torch.device("meta"))
+        blocks = tuple(BlockShape(b.attn.c_q.in_features, b.attn.n_head, b.mlp.c_fc.out_features,
+                                  b.attn.ve_gate is not None) for b in model.blocks)
+        build_optimizers = getattr(module, "build_optimizers", None)
+        optimizers = build_optimizers(model) if build_optimizers else [torch.optim.AdamW(model.parameters())]
+        batch = int(module.DEVICE_BATCH_SIZE)
+        total = getattr(module, "TOTAL_BATCH_SIZE", None)
+        model_dim = model.lm_head.in_features
+    except Exception:  # a train.py this model cannot read: no prediction, the trial runs
+        return None
+    adam = muon = second_moment = largest = 0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            numel = sum(p.numel() for p in group["params"])
+            if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+                adam += numel
+            else:  # train.py's Muon: momentum, NorMuon's second moment over the longer side, one stack per group
+                muon += numel
+                second_moment += sum(max(p.shape) for p in group["params"])
+                largest = max(largest, numel)
+    tokens_per_pass = batch * profile.seq_len
+    return ModelShapes(
+        blocks=blocks, model_dim=model_dim, vocab_size=profile.vocab_size, seq_len=profile.seq_len,
+        device_batch_size=batch, grad_accum=max(1, round(total / tokens_per_pass)) if total else 2,
+        eval_rows=max(1, profile.eval_batch_tokens // profile.seq_len),
+        params=sum(p.numel() for p in model.parameters()), adam_params=adam, muon_params=muon,
+        muon_second_moment=second_moment, largest_muon_group=largest)
+
+
+def analytic_peak_bytes(source: str, config: dict[str, Any], profile: Profile) -> float | None:
+    """Predicted peak GPU memory of a trial of `source` with `config` on `profile`, in bytes; None if unknown."""
+    shapes = model_shapes(source, config, profile)
+    return peak_bytes(shapes) if shapes is not None else None
+
+
+def default_cap_gb(vram_cap_gb: float | None, objective: str, profile: Profile) -> float | None:
+    """The cap the memory model enforces: --vram-cap-gb, else the paper's 76 GB for the surrogate objective
+    (the paper's trials) and the gpu profile, else none (cpu and test profiles: the memory model does nothing)."""
+    if vram_cap_gb is not None:
+        return vram_cap_gb
+    return PAPER_CAP_GB if objective == "surrogate" or profile.name == "gpu" else None
+
+
+class MemoryModel:
+    """Peak memory predictions for one profile, calibrated per code generation.
+
+    Calibration: the median ratio of recorded to estimated peaks over the successful trials of the same code
+    (by code_sha) that recorded one; with fewer than MIN_CALIBRATION_POINTS of them the estimate is scaled by
+    UNCALIBRATED_MARGIN instead. Estimates are cached per (code, config).
+    """
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self._estimates: dict[tuple[str, str], float | None] = {}
+
+    def estimate_mb(self, source: str, config: dict[str, Any]) -> float | None:
+        key = (code_sha(source), repr(sorted(config.items())))
+        if key not in self._estimates:
+            peak = analytic_peak_bytes(source, config, self.profile)
+            self._estimates[key] = peak / MIB if peak is not None else None
+        return self._estimates[key]
+
+    def calibration(self, source: str, history: Iterable[FrozenTrial]) -> float | None:
+        """Median recorded / estimated peak over the successful trials of `source` in history; None if too few."""
+        sha = code_sha(source)
+        ratios = []
+        for trial in history:
+            attrs = trial.user_attrs
+            if attrs.get("status") != "ok" or attrs.get("code_sha") != sha or not attrs.get("peak_memory_mb"):
+                continue
+            estimate = self.estimate_mb(source, attrs.get("config_ran") or trial.params)
+            if estimate:
+                ratios.append(attrs["peak_memory_mb"] / estimate)
+        return statistics.median(ratios) if len(ratios) >= MIN_CALIBRATION_POINTS else None
+
+    def predict_mb(self, source: str, config: dict[str, Any], history: Iterable[FrozenTrial] = ()) -> float | None:
+        """Predicted peak memory of a trial in MiB, calibrated on `history` (the study's trials); None if unknown."""
+        estimate = self.estimate_mb(source, config)
+        if estimate is None:
+            return None
+        ratio = self.calibration(source, history)
+        return estimate * (ratio if ratio is not None else UNCALIBRATED_MARGIN)
+
+    def check(self, source: str, config: dict[str, Any], cap_gb: float,
+              history: Iterable[FrozenTrial] = ()) -> TrialResult | None:
+        """The `oom-predicted` result of a config predicted over `cap_gb` (GiB), or None: run it."""
+        predicted = self.predict_mb(source, config, history)
+        if predicted is None or predicted * MIB <= cap_gb * GIB:
+            return None
+        return TrialResult(status="oom-predicted", error=f"predicted peak {predicted * MIB / GIB:.1f} GB > cap {cap_gb:g} GB",
+                           total_seconds=0.0, config=dict(config))

@@ -1,0 +1,328 @@
+"""`hybrid report`: every trial as a row (parquet, CSV), per-method figures (summary.json), report.md and plots.
+
+Definitions used throughout (and recomputable from results.parquet):
+  finished   the trial's outcome was recorded (`status` set); interrupted trials are listed but never counted
+  best       the lowest val_bpb of a finished trial with status ok, per study (= per seed)
+  failed     a finished trial whose status is not ok; OOM: status oom or oom-predicted
+  GPU-hours  the total_seconds of finished trials / 3600 (the budget's currency); wasted: those of failed trials
+  std        over seeds, with ddof = 1 (none for one seed)
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from hybrid import generations, plots, store
+from hybrid.errors import UserError
+from hybrid.stats import PairTest, pairwise
+
+OOM_STATUSES = ("oom", "oom-predicted")
+TOKEN_COLUMN = re.compile(r"^llm_.*tokens")
+COST_COLUMN = re.compile(r"^llm_.*cost")
+RUN_COLUMNS = ("study", "method", "seed", "objective", "profile")
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+def open_existing(url: str) -> optuna.storages.RDBStorage:
+    """The storage at url; a SQLite file that does not exist is an error (it would be created empty)."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise UserError(f"no database at {url[len('sqlite:///'):]}: pass --storage sqlite:///PATH of an existing run")
+    return store.open_storage(url)
+
+
+def load_studies(url: str, names: list[str] | None) -> list[optuna.Study]:
+    """The named studies (all of hybrid's when names is None); UserError for unknown or foreign ones."""
+    storage = open_existing(url)
+    present = optuna.get_all_study_names(storage)
+    unknown = [n for n in names or [] if n not in present]
+    if unknown:
+        have = ", ".join(present) if present else "none"
+        raise UserError(f"no study {unknown[0]!r} in {url} (studies there: {have})")
+    studies = [optuna.load_study(study_name=n, storage=storage) for n in (names or present)]
+    if names:
+        for study in studies:
+            store.run_info(study)  # a study not created by hybrid: UserError
+        return studies
+    studies = [s for s in studies if store.RUN_KEY in s.user_attrs]
+    if not studies:
+        raise UserError(f"no studies created by hybrid in {url}: run `hybrid run` or `hybrid compare` first")
+    return studies
+
+
+def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
+    """One row per trial: run columns, number, state, value, params_<knob>, every user attribute, and derived
+    columns finished, ok, failed, oom, gpu_hours (cumulative within the study, in completion order) and
+    incumbent (best val_bpb so far within the study)."""
+    rows = []
+    for study in studies:
+        info = store.run_info(study)
+        run = {"study": study.study_name, "method": info["method"], "seed": int(info["seed"]),
+               "objective": info.get("objective"), "profile": info.get("profile")}
+        for t in study.get_trials(deepcopy=False):
+            row: dict[str, Any] = {**run, "number": t.number, "state": t.state.name, "value": t.value,
+                                   "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
+                                   "finished": store.is_finished(t)}
+            row.update({f"params_{k}": v for k, v in t.params.items()})
+            for key, value in t.user_attrs.items():
+                if key not in RUN_COLUMNS:
+                    row[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    for column in ("status", "val_bpb", "total_seconds", "source", "generation"):
+        if column not in frame:
+            frame[column] = None
+    frame["ok"] = frame["finished"] & (frame["status"] == "ok")
+    frame["failed"] = frame["finished"] & (frame["status"] != "ok")
+    frame["oom"] = frame["finished"] & frame["status"].isin(OOM_STATUSES)
+    frame = frame.sort_values(["study", "datetime_complete", "number"], na_position="last").reset_index(drop=True)
+    cost = frame["total_seconds"].astype(float).fillna(0.0).where(frame["finished"], 0.0)
+    frame["gpu_hours"] = cost.groupby(frame["study"]).cumsum() / 3600
+    frame.loc[~frame["finished"], "gpu_hours"] = np.nan
+    best = frame["val_bpb"].astype(float).where(frame["ok"])
+    frame["incumbent"] = best.groupby(frame["study"]).cummin()
+    return _arrow_safe(frame)
+
+
+def _arrow_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns holding mixed types (a knob that is int in one generation, str in another) become text."""
+    for column in frame.columns[frame.dtypes == object]:
+        kinds = {type(v) for v in frame[column].dropna()}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            frame[column] = frame[column].map(lambda v: None if v is None or v is np.nan else str(v))
+    return frame
+
+
+# -- figures ----------------------------------------------------------------------------------------------
+
+def per_seed_best(frame: pd.DataFrame) -> dict[str, dict[int, float]]:
+    """{method: {seed: best val_bpb}}; NaN for a study without a successful trial."""
+    out: dict[str, dict[int, float]] = {}
+    for (method, seed), group in frame.groupby(["method", "seed"], sort=False):
+        if group["study"].nunique() > 1:
+            a, b = sorted(group["study"].unique())[:2]
+            raise UserError(f"studies {a!r} and {b!r} both ran {method} with seed {seed}: report them separately (--study)")
+        ok = group.loc[group["ok"], "val_bpb"].astype(float)
+        out.setdefault(method, {})[int(seed)] = float(ok.min()) if len(ok) else math.nan
+    return out
+
+
+def method_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per method, best first: seeds, best mean and std, trials, failure and OOM rates, GPU-hours, LLM use."""
+    bests = per_seed_best(frame)
+    done = frame[frame["finished"]]
+    tokens = [c for c in frame.columns if TOKEN_COLUMN.match(c)]
+    costs = [c for c in frame.columns if COST_COLUMN.match(c)]
+    rows = []
+    for method, seeds in bests.items():
+        trials = done[done["method"] == method]
+        values = pd.Series(list(seeds.values()), dtype=float).dropna()
+        seconds = trials["total_seconds"].astype(float).fillna(0.0)
+        baseline = trials.loc[trials["ok"] & (trials["source"] == "baseline"), "val_bpb"].astype(float)
+        rows.append({
+            "method": method, "n_seeds": len(values),
+            "best_mean": values.mean() if len(values) else math.nan,
+            "best_std": values.std(ddof=1) if len(values) > 1 else math.nan,
+            "trials": len(trials), "failed": int(trials["failed"].sum()), "ooms": int(trials["oom"].sum()),
+            "fail_rate": trials["failed"].mean() if len(trials) else math.nan,
+            "oom_rate": trials["oom"].mean() if len(trials) else math.nan,
+            "gpu_hours": seconds.sum() / 3600, "gpu_hours_failed": seconds[trials["failed"]].sum() / 3600,
+            "llm_tokens": float(trials[tokens].apply(pd.to_numeric, errors="coerce").sum().sum()),
+            "llm_cost_usd": float(trials[costs].apply(pd.to_numeric, errors="coerce").sum().sum()),
+            "baseline": baseline.mean() if len(baseline) else math.nan,
+        })
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    return table.sort_values("best_mean", na_position="last").set_index("method")
+
+
+def study_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per study: method, seed, trials, failures, best val_bpb and its trial, GPU-hours."""
+    rows = []
+    for name, group in frame.groupby("study", sort=True):
+        done = group[group["finished"]]
+        ok = done[done["ok"]]
+        best = ok.loc[ok["val_bpb"].astype(float).idxmin()] if len(ok) else None
+        rows.append({"study": name, "method": group["method"].iloc[0], "seed": int(group["seed"].iloc[0]),
+                     "trials": len(done), "failed": int(done["failed"].sum()),
+                     "best": float(best["val_bpb"]) if best is not None else math.nan,
+                     "best_trial": int(best["number"]) if best is not None else None,
+                     "gpu_hours": done["total_seconds"].astype(float).fillna(0.0).sum() / 3600})
+    return pd.DataFrame(rows).set_index("study")
+
+
+def lineage(study: optuna.Study, frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The study's code generations: parent, fate, what changed, knobs added/removed, trials, best, margin."""
+    gens = generations.load_all(study)
+    trials = frame[(frame["study"] == study.study_name) & frame["finished"]]
+    rows = []
+    for number, gen in gens.items():
+        mine = trials[pd.to_numeric(trials["generation"], errors="coerce") == number]
+        ok = mine.loc[mine["ok"], "val_bpb"].astype(float)
+        parent = set(gens[gen.parent].space) if gen.parent in gens else set(gen.space)
+        rows.append({"generation": number, "parent": gen.parent, "status": gen.status,
+                     "description": gen.description, "added": sorted(set(gen.space) - parent),
+                     "removed": sorted(parent - set(gen.space)), "knobs": len(gen.space), "trials": len(mine),
+                     "best": float(ok.min()) if len(ok) else math.nan, "margin": gen.extra.get("margin")})
+    return rows
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number as report.md shows it; a dash for missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def pct(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f} %"
+
+
+def best_text(mean: float, std: float) -> str:
+    """`0.9768 ± 0.0019`, or the mean alone for one seed."""
+    return fmt(mean) if math.isnan(std) else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def methods_markdown(table: pd.DataFrame) -> str:
+    header = ["method", "seeds", "best val_bpb (mean ± std)", "trials", "failed", "OOM", "GPU-hours",
+              "GPU-hours on failures", "LLM tokens", "LLM cost (USD)", "baseline val_bpb"]
+    rows = [[m, str(r.n_seeds), best_text(r.best_mean, r.best_std), str(r.trials), pct(r.fail_rate), pct(r.oom_rate),
+             fmt(r.gpu_hours, 2), fmt(r.gpu_hours_failed, 2), f"{r.llm_tokens:.0f}", fmt(r.llm_cost_usd, 2),
+             fmt(r.baseline)] for m, r in table.iterrows()]
+    return _markdown_table(header, rows)
+
+
+def pairwise_markdown(tests: list[PairTest]) -> str:
+    if not tests:
+        return "One method only: nothing to compare."
+    rows = []
+    for t in tests:
+        ci = "–" if t.ci_low is None else f"[{t.ci_low:+.4f}, {t.ci_high:+.4f}]"
+        rows.append([f"{t.a} vs {t.b}", t.test, f"{t.n_a} / {t.n_b}", f"{t.diff:+.4f}", ci,
+                     "–" if t.p_value is None else f"{t.p_value:.3g}"])
+    text = _markdown_table(["pair", "test", "seeds", "mean difference (a − b)", "95 % bootstrap CI", "p (two-sided)"], rows)
+    return text + ("\n\nA negative difference means the first method found the lower val_bpb. Wilcoxon signed-rank "
+                   "where both methods ran the same seeds, Mann-Whitney U otherwise; no test below two seeds a side. "
+                   "With three seeds the smallest two-sided p a Wilcoxon test can give is 0.25, and 0.1 for Mann-Whitney: "
+                   "read the intervals as much as the p-values.")
+
+
+def studies_markdown(table: pd.DataFrame) -> str:
+    rows = [[name, r.method, str(r.seed), str(r.trials), str(r.failed), fmt(r.best),
+             "–" if r.best_trial is None or pd.isna(r.best_trial) else str(int(r.best_trial)), fmt(r.gpu_hours, 2)]
+            for name, r in table.iterrows()]
+    return _markdown_table(["study", "method", "seed", "trials", "failed", "best val_bpb", "best trial", "GPU-hours"], rows)
+
+
+def lineage_markdown(name: str, rows: list[dict[str, Any]]) -> str:
+    body = [[str(r["generation"]), "–" if r["parent"] is None else str(r["parent"]), r["status"],
+             r["description"].replace("|", "\\|").replace("\n", " "),
+             ", ".join(["+" + k for k in r["added"]] + ["−" + k for k in r["removed"]]) or "–",
+             str(r["trials"]), fmt(r["best"]), "–" if r["margin"] is None else fmt(float(r["margin"]))]
+            for r in rows]
+    return f"### {name}\n\n" + _markdown_table(
+        ["gen", "parent", "status", "change", "knobs added / removed", "trials", "best val_bpb", "margin"], body)
+
+
+def summary(table: pd.DataFrame, bests: dict[str, dict[int, float]], tests: list[PairTest],
+            studies: pd.DataFrame) -> dict[str, Any]:
+    """summary.json: per method best_mean, best_std, oom_rate, n_seeds, per_seed_best (and the rest of the
+    method table), the pairwise tests, and per study figures. Missing numbers are null."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, (float, np.floating)):
+            return None if math.isnan(v) else float(v)
+        return int(v) if isinstance(v, np.integer) else v
+
+    methods = {}
+    for method, row in table.iterrows():
+        entry = {k: clean(v) for k, v in row.items()}
+        entry["per_seed_best"] = {str(s): clean(v) for s, v in sorted(bests[method].items())}
+        methods[method] = entry
+    return {"methods": methods,
+            "pairwise": [{k: clean(v) for k, v in t.to_dict().items()} for t in tests],
+            "studies": {n: {k: clean(v) for k, v in r.items()} for n, r in studies.iterrows()}}
+
+
+@dataclass
+class Report:
+    """What a report computed, for callers that add to it (reproduce)."""
+    frame: pd.DataFrame
+    methods: pd.DataFrame
+    bests: dict[str, dict[int, float]]
+    tests: list[PairTest]
+    path: Path
+
+
+def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid report",
+          extra: Callable[[Report], str] | None = None, references: dict[str, float] | None = None) -> Report:
+    """Write results.parquet, results.csv, summary.json, the plots and report.md into out. `extra` adds a
+    section after the per-method table, from what was computed; `references` are drawn on the incumbent plot."""
+    studies = load_studies(url, names)
+    frame = trials_frame(studies)
+    if frame.empty or not frame["finished"].any():
+        raise UserError(f"no finished trials in {', '.join(s.study_name for s in studies)}: nothing to report yet")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out / "results.parquet", index=False)
+    frame.to_csv(out / "results.csv", index=False)
+    table = method_table(frame)
+    every = per_seed_best(frame)
+    bests = {m: every[m] for m in table.index}
+    tests = pairwise(bests)
+    per_study = study_table(frame)
+    (out / "summary.json").write_text(json.dumps(summary(table, bests, tests, per_study), indent=1) + "\n")
+    lineages = {s.study_name: lineage(s, frame) for s in studies if len(store.load_generations(s)) > 1}
+    figures = plots.write_all(frame, studies, lineages, out, references=references)
+    built = Report(frame, table, bests, tests, out / "report.md")
+
+    runs = frame.drop_duplicates("study")
+    setups = ", ".join(sorted({f"{r.objective} objective, {r.profile} profile" for r in runs.itertuples()}))
+    parts = [f"# {title}",
+             f"Storage `{url}`, {len(studies)} studies ({setups}), {int(frame['finished'].sum())} finished trials; "
+             f"written {datetime.datetime.now().isoformat(timespec='seconds')}. Every number below is recomputed from "
+             "`results.parquet` (one row per trial) by `hybrid.report`; `summary.json` holds them as data.",
+             "## Per method", methods_markdown(table),
+             "Best: the lowest val_bpb of a successful trial in each seed's study; mean ± std (ddof = 1) over seeds. "
+             "Failed: share of finished trials with any failure status (OOM: `oom` or `oom-predicted`); failed trials "
+             "count as val_bpb = 100 for the samplers and cost the wall time they used. GPU-hours: total wall seconds "
+             "of finished trials. LLM tokens and cost: sums of the trials' `llm_*tokens*` and `llm_*cost*` attributes.",
+             extra(built) if extra else "",
+             "## Pairwise tests on best val_bpb", pairwise_markdown(tests),
+             "## Studies", studies_markdown(per_study),
+             "## Plots"]
+    for fig in figures:
+        if isinstance(fig, str):
+            parts.append(fig)
+        else:
+            parts.append(f"### {fig.title}\n\n![{fig.title}]({fig.name}.png)\n\n{fig.note} "
+                         f"Interactive: [{fig.name}.html]({fig.name}.html).")
+    if lineages:
+        parts.append("## Lineage of code generations")
+        parts += [lineage_markdown(name, rows) for name, rows in lineages.items()]
+    built.path.write_text("\n\n".join(p for p in parts if p) + "\n")
+    return built
+
+
+def write_report(storage: str, studies: list[str] | None, out: Path) -> Path:
+    """`hybrid report`: the report of the named studies (all of hybrid's by default); returns report.md's path."""
+    return build(storage, studies, out).path

@@ -1,0 +1,47 @@
+"""Structural agents: who proposes a code mutation of train.py, with the knobs it opens (the catalog, an LLM)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from hybrid.generations import Generation
+from hybrid.space import Knob
+
+if TYPE_CHECKING:
+    from hybrid.loop import RunConfig
+
+
+@dataclass
+class Proposal:
+    """A mutation of the parent's train.py and the change of knob space that comes with it."""
+    name: str                                  # short and stable: what the lineage and the catalog call it
+    description: str
+    source: str                                # the whole new train.py
+    added: dict[str, Knob] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)  # recorded on the generation and its first trial
+    rejected: str | None = None                # the agent's own refusal (an unreadable answer): the reason
+
+
+class StructuralAgent(Protocol):
+    source: str  # the trial source of its moves: catalog, llm-code
+
+    def propose(self, parent: Generation, lineage: dict[int, Generation]) -> Proposal | None:
+        """A mutation of `parent`, knowing every generation of the run; None when it has nothing left to try."""
+        ...
+
+
+def tried_mutations(lineage: dict[int, Generation]) -> dict[str, str]:
+    """Mutation name -> status of the generation that tried it (candidate, promoted or rejected)."""
+    return {g.extra["mutation"]: g.status for g in lineage.values() if g.extra.get("mutation")}
+
+
+def make_agent(config: RunConfig) -> StructuralAgent:
+    """The offline catalog with --llm none, else the LLM code agent."""
+    if config.llm in (None, "none"):
+        from hybrid.llm.catalog import CatalogAgent
+
+        return CatalogAgent()
+    from hybrid.llm.structural_agent import LLMStructuralAgent
+
+    return LLMStructuralAgent(config)

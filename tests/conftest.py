@@ -1,0 +1,92 @@
+"""Shared fixtures: the `test` profile's data prepared once per session, and a tiny train.py for runner tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# A 1-layer model on harness.api. MODE picks a behaviour for the failure-class tests.
+TINY_TRAIN_PY = '''
+import os, time
+import torch
+import torch.nn.functional as F
+from harness import api
+
+MODE = "ok"  # ok | raise | nan | sleep | no-finish | bad-shape | oom | exit
+DEVICE_BATCH_SIZE = 8
+TOTAL_BATCH_SIZE = 512
+LR = 0.01
+DIM = 32
+
+session = api.start()
+print("environment:", " ".join(sorted(os.environ)))
+if MODE == "sleep":
+    time.sleep(600)
+if MODE == "raise":
+    raise ValueError("boom from the tiny script")
+if MODE == "oom":
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, vocab, dim):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        logits = self.head(h + self.mlp(h))
+        return logits[:, :, :-1] if MODE == "bad-shape" and not self.training else logits
+
+
+model = Tiny(session.vocab_size, DIM).to(session.device)
+opt = torch.optim.AdamW(model.parameters(), lr=LR)
+accum = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * session.seq_len)
+batches = session.train_batches(DEVICE_BATCH_SIZE)
+while not session.done and MODE != "no-finish":
+    for _ in range(accum):
+        x, y = next(batches)
+        with session.autocast():
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        (loss / accum).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if MODE == "nan" and session.steps >= 2:
+        loss = loss * float("nan")
+    session.tick(loss.item())
+if MODE == "exit":
+    raise SystemExit(3)
+if MODE != "no-finish":
+    session.finish(model)
+'''
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """HYBRID_DATA_DIR for the whole session, with the `test` profile prepared (builtin corpus)."""
+    from harness.data import prepare
+    from harness.profiles import get_profile
+
+    path = tmp_path_factory.mktemp("data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HYBRID_DATA_DIR", str(path))
+    prepare(get_profile("test"), log=lambda line: None)
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def prepared_test(data_dir):
+    from harness.data import prepared
+    from harness.profiles import get_profile
+
+    return prepared(get_profile("test"))
+
+
+@pytest.fixture(scope="session")
+def tiny_train_py(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "train.py"
+    path.write_text(TINY_TRAIN_PY)
+    return path

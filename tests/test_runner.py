@@ -1,0 +1,132 @@
+import math
+import signal
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from harness import api
+from harness.evaluate import InvalidOutput, evaluate_bpb
+from harness.loader import batches
+from harness.profiles import get_profile
+from harness.runner import _missing_result, clean_env, run_trial, snap_batch_size
+from harness.tokenizer import Tokenizer
+
+TEST = get_profile("test")
+
+
+class Uniform(torch.nn.Module):
+    def __init__(self, vocab: int, shape_error: bool = False):
+        super().__init__()
+        self.vocab, self.shape_error = vocab, shape_error
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, self.vocab - self.shape_error)
+
+
+def test_uniform_model_bpb(prepared_test):
+    bpb = evaluate_bpb(Uniform(2048), TEST, prepared_test, "cpu")
+    lengths = torch.from_numpy(Tokenizer.load(prepared_test.tokenizer).token_bytes())
+    x, y = next(batches(prepared_test, "val", TEST.eval_tokens // TEST.seq_len, TEST.seq_len, "cpu"))
+    counted = lengths[y]
+    assert y.numel() == TEST.eval_tokens
+    assert bpb == pytest.approx(math.log2(2048) * (counted > 0).sum().item() / counted.sum().item(), rel=1e-6)
+
+
+def test_wrong_logits_shape(prepared_test):
+    with pytest.raises(InvalidOutput, match=r"\(64, 64, 2048\).*got \(64, 64, 2047\)"):
+        evaluate_bpb(Uniform(2048, shape_error=True), TEST, prepared_test, "cpu")
+
+
+def test_session_clock(prepared_test):
+    profile = replace(TEST, warmup_steps=2, time_budget=0.3)
+    s = api.Session(profile, prepared_test, "cpu")
+    assert (s.vocab_size, s.bos_id, s.seq_len) == (2048, 2047, 64)
+    batches_ = s.train_batches(4)
+    next(batches_)
+    s.tick(5.0)
+    time.sleep(0.2)
+    s.tick(5.0)  # the second warm-up step: still off the clock
+    assert s.training_seconds == 0 and s.tokens == 0 and not s.done
+    next(batches_)
+    time.sleep(0.2)
+    assert 0.6 < s.tick(4.0) < 0.8
+    assert s.tokens == 4 * 64
+    time.sleep(0.15)
+    assert s.tick(4.0) == 1.0 and s.done
+    for bad in (float("nan"), float("inf"), 101.0):
+        with pytest.raises(api.Diverged):
+            s.tick(bad)
+
+
+def test_snap_batch_size():
+    src = "DEVICE_BATCH_SIZE = 8\nTOTAL_BATCH_SIZE = 2**10\n"
+    assert snap_batch_size(src, {}, 64) == {}  # 1024 is 2 micro-batches of 8 * 64 already
+    assert snap_batch_size(src, {"TOTAL_BATCH_SIZE": 700}, 64) == {"TOTAL_BATCH_SIZE": 512}
+    assert snap_batch_size(src, {"TOTAL_BATCH_SIZE": 768}, 64) == {"TOTAL_BATCH_SIZE": 1024}  # ties go up
+    assert snap_batch_size(src, {"TOTAL_BATCH_SIZE": 100}, 64) == {"TOTAL_BATCH_SIZE": 512}  # at least one
+    assert snap_batch_size(src, {"DEVICE_BATCH_SIZE": 12}, 64) == {"DEVICE_BATCH_SIZE": 12, "TOTAL_BATCH_SIZE": 768}
+    assert snap_batch_size("LR = 0.1\n", {"LR": 0.2}, 64) == {"LR": 0.2}
+
+
+def test_clean_env(monkeypatch):
+    for name in ("MY_API_KEY", "hf_token", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("HYBRID_PROFILE", "test")
+    env = clean_env()
+    assert not {"MY_API_KEY", "hf_token", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"} & set(env)
+    assert env["HYBRID_PROFILE"] == "test" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_missing_result(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("step 3\n")
+    assert _missing_result(-signal.SIGKILL, log).status == "oom"
+    r = _missing_result(-signal.SIGSEGV, log)
+    assert r.status == "crash" and "SIGSEGV" in r.error and "step 3" in r.error
+
+
+def test_trial_ok(prepared_test, tiny_train_py, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_API_KEY", "sk-secret-value")
+    r = run_trial(tiny_train_py.read_text(), {"TOTAL_BATCH_SIZE": 700}, TEST, tmp_path / "t")
+    assert r.ok, r.error
+    assert 1 < r.val_bpb < 5  # a uniform model scores 3.9 here
+    assert r.config == {"TOTAL_BATCH_SIZE": 512}
+    assert "TOTAL_BATCH_SIZE = 512" in (tmp_path / "t" / "train.py").read_text()
+    assert TEST.time_budget <= r.training_seconds < TEST.time_budget + 2
+    assert r.total_seconds > r.training_seconds + r.startup_seconds > 0 and r.eval_seconds > 0
+    assert r.num_steps > 1 and r.total_tokens > 0 and r.tokens_per_second > 0
+    assert r.num_params > 0 and r.peak_memory_mb > 0 and r.mfu is None
+    log = (tmp_path / "t" / "log.txt").read_text()
+    assert "environment:" in log and "MY_API_KEY" not in log and "sk-secret-value" not in log
+    assert (tmp_path / "t" / "result.json").exists() and r.log_path == str(tmp_path / "t" / "log.txt")
+
+
+@pytest.mark.parametrize("mode, status, error", [
+    ("raise", "crash", "ValueError: boom from the tiny script (train.py:"),
+    ("nan", "nan", "training loss is nan"),
+    ("no-finish", "invalid", "never called session.finish"),
+    ("bad-shape", "invalid", "must return logits of shape"),
+    ("oom", "oom", "out of memory"),
+])
+def test_trial_failures(prepared_test, tiny_train_py, tmp_path, mode, status, error):
+    r = run_trial(tiny_train_py.read_text(), {"MODE": mode}, TEST, tmp_path / mode)
+    assert (r.status, r.val_bpb) == (status, None)
+    assert error in r.error and "\n" not in r.error
+    if mode == "raise":
+        assert "Traceback" in (tmp_path / mode / "log.txt").read_text()
+
+
+def test_trial_timeouts(prepared_test, tiny_train_py, tmp_path):
+    t0 = time.time()
+    r = run_trial(tiny_train_py.read_text(), {"MODE": "sleep"}, TEST, tmp_path / "hard", timeout=3)
+    assert r.status == "timeout" and "3s wall-clock limit" in r.error and r.total_seconds < 5
+    r = run_trial(tiny_train_py.read_text(), {"MODE": "sleep"}, replace(TEST, max_startup_seconds=2), tmp_path / "watchdog")
+    assert r.status == "timeout" and "did not start within 2s" in r.error
+    assert time.time() - t0 < 12
+
+
+def test_trial_syntax_error(prepared_test, tmp_path):
+    r = run_trial("x = (\n", {}, TEST, tmp_path / "s")
+    assert r.status == "crash" and "SyntaxError" in r.error
