@@ -92,6 +92,9 @@ def has_value_embedding(layer: int, n_layer: int) -> bool:
     return layer % 2 == (n_layer - 1) % 2
 
 
+Mask = torch.Tensor | BlockMask | None
+
+
 @lru_cache(maxsize=32)
 def window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
     """(T, T) bool, True where query i may attend key j: 0 <= i - j <= window."""
@@ -100,22 +103,25 @@ def window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
     return (distance >= 0) & (distance <= window)
 
 
-@lru_cache(maxsize=32)
-def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
-    """The same sliding-window mask as FlexAttention's block mask: fully masked blocks are skipped."""
-    def causal_window(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
-    return create_block_mask(causal_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal sliding-window attention; q, k, v and the result are (B, H, T, D)."""
-    T = q.size(-2)
+def attention_mask(T: int, window: int, device: torch.device) -> Mask:
+    """None for plain causal attention; in compiled CUDA code a FlexAttention block mask (fully masked
+    blocks are skipped); otherwise a bool mask for SDPA."""
     if window >= T - 1:
+        return None
+    if device.type == "cuda" and torch.compiler.is_compiling():
+        def causal_window(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+        return create_block_mask(causal_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    return window_mask(T, window, device)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
+    """Causal attention under `mask` (see attention_mask); q, k, v and the result are (B, H, T, D)."""
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.is_cuda and torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=window_block_mask(T, window, q.device))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device))
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def rotary_tables(seq_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,15 +150,16 @@ class Attention(nn.Module):
         self.ve_gate = (nn.Linear(self.gate_channels, config.n_head, bias=False)
                         if has_value_embedding(layer, config.n_layer) else None)
 
-    def forward(self, x, ve, cos, sin, window: int):
+    def forward(self, x, ve, cos, sin, mask: Mask):
         B, T, _ = x.shape
         shape = (B, T, self.n_head, self.head_dim)
         q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)
+        dtype = q.dtype  # bf16 under autocast; the norms and the fp32 value embedding promote, attention wants one
         if ve is not None:  # value embedding, mixed in with an input-dependent gate per head
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(shape)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window)
+        y = attention(*(t.to(dtype).transpose(1, 2) for t in (q, k, v)), mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -172,8 +179,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp = MLP(config.model_dim)
 
-    def forward(self, x, ve, cos, sin, window: int):
-        x = x + self.attn(norm(x), ve, cos, sin, window)
+    def forward(self, x, ve, cos, sin, mask: Mask):
+        x = x + self.attn(norm(x), ve, cos, sin, mask)
         return x + self.mlp(norm(x))
 
 
@@ -215,11 +222,12 @@ class GPT(nn.Module):
         T = idx.size(1)
         assert T <= self.config.seq_len, f"sequence of {T} tokens, the model was built for {self.config.seq_len}"
         cos, sin = self.cos[:T], self.sin[:T]
+        masks = {w: attention_mask(T, w, idx.device) for w in set(self.windows)}
         x = x0 = norm(self.wte(idx))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i])
+            x = block(x, ve, cos, sin, masks[self.windows[i]])
         logits = self.lm_head(norm(x)).float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:

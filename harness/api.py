@@ -50,8 +50,6 @@ class Session:
         self.training_seconds = 0.0
         self.model: torch.nn.Module | None = None
         self.finished_at: float | None = None  # perf_counter at finish()
-        if profile.warmup_steps == 0:
-            self._start_clock()
 
     def _start_clock(self) -> None:
         self.clock_start, self.clock_wall = time.perf_counter(), time.time()
@@ -64,6 +62,8 @@ class Session:
     def train_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches forever (epoch after epoch), shuffled by the trial's seed."""
         for x, y in loader.batches(self.data, "train", batch_size, self.seq_len, self.device, seed=self.seed, loop=True):
+            if self.clock_start is None and self.profile.warmup_steps == 0:
+                self._start_clock()
             if self.clock_start is not None:
                 self.tokens += x.numel()
             yield x, y

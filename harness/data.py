@@ -254,9 +254,12 @@ def _download_climbmix(root: Path, log: Log) -> None:
     for folder in (root / "train", root / "val"):
         folder.mkdir(parents=True, exist_ok=True)
     log(f"climbmix: downloading {len(todo)} of {len(jobs)} shards from {base}")
+    done = [_download(*todo[0])]  # one alone first: without network this fails after the retries, once
+    log(f"  {done[0].parent.name}/{done[0].name} ({done[0].stat().st_size / 1e6:.1f} MB) [1/{len(todo)}]")
     with ThreadPoolExecutor(4) as pool:
-        for k, path in enumerate(pool.map(lambda job: _download(*job), todo), 1):
-            log(f"  {path.parent.name}/{path.name} ({path.stat().st_size / 1e6:.1f} MB) [{k}/{len(todo)}]")
+        for path in pool.map(lambda job: _download(*job), todo[1:]):
+            done.append(path)
+            log(f"  {path.parent.name}/{path.name} ({path.stat().st_size / 1e6:.1f} MB) [{len(done)}/{len(todo)}]")
 
 
 # -- tokenizer and token cache ------------------------------------------------------------------------------

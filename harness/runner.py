@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -76,9 +77,9 @@ def run_trial(source: str, config: dict[str, Any], profile: Profile, trial_dir: 
     config = snap_batch_size(source, config, profile.seq_len)
     (trial_dir / "train.py").write_text(inject_knobs(source, config))
     spec = {"profile": asdict(profile), "data": data.to_dict(), "seed": seed, "device": device,
-            "vram_cap_gb": vram_cap_gb, "launched_at": time.time()}
+            "vram_cap_gb": vram_cap_gb, "launched_at": time.time(), "runner_pid": os.getpid()}
     (trial_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-    for stale in [*trial_dir.glob("result*.json")]:
+    for stale in list(trial_dir.glob("result*.json")):
         stale.unlink()
     nonce = secrets.token_hex(16)
     limit = timeout or profile.timeout_seconds
@@ -87,21 +88,18 @@ def run_trial(source: str, config: dict[str, Any], profile: Profile, trial_dir: 
         proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(trial_dir)], cwd=trial_dir,
                                 env=clean_env(), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
+        with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(f"{nonce}\n".encode())
             proc.stdin.close()
-        except BrokenPipeError:
-            pass
+        timed_out = False
         try:
             proc.wait(timeout=limit)
-            timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-        try:  # the worker, and anything train.py started
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        finally:  # the worker and anything train.py started, also when we are interrupted
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     total = time.perf_counter() - t0
     out = trial_dir / f"result-{nonce}.json"
     if out.exists():

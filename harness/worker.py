@@ -2,7 +2,8 @@
 
 Reads TRIAL_DIR/spec.json, sets seeds, device and VRAM cap, runs train.py, evaluates the model it handed over,
 and writes TRIAL_DIR/result-<nonce>.json (a TrialResult) for the runner. A watchdog ends the trial as a
-timeout if the clock has not started within profile.max_startup_seconds, or runs far past the budget.
+timeout if the clock has not started within profile.max_startup_seconds, or runs far past the budget, and
+ends the process if the runner dies.
 """
 from __future__ import annotations
 
@@ -108,8 +109,12 @@ def main(trial_dir: Path) -> None:
             os._exit(0)
 
     def watchdog() -> None:
-        while session.model is None:
+        while True:
             time.sleep(0.1)
+            if os.getppid() != spec["runner_pid"]:  # the runner was killed: end the trial with it
+                os._exit(1)
+            if session.model is not None:
+                continue
             if session.clock_start is None and time.time() - spec["launched_at"] > profile.max_startup_seconds:
                 print(f"harness: the clock did not start within {profile.max_startup_seconds:.0f}s", file=sys.stderr)
                 end("timeout", f"the training clock did not start within {profile.max_startup_seconds:.0f}s "

@@ -28,13 +28,13 @@ from hybrid.lease import StructuralLease
 from hybrid.methods import Move
 from hybrid.promotion import REPEATS, Schedule, incumbent, judge, pooled_noise, runs_of, score
 from hybrid.space import SearchSpace, SpaceError, check_against_source
-from hybrid.structural import Proposal, make_agent
+from hybrid.structural import Context, Proposal, make_agent
 
 if TYPE_CHECKING:
     from hybrid.loop import RunConfig
 
 # (mutate every M trials, stagnation after W) by profile: a few generations within the profile's default budget.
-DEFAULT_SCHEDULES = {"gpu": Schedule(30, 15), "cpu": Schedule(8, 4), "test": Schedule(3, 2)}
+DEFAULT_SCHEDULES = {"gpu": Schedule(30, 15), "cpu": Schedule(6, 3), "test": Schedule(3, 2)}
 WARM_CONFIGS = 3   # tpe/gp: the parent's best configs (projected) that a new generation runs first
 N_STARTUP = 5      # tpe/gp: random trials of a generation (its warm starts included) before the model takes over
 LIVE = ("base", "promoted", "candidate")
@@ -187,7 +187,10 @@ class HybridMethod:
 
     def _mutate(self, study: optuna.Study, snap: Snapshot, due: Due) -> Move:
         parent = due.generation
-        proposal = self.agent.propose(parent, snap.generations)
+        best = incumbent(snap.finished[parent.number])
+        context = Context(parent, snap.generations, dict(best.params) if best else parent.search_space().defaults(),
+                          ok_value(best) if best else None)
+        proposal = self.agent.propose(context)
         if proposal is None:
             return self._tune(parent)  # the agent has nothing left to try: tuning goes on
         rejected = proposal.rejected or _check(parent, proposal)

@@ -279,8 +279,9 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
                 continue
             try:
                 frozen = _one_trial(study, method, objective, config, budget, interrupt)
-            except KeyboardInterrupt:
-                break  # the trial being evaluated was failed
+            except KeyboardInterrupt:  # the trial being evaluated was failed
+                interrupt.requested = True
+                break
             if frozen is not None:
                 progress.update(frozen)
     progress.summary()

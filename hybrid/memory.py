@@ -9,6 +9,7 @@ cap is not run; it is recorded as a failed trial of class `oom-predicted` that c
 from __future__ import annotations
 
 import statistics
+import sys
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ WORKSPACE_BYTES = 256 * MIB   # cuBLAS and attention workspaces, rotary tables, 
 MUON_STEP_COPIES = 7          # fp32 copies of one stack of matrices alive at once inside Muon.step (see peak_bytes)
 UNCALIBRATED_MARGIN = 1.05    # the estimate's error before any trial of the code recorded its peak
 MIN_CALIBRATION_POINTS = 3    # successful trials of the same code needed to calibrate
+PROBE_MODULE = "hybrid_memory_probe"
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,23 @@ def peak_bytes(s: ModelShapes) -> float:
     return WORKSPACE_BYTES + max(training, step, evaluation)
 
 
+def _load(code: str) -> types.ModuleType:
+    """train.py executed as a fresh module that is not `__main__` (its main() never runs). It is registered in
+    sys.modules only while it executes, for the dataclasses that look their module up."""
+    module = types.ModuleType(PROBE_MODULE)
+    sys.modules[PROBE_MODULE] = module
+    try:
+        exec(compile(code, "train.py", "exec", dont_inherit=True), module.__dict__)
+    finally:
+        del sys.modules[PROBE_MODULE]
+    return module
+
+
 def model_shapes(source: str, config: dict[str, Any], profile: Profile) -> ModelShapes | None:
     """The shapes of the model and optimizers that `source` with `config` injected builds for `profile`,
     or None when they cannot be read (no build_model, a failure building it, another model structure)."""
     try:
-        module = types.ModuleType("hybrid_memory_probe")  # a fresh namespace: train.py's main() never runs
-        exec(compile(inject_knobs(source, config), "train.py", "exec"), module.__dict__)
+        module = _load(inject_knobs(source, config))
         model = module.build_model(profile.vocab_size, profile.seq_len, device=torch.device("meta"))
         blocks = tuple(BlockShape(b.attn.c_q.in_features, b.attn.n_head, b.mlp.c_fc.out_features,
                                   b.attn.ve_gate is not None) for b in model.blocks)

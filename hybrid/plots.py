@@ -128,6 +128,7 @@ def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
     cols = min(3, len(methods))
     rows = math.ceil(len(methods) / cols)
     low, high = bpb_range(frame)
+    fail_y, top = high + (high - low) * 0.04, high + (high - low) * 0.07  # failures in a row above the ▲ row
     done = frame[frame["finished"]]
     seeds = sorted(done["seed"].unique())
     seed_colors = {s: matplotlib.colors.to_hex(plt.get_cmap("tab10").colors[i % 10]) for i, s in enumerate(seeds)}
@@ -144,11 +145,11 @@ def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
             failed = trials[trials["failed"]]
             ax.scatter(inside["gpu_hours"], inside["val_bpb"], s=10, color=color, alpha=0.55, label=f"seed {seed}")
             ax.scatter(above["gpu_hours"], np.full(len(above), high), s=14, marker="^", color=color, alpha=0.55)
-            ax.scatter(failed["gpu_hours"], np.full(len(failed), high), s=14, marker="x", color="#d62728", alpha=0.5)
+            ax.scatter(failed["gpu_hours"], np.full(len(failed), fail_y), s=14, marker="x", color="#d62728", alpha=0.5)
             ax.plot(trials["gpu_hours"], trials["incumbent"], color=color, lw=1.6, drawstyle="steps-post")
             for kind, part, y, marker in (("ok", inside, inside["val_bpb"], "circle"),
                                           ("above", above, np.full(len(above), high), "triangle-up"),
-                                          ("failed", failed, np.full(len(failed), high), "x")):
+                                          ("failed", failed, np.full(len(failed), fail_y), "x")):
                 name = {"ok": f"seed {seed}", "above": f"seed {seed}: above the axis",
                         "failed": "failed (val_bpb = 100)"}[kind]
                 pfig.add_trace(go.Scatter(
@@ -162,7 +163,7 @@ def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
             pfig.add_trace(go.Scatter(x=trials["gpu_hours"], y=trials["incumbent"], mode="lines", showlegend=False,
                                       line={"color": color, "shape": "hv"}, hoverinfo="skip"), row=r, col=c)
         ax.set_title(method)
-        ax.set_ylim(low, high + (high - low) * 0.03)
+        ax.set_ylim(low, top)
         ax.set_xlabel(HOURS_LABEL)
         ax.grid(alpha=0.3)
         if i % cols == 0:
@@ -172,18 +173,18 @@ def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
     handles, labels = axes[0][0].get_legend_handles_labels()
     handles += [plt.Line2D([], [], ls="", marker="x", color="#d62728"), plt.Line2D([], [], ls="", marker="^", color="gray"),
                 plt.Line2D([], [], color="gray")]
-    labels += ["failed (val_bpb = 100), at the top edge", f"successful but above {high:.4f}, at the top edge",
+    labels += ["failed (val_bpb = 100), top row", f"successful but above {high:.4f}, second row",
                "incumbent (best so far)"]
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=9, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle("Every trial and the incumbent staircase, per method and seed")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    pfig.update_yaxes(range=[low, high + (high - low) * 0.03])
+    pfig.update_yaxes(range=[low, top])
     pfig.update_layout(title="Every trial and the incumbent staircase, per method and seed", height=380 * rows)
     _save(fig, pfig, out, "trials")
     return Figure("trials", "Every trial per method",
                   f"Successful trials as dots, the incumbent as a staircase, one colour per seed. The val_bpb axis stops at "
                   f"{high:.4f} (the 80th percentile of successful trials, or the baseline if higher): failed trials "
-                  "(val_bpb = 100) and worse successes are drawn at the top edge (× and ▲).")
+                  "(val_bpb = 100) are drawn as × in the top row, worse successes as ▲ just below it.")
 
 
 # -- Pareto fronts ----------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def plot_importances(studies: list[optuna.Study], frame: pd.DataFrame, palette: 
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(knobs) * max(1, len(methods) / 2.5) + 1.5))
     pfig = go.Figure()
     for j, method in enumerate(methods):
-        ys = np.arange(len(knobs)) + (j - (len(methods) - 1) / 2) * height
+        ys = np.arange(len(knobs)) - (j - (len(methods) - 1) / 2) * height  # first method on top
         n = len(found[method])
         ax.barh(ys, table[method], height=height, color=palette[method], label=f"{method} ({n} seed{'s' if n > 1 else ''})")
         pfig.add_trace(go.Bar(y=knobs, x=table[method], orientation="h", name=method, marker_color=palette[method]))
@@ -332,28 +333,35 @@ def plot_lineage(study: str, rows: list[dict[str, Any]], out: Path) -> Figure:
     for r in rows:
         x, y = place[r["generation"]]
         color = STATUS_COLORS.get(r["status"], "#1f77b4")
-        best = "–" if math.isnan(r["best"]) else f"{r['best']:.4f}"
-        text = f"gen {r['generation']} ({r['status']})\nbest {best}, {r['trials']} trials"
+        best = "–" if r["best_val_bpb"] is None else f"{r['best_val_bpb']:.4f}"
+        text = (f"gen {r['generation']} ({r['status']})\n{_shorten(r['mutation'] or r['description'], 30)}\n"
+                f"best {best}, {r['trials']} trials")
         ax.annotate(text, (x, -y), ha="center", va="center", fontsize=8, zorder=3,
-                    bbox={"boxstyle": "round,pad=0.4", "fc": color, "alpha": 0.25, "ec": color})
-        ax.annotate(_shorten(r["description"], 38), (x, -y - 0.32), ha="center", va="top", fontsize=7, color="#333333")
-        knobs = ", ".join(["+" + k for k in r["added"]] + ["−" + k for k in r["removed"]]) or "no knob change"
+                    bbox={"boxstyle": "round,pad=0.4", "fc": _light(color), "ec": color})
+        knobs = "new knobs: " + (", ".join(r["new_knobs"]) or "none")
         pfig.add_trace(go.Scatter(x=[x], y=[-y], mode="markers+text", text=[f"gen {r['generation']}"],
                                   textposition="top center", marker={"size": 18, "color": color}, showlegend=False,
                                   hovertext=f"gen {r['generation']} ({r['status']}), parent {r['parent']}<br>"
                                             f"{r['description']}<br>{knobs}<br>best {best} in {r['trials']} trials, "
-                                            f"margin {r['margin']}", hoverinfo="text"))
+                                            f"margin {r['margin']}<br>{r['reason'] or ''}", hoverinfo="text"))
     ax.set_xlim(-0.7, width - 0.3)
-    ax.set_ylim(-depth + 0.3, 0.6)
+    ax.set_ylim(-depth + 0.5, 0.5)
     ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, fc=c, alpha=0.4) for c in ("#7f7f7f", "#2ca02c", "#d62728", "#ff7f0e")]
+    handles = [plt.Rectangle((0, 0), 1, 1, fc=_light(c), ec=c) for c in ("#7f7f7f", "#2ca02c", "#d62728", "#ff7f0e")]
     ax.legend(handles, ["base", "promoted / kept", "rejected / reverted", "candidate"], loc="upper right", fontsize=8)
     ax.set_title(f"Code generations of {study} (parent above child)")
     pfig.update_layout(title=f"Code generations of {study}", xaxis_visible=False, yaxis_visible=False)
     name = f"lineage-{study}"
     _save(fig, pfig, out, name)
     return Figure(name, f"Lineage of {study}", "Each box a generation of train.py: its fate, best val_bpb and trials; "
-                  "the line below says what it changed. Hover the HTML nodes for knobs and margins.")
+                  "and its mutation. Hover the HTML nodes for the description, new knobs, margin "
+                  "and verdict.")
+
+
+def _light(color: str) -> str:
+    """The color mixed with three parts of white: an opaque box fill that keeps text readable."""
+    rgb = np.array(matplotlib.colors.to_rgb(color))
+    return matplotlib.colors.to_hex(0.25 * rgb + 0.75)
 
 
 def _shorten(text: str, width: int) -> str:

@@ -21,8 +21,9 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from hybrid import generations, plots, store
+from hybrid import plots, store
 from hybrid.errors import UserError
+from hybrid.evolution import lineage_table
 from hybrid.stats import PairTest, pairwise
 
 OOM_STATUSES = ("oom", "oom-predicted")
@@ -91,7 +92,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     frame["gpu_hours"] = cost.groupby(frame["study"]).cumsum() / 3600
     frame.loc[~frame["finished"], "gpu_hours"] = np.nan
     best = frame["val_bpb"].astype(float).where(frame["ok"])
-    frame["incumbent"] = best.groupby(frame["study"]).cummin()
+    frame["incumbent"] = best.groupby(frame["study"]).cummin().groupby(frame["study"]).ffill()
     return _arrow_safe(frame)
 
 
@@ -163,22 +164,6 @@ def study_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("study")
 
 
-def lineage(study: optuna.Study, frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """The study's code generations: parent, fate, what changed, knobs added/removed, trials, best, margin."""
-    gens = generations.load_all(study)
-    trials = frame[(frame["study"] == study.study_name) & frame["finished"]]
-    rows = []
-    for number, gen in gens.items():
-        mine = trials[pd.to_numeric(trials["generation"], errors="coerce") == number]
-        ok = mine.loc[mine["ok"], "val_bpb"].astype(float)
-        parent = set(gens[gen.parent].space) if gen.parent in gens else set(gen.space)
-        rows.append({"generation": number, "parent": gen.parent, "status": gen.status,
-                     "description": gen.description, "added": sorted(set(gen.space) - parent),
-                     "removed": sorted(parent - set(gen.space)), "knobs": len(gen.space), "trials": len(mine),
-                     "best": float(ok.min()) if len(ok) else math.nan, "margin": gen.extra.get("margin")})
-    return rows
-
-
 # -- writing ----------------------------------------------------------------------------------------------
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -206,9 +191,9 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def methods_markdown(table: pd.DataFrame) -> str:
     header = ["method", "seeds", "best val_bpb (mean ± std)", "trials", "failed", "OOM", "GPU-hours",
               "GPU-hours on failures", "LLM tokens", "LLM cost (USD)", "baseline val_bpb"]
-    rows = [[m, str(r.n_seeds), best_text(r.best_mean, r.best_std), str(r.trials), pct(r.fail_rate), pct(r.oom_rate),
-             fmt(r.gpu_hours, 2), fmt(r.gpu_hours_failed, 2), f"{r.llm_tokens:.0f}", fmt(r.llm_cost_usd, 2),
-             fmt(r.baseline)] for m, r in table.iterrows()]
+    rows = [[r.Index, str(r.n_seeds), best_text(r.best_mean, r.best_std), str(r.trials), pct(r.fail_rate),
+             pct(r.oom_rate), fmt(r.gpu_hours, 2), fmt(r.gpu_hours_failed, 2), f"{r.llm_tokens:.0f}",
+             fmt(r.llm_cost_usd, 2), fmt(r.baseline)] for r in table.itertuples()]
     return _markdown_table(header, rows)
 
 
@@ -228,39 +213,43 @@ def pairwise_markdown(tests: list[PairTest]) -> str:
 
 
 def studies_markdown(table: pd.DataFrame) -> str:
-    rows = [[name, r.method, str(r.seed), str(r.trials), str(r.failed), fmt(r.best),
-             "–" if r.best_trial is None or pd.isna(r.best_trial) else str(int(r.best_trial)), fmt(r.gpu_hours, 2)]
-            for name, r in table.iterrows()]
+    rows = [[r.Index, r.method, str(r.seed), str(r.trials), str(r.failed), fmt(r.best),
+             "–" if pd.isna(r.best_trial) else str(int(r.best_trial)), fmt(r.gpu_hours, 2)]
+            for r in table.itertuples()]
     return _markdown_table(["study", "method", "seed", "trials", "failed", "best val_bpb", "best trial", "GPU-hours"], rows)
 
 
 def lineage_markdown(name: str, rows: list[dict[str, Any]]) -> str:
-    body = [[str(r["generation"]), "–" if r["parent"] is None else str(r["parent"]), r["status"],
-             r["description"].replace("|", "\\|").replace("\n", " "),
-             ", ".join(["+" + k for k in r["added"]] + ["−" + k for k in r["removed"]]) or "–",
-             str(r["trials"]), fmt(r["best"]), "–" if r["margin"] is None else fmt(float(r["margin"]))]
-            for r in rows]
+    """A study's generations (hybrid.evolution.lineage_table): fate, change, new knobs, best, margin."""
+    def text(value: Any) -> str:
+        return "–" if value in (None, "") else str(value).replace("|", "\\|").replace("\n", " ")
+
+    body = [[str(r["generation"]), text(r["parent"]), r["status"], text(r["mutation"]), text(r["description"]),
+             ", ".join(r["new_knobs"]) or "–", str(r["trials"]), fmt(r["best_val_bpb"]), fmt(r["delta"]),
+             fmt(r["margin"]), text(r["reason"])] for r in rows]
     return f"### {name}\n\n" + _markdown_table(
-        ["gen", "parent", "status", "change", "knobs added / removed", "trials", "best val_bpb", "margin"], body)
+        ["gen", "parent", "status", "mutation", "what it changed", "new knobs", "trials", "best val_bpb",
+         "score − parent's", "margin", "verdict"], body)
 
 
 def summary(table: pd.DataFrame, bests: dict[str, dict[int, float]], tests: list[PairTest],
-            studies: pd.DataFrame) -> dict[str, Any]:
+            studies: pd.DataFrame, lineages: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """summary.json: per method best_mean, best_std, oom_rate, n_seeds, per_seed_best (and the rest of the
-    method table), the pairwise tests, and per study figures. Missing numbers are null."""
+    method table), the pairwise tests, per study figures, and the lineage of studies with generations.
+    Missing numbers are null."""
     def clean(v: Any) -> Any:
         if isinstance(v, (float, np.floating)):
             return None if math.isnan(v) else float(v)
         return int(v) if isinstance(v, np.integer) else v
 
     methods = {}
-    for method, row in table.iterrows():
-        entry = {k: clean(v) for k, v in row.items()}
-        entry["per_seed_best"] = {str(s): clean(v) for s, v in sorted(bests[method].items())}
-        methods[method] = entry
+    for method, row in table.to_dict("index").items():
+        methods[method] = {k: clean(v) for k, v in row.items()}
+        methods[method]["per_seed_best"] = {str(s): clean(v) for s, v in sorted(bests[method].items())}
     return {"methods": methods,
             "pairwise": [{k: clean(v) for k, v in t.to_dict().items()} for t in tests],
-            "studies": {n: {k: clean(v) for k, v in r.items()} for n, r in studies.iterrows()}}
+            "studies": {n: {k: clean(v) for k, v in r.items()} for n, r in studies.to_dict("index").items()},
+            "lineage": {n: [{k: clean(v) for k, v in r.items()} for r in rows] for n, rows in lineages.items()}}
 
 
 @dataclass
@@ -290,8 +279,8 @@ def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid 
     bests = {m: every[m] for m in table.index}
     tests = pairwise(bests)
     per_study = study_table(frame)
-    (out / "summary.json").write_text(json.dumps(summary(table, bests, tests, per_study), indent=1) + "\n")
-    lineages = {s.study_name: lineage(s, frame) for s in studies if len(store.load_generations(s)) > 1}
+    lineages = {s.study_name: lineage_table(s) for s in studies if len(store.load_generations(s)) > 1}
+    (out / "summary.json").write_text(json.dumps(summary(table, bests, tests, per_study, lineages), indent=1) + "\n")
     figures = plots.write_all(frame, studies, lineages, out, references=references)
     built = Report(frame, table, bests, tests, out / "report.md")
 

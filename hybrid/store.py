@@ -13,6 +13,7 @@ recorded outcome if `status` was written, failed otherwise and then never counte
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import threading
 import time
@@ -60,12 +61,19 @@ def open_storage(url: str) -> RDBStorage:
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs)
+        storage = RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs)
     except Exception as e:  # sqlalchemy's errors for bad hosts, drivers, credentials
         raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
     if scheme == "sqlite":
         _tune_sqlite(storage)
     return storage
+
+
+def _with_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg (3), earlier versions as psycopg2: use the one installed."""
+    if url.startswith("postgresql://") and not importlib.util.find_spec("psycopg") and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def _tune_sqlite(storage: RDBStorage) -> None:

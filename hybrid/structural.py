@@ -23,11 +23,20 @@ class Proposal:
     rejected: str | None = None                # the agent's own refusal (an unreadable answer): the reason
 
 
+@dataclass(frozen=True)
+class Context:
+    """What an agent is told: the generation to mutate, its best run so far, and every generation of the run."""
+    parent: Generation
+    lineage: dict[int, Generation]
+    best_config: dict[str, Any]
+    best_value: float | None
+
+
 class StructuralAgent(Protocol):
     source: str  # the trial source of its moves: catalog, llm-code
 
-    def propose(self, parent: Generation, lineage: dict[int, Generation]) -> Proposal | None:
-        """A mutation of `parent`, knowing every generation of the run; None when it has nothing left to try."""
+    def propose(self, context: Context) -> Proposal | None:
+        """A mutation of context.parent; None when the agent has nothing left to try."""
         ...
 
 

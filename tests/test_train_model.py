@@ -89,7 +89,9 @@ def test_sliding_window_attention_matches_reference(train):
         i = torch.arange(16)
         allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)
         reference = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
-        assert torch.allclose(train.attention(q, k, v, window), reference, atol=1e-5)
+        mask = train.attention_mask(16, window, torch.device("cpu"))
+        assert (mask is None) == (window == 16)
+        assert torch.allclose(train.attention(q, k, v, mask), reference, atol=1e-5)
 
 
 def test_polar_express_orthogonalizes(train):

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hybrid.generations import Generation
 from hybrid.space import Knob
-from hybrid.structural import Proposal, tried_mutations
+from hybrid.structural import Context, Proposal, tried_mutations
 
 KNOB_ANCHOR = "\n# Fixed constants\n"  # new knobs are declared just above this line of train.py
 
@@ -125,7 +124,9 @@ def _in_range(knob: Knob) -> Knob:
 
 def _promote(source: str, name: str, kind: str, low: float, high: float, log: bool, comment: str) -> tuple[str, NewKnob]:
     """A fixed constant becomes a knob: its line leaves the constants and is declared among the knobs."""
-    _, value = _constant(source, name)
+    node, value = _constant(source, name)
+    if KNOB_ANCHOR not in source or node.lineno <= source[:source.index(KNOB_ANCHOR)].count("\n") + 1:
+        raise MutationError(f"expected {name} among the fixed constants (below {KNOB_ANCHOR.strip()!r}) of train.py")
     return _remove(source, name), NewKnob(_in_range(Knob(name, kind, value, low=low, high=high, log=log)), comment)
 
 
@@ -239,11 +240,11 @@ def _gqa(source: str) -> tuple[str, list[NewKnob]]:
                       "        kv_shape = (B, T, self.n_kv_head, self.head_dim)\n"
                       "        q, k, v = self.c_q(x).view(shape), self.c_k(x).view(kv_shape), self.c_v(x).view(kv_shape)\n")
     source = _replace(source, "gate.unsqueeze(-1) * ve.view(shape)", "gate.unsqueeze(-1) * ve.view(kv_shape)")
-    source = _replace(source, "        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window)\n",
-                      "        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads\n"
-                      "            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=2)\n"
-                      "            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=2)\n"
-                      "        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window)\n")
+    rotary = "        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))\n"
+    source = _replace(source, rotary,
+                      rotary + "        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads\n"
+                               "            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=2)\n"
+                               "            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=2)\n")
     source = _replace(source, "nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, d)",
                       "nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_heads(config.n_head) * config.head_dim)")
     return source, [NewKnob(Knob("GQA_GROUP", "int", 1, low=1, high=8),
@@ -275,13 +276,13 @@ class CatalogAgent:
     def __init__(self, mutations: tuple[Mutation, ...] = MUTATIONS) -> None:
         self.mutations = mutations
 
-    def propose(self, parent: Generation, lineage: dict[int, Generation]) -> Proposal | None:
-        tried = tried_mutations(lineage)
+    def propose(self, context: Context) -> Proposal | None:
+        tried = tried_mutations(context.lineage)
         for mutation in self.mutations:
             if mutation.name in tried:
                 continue
             try:
-                applied = mutation.apply(parent.source)
+                applied = mutation.apply(context.parent.source)
             except MutationError:
                 continue  # in the parent's code already, or its anchor is gone
             return Proposal(mutation.name, mutation.description, applied.source, applied.knobs,

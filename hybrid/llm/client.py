@@ -161,8 +161,11 @@ class Provider:
 def _describe(error: Exception) -> str:
     """One line: HTTP status and the server's message, or the kind of connection failure."""
     status = getattr(error, "status_code", None)
-    message = str(getattr(error, "message", "") or error).strip().splitlines()
-    text = message[0][:200] if message else type(error).__name__
+    body = getattr(error, "body", None)
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    message = inner.get("message") if isinstance(inner, dict) else None
+    lines = str(message or getattr(error, "message", "") or error).strip().splitlines()
+    text = lines[0][:200] if lines else type(error).__name__
     return f"HTTP {status}: {text}" if status else f"{type(error).__name__}: {text}"
 
 

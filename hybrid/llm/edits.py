@@ -137,7 +137,7 @@ def _description(answer: str, blocks: list[Block]) -> str:
     prose = [line for i, line in enumerate(answer.splitlines()) if i not in inside and line.strip()]
     labelled = next((m.group(1) for line in prose if (m := LABEL.match(line))), None)
     text = labelled or (prose[0] if prose else "an edit of train.py")
-    text = re.sub(r"[*_`#>]+", "", text).strip()
+    text = re.sub(r"\*\*|`|^\s*[#>]+\s*", "", text).strip()
     return text[:DESCRIPTION_CHARS]
 
 

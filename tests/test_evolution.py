@@ -1,0 +1,393 @@
+"""The hybrid method: structural mutations open new knobs, a classical sampler tunes each generation seeing only
+that generation's trials (plus its warm start), noise-aware verdicts, the structural lease, a resume after
+SIGKILL in the middle of a generation, LLM mutations and a hostile one, and a real run on the test profile."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import git
+import optuna
+import pytest
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+import hybrid.evolution
+import hybrid.loop
+from harness.result import TrialResult
+from hybrid import generations, store
+from hybrid.classical.warmstart import best_configs
+from hybrid.cli import main
+from hybrid.evolution import Snapshot, lineage_table
+from hybrid.lease import StructuralLease
+from hybrid.llm.catalog import MUTATIONS
+from hybrid.paths import PROJECT_ROOT
+from hybrid.promotion import REPEATS
+from hybrid.space import SearchSpace, load_space
+
+TESTS = Path(__file__).resolve().parent
+BASE = load_space(PROJECT_ROOT / "search_space.yaml", "test")
+STORAGE = "sqlite:///runs/hybrid.db"
+
+
+def _unit(space: SearchSpace, name: str, value: Any) -> float:
+    knob = space.knobs[name]
+    if knob.type == "categorical":
+        return knob.choices.index(value) / max(1, len(knob.choices) - 1)
+    low, high, x = float(knob.low), float(knob.high), float(value)
+    if knob.log:
+        low, high, x = math.log(low), math.log(high), math.log(x)
+    return (x - low) / (high - low)
+
+
+class NewKnobObjective:
+    """Instant trials on a bowl over the knobs; a knob the base space lacks scores 0 at its default and up to
+    0.02 better elsewhere, so mutations can pay off. Gaussian noise (0.002) seeded by the trial number."""
+    name = "fake"
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.pause = pause
+
+    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+        time.sleep(self.pause)
+        value = 1.0
+        for name, v in config.items():
+            target = random.Random(name).random()
+            if name in BASE.knobs:
+                value += 0.02 * (_unit(BASE, name, v) - target) ** 2
+            else:
+                knob = _catalog_knobs()[name]
+                value -= 0.02 * ((knob_unit(knob, knob.default) - target) ** 2 - (knob_unit(knob, v) - target) ** 2)
+        value += random.Random(trial_number).gauss(0.0, 0.002)
+        return TrialResult(val_bpb=value, training_seconds=1.0, total_seconds=1.0, config=dict(config))
+
+
+def knob_unit(knob, value: Any) -> float:  # noqa: ANN001
+    return _unit(SearchSpace({knob.name: knob}), knob.name, value)
+
+
+@functools.cache
+def _catalog_knobs() -> dict:
+    source = (PROJECT_ROOT / "train.py").read_text()
+    return {name: knob for m in MUTATIONS for name, knob in m.apply(source).knobs.items()}
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: NewKnobObjective())
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    code = main(["run", "--method", "hybrid", "--study", "s", "--profile", "test", *argv])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return err
+
+
+def load(name: str = "s") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=store.open_storage(STORAGE))
+
+
+def check_invariants(study: optuna.Study) -> None:
+    """What every hybrid study must satisfy, whatever happened to the run."""
+    gens = generations.load_all(study)
+    trials = store.finished_trials(study)
+    assert sorted(gens) == list(range(len(gens)))
+    assert sum(g.status == "candidate" for g in gens.values()) <= 1
+    mutations = [g.extra["mutation"] for g in gens.values() if g.extra.get("agent") == "catalog"]
+    assert len(mutations) == len(set(mutations)), mutations
+    for t in trials:
+        gen = gens[t.user_attrs["generation"]]
+        if t.user_attrs["status"] != "rejected":
+            assert set(t.params) == set(gen.space), t.number
+            assert t.user_attrs["code_sha"] == store.code_sha(gen.source)
+    for gen in gens.values():
+        mine = sorted((t for t in trials if t.user_attrs["generation"] == gen.number
+                       and t.user_attrs["status"] != "rejected"), key=lambda t: t.number)
+        if gen.parent is None or not mine:
+            continue
+        cut = gen.extra["created_after_trial"]
+        parent_trials = [t for t in trials if t.user_attrs["generation"] == gen.parent and t.number <= cut]
+        first = mine[0]
+        assert first.user_attrs["source"] in ("catalog", "llm-code") and first.user_attrs["mutation"] == gen.extra["mutation"]
+        assert first.params == best_configs(parent_trials, gen.search_space(), 1)[0]  # the parent's incumbent
+    for t in trials:
+        if t.user_attrs["source"] == "repeat":
+            same = [o for o in trials if o.user_attrs["generation"] == t.user_attrs["generation"]
+                    and o.params == t.params and o.number < t.number]
+            assert same and t.user_attrs["repeat_of"] in {o.number for o in same}
+
+
+def test_generations_open_new_knobs_with_warm_starts_and_recorded_verdicts(fake: None, capsys) -> None:  # noqa: ANN001
+    err = run(capsys, "--trials", "45", "--mutate-every", "6", "--stagnation", "3")
+    study = load()
+    check_invariants(study)
+    gens = generations.load_all(study)
+    trials = store.finished_trials(study)
+    assert len(gens) >= 3 and gens[0].status == "base"
+    base_knobs = set(gens[0].space)
+    later = [t for t in trials if set(t.params) - base_knobs]
+    assert later, "no trial tuned a knob that generation 0 lacks"
+    assert any(len({t.params[k] for t in later if k in t.params}) > 1 for k in set().union(*map(set, (t.params for t in later))) - base_knobs)
+
+    decided = [g for g in gens.values() if g.status in ("promoted", "rejected")]
+    assert decided
+    for g in decided:
+        assert g.extra["margin"] >= 0 and g.extra["noise"] > 0 and g.extra["reason"]
+        assert (g.extra["delta"] > g.extra["margin"]) == (g.status == "promoted")
+        assert g.extra["agent"] == "catalog" and g.diff.startswith("--- a/train.py") and g.extra["new_knobs"]
+    repeats = [t for t in trials if t.user_attrs["source"] == "repeat"]
+    assert len(repeats) >= REPEATS * len(decided)
+    warm = [t for t in trials if t.user_attrs["source"] == "warmstart"]
+    assert warm and all(t.user_attrs["generation"] > 0 for t in warm)
+
+    repo = git.Repo(Path("runs") / "s" / "lineage")
+    tags = {t.name: t.commit for t in repo.tags}
+    for g in gens.values():
+        if g.status != "rejected" or "commit" in g.extra:
+            assert tags[f"gen-{g.number}"].hexsha == g.extra.get("commit", tags[f"gen-{g.number}"].hexsha)
+            assert (tags[f"gen-{g.number}"].tree / "train.py").data_stream.read().decode() == g.source
+    for g in gens.values():
+        if g.parent is not None and f"gen-{g.number}" in tags:
+            assert tags[f"gen-{g.number}"].parents[0] == tags[f"gen-{g.parent}"]
+
+    rows = lineage_table(study)
+    assert [r["generation"] for r in rows] == sorted(gens)
+    assert rows[0]["mutation"] == "baseline" and all(r["best_val_bpb"] for r in rows if r["trials"])
+    assert "lineage:" in err and gens[1].extra["mutation"] in err
+
+
+class Recording(BaseSampler):
+    """A sampler that records which trials it was shown and which it sampled."""
+    log: list[Recording] = []
+
+    def __init__(self, base: BaseSampler) -> None:
+        self.base = base
+        self.seen: set[int] = set()      # generations of the trials it was shown
+        self.sampled: set[int] = set()   # numbers of the trials it sampled
+        Recording.log.append(self)
+
+    def _look(self, study, trial: FrozenTrial) -> None:  # noqa: ANN001
+        self.seen |= {t.user_attrs.get("generation") for t in study.get_trials(deepcopy=False)}
+        self.seen |= {t.user_attrs.get("generation") for t in study._get_trials(deepcopy=False, use_cache=True)}
+        self.sampled.add(trial.number)
+
+    def infer_relative_search_space(self, study, trial):  # noqa: ANN001, ANN201
+        self._look(study, trial)
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):  # noqa: ANN001, ANN201
+        self._look(study, trial)
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):  # noqa: ANN001, ANN201
+        self._look(study, trial)
+        return self.base.sample_independent(study, trial, name, distribution)
+
+    def before_trial(self, study, trial) -> None:  # noqa: ANN001
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
+        self.base.after_trial(study, trial, state, values)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
+def test_a_generations_sampler_sees_only_that_generations_trials(sampler: str, fake: None, capsys,  # noqa: ANN001
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    sources: dict[int, list[FrozenTrial]] = {}
+    real = hybrid.evolution.make_sampler
+
+    def recording(name: str, seed: int, **kwargs: Any) -> BaseSampler:
+        if kwargs.get("source_trials") is not None:
+            sources[len(Recording.log)] = kwargs["source_trials"]
+        return Recording(real(name, seed, **kwargs))
+
+    monkeypatch.setattr(Recording, "log", [])
+    monkeypatch.setattr(hybrid.evolution, "make_sampler", recording)
+    run(capsys, "--sampler", sampler, "--trials", "36", "--mutate-every", "6", "--stagnation", "3")
+    study = load()
+    check_invariants(study)
+    generation_of = {t.number: t.user_attrs.get("generation") for t in study.get_trials()}
+    assert len(Recording.log) >= 3
+    for recorder in Recording.log:
+        sampled = {generation_of[n] for n in recorder.sampled}
+        assert len(sampled) <= 1 and recorder.seen <= sampled, (recorder.seen, sampled)
+    assert len({generation_of[n] for r in Recording.log for n in r.sampled}) >= 2
+
+    if sampler == "cmaes":  # its warm start: the parent's trials, projected into the child's space
+        gens = generations.load_all(study)
+        checked = 0
+        for index, trials in sources.items():
+            if not Recording.log[index].sampled:
+                continue
+            child = gens[generation_of[min(Recording.log[index].sampled)]]
+            parent_values = {t.value for t in study.get_trials() if t.user_attrs.get("generation") == child.parent}
+            assert {t.value for t in trials} <= parent_values
+            numeric = {k for k, v in child.space.items() if v["type"] != "categorical"}
+            assert all(set(t.params) == numeric for t in trials)
+            checked += 1
+        assert checked
+
+
+def test_the_lease_is_exclusive_expires_and_survives_races(tmp_path: Path) -> None:
+    storage = store.open_storage(f"sqlite:///{tmp_path / 'lease.db'}")
+    study = optuna.create_study(storage=storage, study_name="l")
+    a, b = StructuralLease(study, seconds=60), StructuralLease(study, seconds=0.3)
+    assert a.try_acquire() and a.try_acquire()  # re-entrant for its holder
+    assert not b.try_acquire()
+    a.release()
+    assert a.current() is None
+    assert b.try_acquire()  # and b dies holding it
+    assert not a.try_acquire()
+    time.sleep(0.4)
+    assert a.try_acquire()
+    b.release()  # a late release of an expired lease leaves the new holder alone
+    assert a.current()["holder"] == a.holder
+    a.release()
+    _race(study)
+
+
+def _race(study: optuna.Study, rounds: int = 10, workers: int = 6) -> None:
+    """Workers grab the free lease at once, round after round: exactly one wins each time."""
+    leases = [StructuralLease(study) for _ in range(workers)]
+    for _ in range(rounds):
+        start, wins = threading.Barrier(workers), []
+
+        def grab(lease: StructuralLease) -> None:
+            start.wait()
+            if lease.try_acquire():
+                wins.append(lease)
+
+        threads = [threading.Thread(target=grab, args=(lease,)) for lease in leases]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1
+        wins[0].release()
+
+
+@pytest.mark.postgres
+def test_the_lease_on_postgresql() -> None:
+    import pg
+
+    try:
+        with pg.postgres_server() as url:
+            _race(optuna.create_study(storage=store.open_storage(url), study_name="l"))
+    except pg.Unavailable as e:
+        pytest.skip(str(e))
+
+
+DRIVER = """
+import sys, hybrid.loop
+sys.path.insert(0, {tests!r})
+from test_evolution import NewKnobObjective
+hybrid.loop.make_objective = lambda *a, **k: NewKnobObjective(pause=0.3)
+from hybrid.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def test_a_run_killed_in_the_middle_of_a_generation_resumes_it(fake: None, capsys, tmp_path: Path,  # noqa: ANN001
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["run", "--method", "hybrid", "--study", "s", "--profile", "test", "--trials", "30",
+            "--mutate-every", "5", "--stagnation", "3"]
+    env = {**os.environ, "HYBRID_HEARTBEAT_SECONDS": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(TESTS), argv=argv)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    moment = None
+    deadline = time.monotonic() + 120
+    while moment is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if not Path("runs/hybrid.db").exists():
+            continue
+        try:
+            snap = Snapshot.load(load())
+        except (KeyError, ValueError):
+            continue
+        gen = snap.current
+        running = [t for t in snap.attempted[gen.number] if t.state == TrialState.RUNNING and t.params]
+        if gen.status == "candidate" and snap.finished[gen.number] and running:
+            moment = (gen.number, running[0].number, len(store.finished_trials(load())))
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert moment is not None, proc.stderr.read().decode()[-2000:]
+    candidate, interrupted, done_before = moment
+
+    monkeypatch.setattr(store, "GRACE_SECONDS", 0.5)
+    assert main(["resume", "--study", "s", "--storage", STORAGE]) == 0
+    study = load()
+    check_invariants(study)
+    trials = store.finished_trials(study)
+    assert len(trials) == 30 > done_before
+    dead = study.get_trials()[interrupted]
+    assert dead.state == TrialState.FAIL and not store.is_finished(dead)
+    gens = generations.load_all(study)
+    resumed = [t for t in trials if t.user_attrs["generation"] == candidate and t.number > interrupted]
+    assert resumed, "the resumed run did not go on with the generation on probation"
+    assert gens[candidate].status in ("candidate", "promoted", "rejected")
+    assert len(gens) >= candidate + 1
+
+
+def _hostile(current: str) -> str:
+    return ("Change: read the validation data directly\n\n```diff\n--- a/train.py\n+++ b/train.py\n@@ -6,3 +6,4 @@\n"
+            " import gc\n+import os\n import math\n import time\n```\n\n```json\n{}\n```\n")
+
+
+def _good(current: str) -> str:
+    swiglu = next(m for m in MUTATIONS if m.name == "swiglu").apply(current)
+    body = swiglu.source.replace("# swiglu: ", "# ")
+    return ("Change: SwiGLU MLP with a tunable width\n\nGated MLPs train better per parameter.\n\n"
+            f"```python\n{body}```\n\n```json\n"
+            '{"MLP_ACTIVATION": {"type": "categorical", "choices": ["relu2", "swiglu"], "default": "relu2"},\n'
+            ' "MLP_RATIO": {"type": "float", "low": 1.0, "high": 6.0, "default": 4.0}}\n```\n')
+
+
+def test_llm_mutations_run_and_a_hostile_one_is_rejected_without_harm(fake: None, capsys,  # noqa: ANN001
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_server import FakeLLM
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("HYBRID_LLM_ATTEMPTS", "1")
+    current = (PROJECT_ROOT / "train.py").read_text()
+    with FakeLLM([_hostile(current)], responder=lambda system, prompt: _good(current)) as llm:
+        run(capsys, "--llm", "openai", "--llm-base-url", llm.base_url + "/v1", "--trials", "20",
+            "--mutate-every", "4", "--stagnation", "2")
+        prompts = [r.prompt for r in llm.requests]
+    study = load()
+    check_invariants(study)
+    gens = generations.load_all(study)
+    hostile, good = gens[1], gens[2]
+    assert hostile.status == "rejected" and hostile.extra["reason"].startswith("patch guard: line")
+    refused = [t for t in store.finished_trials(study) if t.user_attrs["generation"] == 1]
+    assert [t.user_attrs["status"] for t in refused] == ["rejected"] and refused[0].user_attrs["total_seconds"] == 0
+    assert "generation 1 (from 0), rejected" in prompts[1] and "patch guard" in prompts[1]
+    assert good.extra["agent"] == "llm-code" and set(good.extra["new_knobs"]) == {"MLP_ACTIVATION", "MLP_RATIO"}
+    tuned = [t.params for t in store.finished_trials(study) if t.user_attrs["generation"] == 2]
+    assert len(tuned) >= 3 and len({p["MLP_RATIO"] for p in tuned}) > 1
+    assert {t.user_attrs["status"] for t in store.finished_trials(study)} <= {"ok", "rejected"}
+
+
+@pytest.mark.slow
+def test_a_few_real_generations_on_the_test_profile(prepared_test, tmp_path: Path, capsys,  # noqa: ANN001
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run(capsys, "--llm", "none", "--trials", "9", "--mutate-every", "1", "--stagnation", "1")
+    study = load()
+    check_invariants(study)
+    gens = generations.load_all(study)
+    assert len(gens) >= 3
+    firsts = [min((t for t in store.finished_trials(study) if t.user_attrs["generation"] == n), key=lambda t: t.number)
+              for n in gens if any(t.user_attrs["generation"] == n for t in store.finished_trials(study))]
+    for t in firsts:
+        assert t.user_attrs["status"] == "ok" and math.isfinite(t.user_attrs["val_bpb"])

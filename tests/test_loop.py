@@ -1,0 +1,193 @@
+"""`hybrid run`: what a study and its trials record, budgets, seeded samplers, progress, workers, and bad input."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+import hybrid.loop
+from harness.result import PENALTY, TrialResult
+from hybrid import store
+from hybrid.cli import main
+from hybrid.paths import PROJECT_ROOT
+from hybrid.space import load_space
+
+MEASURED = ("val_bpb", "total_seconds", "training_seconds", "log_path")
+TRIAL_ATTRS = ("source", "generation", "code_sha", "status", "seed", "method", "total_seconds", "log_path")
+
+
+class FakeObjective:
+    """Instant trials: every fourth one fails (oom, 30 s), the others take 300 s and score a smooth function."""
+    name = "fake"
+
+    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+        log = str(trial_dir / "log.txt")
+        if trial_number % 4 == 3:
+            return TrialResult(status="oom", error="fake out of memory", total_seconds=30.0, config=config, log_path=log)
+        val = 1.0 + abs(config["MATRIX_LR"] - 0.04) + config["WEIGHT_DECAY"] / 10
+        return TrialResult(val_bpb=val, training_seconds=280.0, total_seconds=300.0, config=config, log_path=log)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In-process runs on the fake objective, in a fresh working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: FakeObjective())
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    """`hybrid ARGV` in this process: exit status and stderr."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def load(name: str, storage: str = "sqlite:///runs/hybrid.db") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_run_records_the_study_and_every_trial(fake: None, capsys: pytest.CaptureFixture) -> None:
+    code, err = cli(capsys, "run", "--method", "tpe", "--study", "s", "--seed", "7", "--trials", "12", "--profile", "test")
+    assert code == 0, err
+    assert Path("runs/hybrid.db").exists()
+    study = load("s")
+    run = study.user_attrs[store.RUN_KEY]
+    assert (run["method"], run["seed"], run["objective"], run["profile"], run["trials"]) == ("tpe", 7, "train", "test", 12)
+    space = load_space(PROJECT_ROOT / "search_space.yaml", "test")
+    assert study.user_attrs[store.SPACE_KEY] == space.to_dict()
+
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(12)) and all(map(store.is_finished, trials))
+    assert trials[0].params == space.defaults() and trials[0].user_attrs["source"] == "baseline"
+    assert {t.user_attrs["source"] for t in trials[1:]} == {"tpe"}
+    for t in trials:
+        assert all(k in t.user_attrs for k in TRIAL_ATTRS), t.user_attrs
+        assert (t.user_attrs["generation"], t.user_attrs["seed"], t.user_attrs["method"]) == (0, 7, "tpe")
+        assert t.user_attrs["code_sha"] == trials[0].user_attrs["code_sha"]
+    failed = [t for t in trials if t.user_attrs["status"] != "ok"]
+    assert [t.number for t in failed] == [3, 7, 11]
+    assert all(t.state == TrialState.COMPLETE and t.value == PENALTY for t in failed)  # told as val_bpb=100
+    assert all(t.value == t.user_attrs["val_bpb"] for t in trials if t not in failed)
+
+
+def test_time_budget_is_trial_wall_time_failures_included(fake: None, capsys: pytest.CaptureFixture) -> None:
+    code, err = cli(capsys, "run", "--method", "random", "--study", "s", "--budget-hours", "1", "--profile", "test")
+    assert code == 0, err
+    finished = store.finished_trials(load("s"))
+    seconds = [t.user_attrs["total_seconds"] for t in finished]
+    assert sum(seconds) >= 3600 > sum(seconds[:-1])  # stops with the trial that spends the budget
+    assert 30.0 in seconds  # failures cost the time they used
+
+
+@pytest.mark.parametrize("method", ["random", "tpe", "cmaes", "gp"])
+def test_samplers_are_seeded_and_sample_the_declared_space(method: str, fake: None,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        code, err = cli(capsys, "run", "--method", method, "--study", name, "--seed", seed, "--trials", "12",
+                        "--profile", "test")
+        assert code == 0, err
+    a, b, c = ([t.params for t in load(name).get_trials()] for name in "abc")
+    assert a == b and a[1:] != c[1:]
+
+    space = load_space(PROJECT_ROOT / "search_space.yaml", "test")
+    for trial in load("a").get_trials():
+        assert trial.distributions == space.distributions()
+        assert space.check(trial.params) == trial.params
+    assert space.distributions()["MATRIX_LR"].log and not space.distributions()["WEIGHT_DECAY"].log
+    assert isinstance(space.distributions()["WINDOW_PATTERN"], CategoricalDistribution)
+
+
+def test_progress_is_shown_while_running(fake: None, capsys: pytest.CaptureFixture) -> None:
+    code, err = cli(capsys, "run", "--method", "tpe", "--study", "s", "--trials", "5", "--profile", "test")
+    assert code == 0
+    lines = err.splitlines()
+    assert lines[0].startswith("hybrid: tpe on study 's'") and "5 trials" in lines[0]
+    assert lines[1].startswith("trial 0 [baseline]") and "4 trials left" in lines[1]
+    assert "trial 3 [tpe] oom" in err and "trials 5 (1 failed)" in lines[-2]
+    assert "hybrid resume --study s" in lines[-1]
+
+
+# -- bad input: one line, exit 2, the database untouched ----------------------------------------------------
+
+def dump(db: Path) -> str:
+    with sqlite3.connect(db) as conn:
+        return hashlib.sha256("\n".join(conn.iterdump()).encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a database holding study `s` (tpe, 3 trials, the project's space)."""
+    root = tmp_path_factory.mktemp("existing")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setattr(hybrid.loop, "make_objective", lambda *a, **k: FakeObjective())
+        assert main(["run", "--method", "tpe", "--study", "s", "--trials", "3", "--profile", "test"]) == 0
+    return root
+
+
+def space_file(root: Path, old: str, new: str) -> str:
+    text = (PROJECT_ROOT / "search_space.yaml").read_text()
+    assert old in text
+    path = root / f"space-{hashlib.md5(new.encode()).hexdigest()[:8]}.yaml"
+    path.write_text(text.replace(old, new))
+    return str(path)
+
+
+SPACES = {  # malformed, or valid but not the study's
+    "bad-yaml": ("knobs:", "knobs: [unclosed"),
+    "unknown-type": ("WEIGHT_DECAY:      {type: float", "WEIGHT_DECAY:      {type: real"),
+    "default-out-of-range": ("high: 0.2,     default: 0.04", "high: 0.2,     default: 5.0"),
+    "low-not-below-high": ("low: 0.0,    high: 0.5,     default: 0.2", "low: 0.5,    high: 0.1,     default: 0.2"),
+    "knob-not-in-train-py": ("knobs:\n", "knobs:\n  NOT_A_KNOB: {type: int, low: 1, high: 4, default: 2}\n"),
+    "another-space": ("high: 0.5,     default: 0.2", "high: 0.4,     default: 0.2"),
+}
+RUN = ("run", "--method", "tpe", "--profile", "test", "--trials", "3")
+BAD_INPUT = {
+    "unknown-method": ("run", "--method", "sgd", "--study", "s"),
+    "malformed-storage": (*RUN, "--study", "s", "--storage", "runs/hybrid.db"),
+    "storage-two-slashes": (*RUN, "--study", "s", "--storage", "sqlite://runs/hybrid.db"),
+    "unknown-storage": (*RUN, "--study", "s", "--storage", "redis://localhost/0"),
+    "another-method": ("run", "--method", "cmaes", "--profile", "test", "--study", "s"),
+    "another-seed": (*RUN, "--study", "s", "--seed", "1"),
+    "zero-budget": ("run", "--method", "tpe", "--study", "t", "--budget-hours", "0"),
+    "negative-budget": ("run", "--method", "tpe", "--study", "t", "--budget-hours", "-2"),
+    "zero-trials": ("run", "--method", "tpe", "--study", "t", "--trials", "0"),
+    "budget-and-trials": ("run", "--method", "tpe", "--study", "t", "--trials", "3", "--budget-hours", "1"),
+    "resume-unknown-study": ("resume", "--study", "nope"),
+    **{f"space-{k}": (*RUN, "--study", "s" if k == "another-space" else "t", "--space", f"@space:{k}") for k in SPACES},
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_and_leaves_the_database(case: str, existing: Path, capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(existing)
+    argv = [space_file(existing, *SPACES[a[len("@space:"):]]) if a.startswith("@space:") else a for a in BAD_INPUT[case]]
+    before = dump(existing / "runs" / "hybrid.db")
+    code, err = cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("hybrid: error: ") and err.count("\n") == 1, err
+    assert dump(existing / "runs" / "hybrid.db") == before
+    assert sorted(p.name for p in existing.iterdir()) == ["runs", *sorted(p.name for p in existing.glob("space-*"))]
+
+
+def test_the_console_script_reports_bad_input_the_same_way(existing: Path) -> None:
+    hybrid = shutil.which("hybrid") or str(Path(sys.executable).with_name("hybrid"))
+    before = dump(existing / "runs" / "hybrid.db")
+    done = subprocess.run([hybrid, "run", "--method", "cmaes", "--study", "s", "--profile", "test"], cwd=existing,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("hybrid: error: study 's' exists with method='tpe', not 'cmaes'")
+    assert dump(existing / "runs" / "hybrid.db") == before

@@ -1,0 +1,217 @@
+"""`hybrid report`: studies built by hand with known trials; every number recomputed from results.parquet."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from scipy import stats as sps
+
+from hybrid import generations, store
+from hybrid.cli import main
+from hybrid.generations import Generation
+from hybrid.loop import RunConfig
+from hybrid.stats import compare_pair, pairwise
+
+DISTRIBUTIONS = {"LR": FloatDistribution(1e-3, 1.0, log=True), "DEPTH": IntDistribution(1, 8),
+                 "PATTERN": CategoricalDistribution(["SL", "LL"])}
+SPACE = {"LR": {"type": "float", "low": 1e-3, "high": 1.0, "log": True, "default": 0.1},
+         "DEPTH": {"type": "int", "low": 1, "high": 8, "default": 4},
+         "PATTERN": {"type": "categorical", "choices": ["SL", "LL"], "default": "SL"}}
+# (status, val_bpb, total_seconds) per trial; one study per (method, seed).
+TRIALS = {
+    ("tpe", 0): [("ok", 0.990, 300), ("ok", 0.980, 300), ("oom", None, 20), ("ok", 0.975, 300)],
+    ("tpe", 1): [("ok", 0.991, 300), ("ok", 0.978, 300), ("ok", 0.979, 300)],
+    ("tpe", 2): [("ok", 0.992, 300), ("oom", None, 30), ("ok", 0.976, 300)],
+    ("random", 0): [("ok", 0.990, 300), ("oom", None, 25), ("oom", None, 35), ("ok", 0.985, 300)],
+    ("random", 1): [("ok", 0.991, 300), ("crash", None, 10), ("ok", 0.986, 300)],
+    ("random", 2): [("ok", 0.992, 300), ("ok", 0.984, 300), ("oom", None, 40)],
+}
+
+
+def add_study(storage: optuna.storages.BaseStorage, url: str, name: str, method: str, seed: int,
+              trials: list[tuple[str, float | None, float]], *, llm_tokens: int = 0) -> optuna.Study:
+    """A study as `hybrid run` leaves it: run config, space, generation 0, finished trials with our attributes."""
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize")
+    study.set_user_attr(store.RUN_KEY, RunConfig(method=method, study=name, storage=url, seed=seed,
+                                                 objective="surrogate", profile="gpu", budget_hours=1.0).to_dict())
+    study.set_user_attr(store.SPACE_KEY, SPACE)
+    generations.save(study, Generation(0, None, "the baseline train.py", "LR = 0.1\n", SPACE, status="base"))
+    for i, (status, value, seconds) in enumerate(trials):
+        params = {"LR": 0.1 * (1 + i), "DEPTH": 1 + i % 8, "PATTERN": "SL" if i % 2 else "LL"}
+        attrs = {"source": "baseline" if i == 0 else method, "generation": 0, "code_sha": "x", "seed": seed,
+                 "method": method, "status": status, "total_seconds": float(seconds),
+                 "peak_memory_mb": 1000.0 * (i + 1), "num_params": 10 ** 6 * (i + 1), "config_ran": params}
+        if status == "ok":
+            attrs["val_bpb"] = value
+        if llm_tokens:
+            attrs.update(llm_input_tokens=llm_tokens, llm_output_tokens=1, llm_cost_usd=0.01)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=DISTRIBUTIONS,
+                                                  value=value if status == "ok" else 100.0, user_attrs=attrs))
+    return study
+
+
+@pytest.fixture
+def storage_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'hybrid.db'}"
+    storage = store.open_storage(url)
+    for (method, seed), trials in TRIALS.items():
+        add_study(storage, url, f"{method}-s{seed}", method, seed, trials, llm_tokens=100 if method == "random" else 0)
+    # an interrupted trial: listed, never counted
+    optuna.load_study(study_name="tpe-s0", storage=storage).add_trial(
+        optuna.trial.create_trial(params={"LR": 0.5, "DEPTH": 2, "PATTERN": "SL"}, distributions=DISTRIBUTIONS,
+                                  state=TrialState.FAIL))
+    return url
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def table_row(markdown: str, section: str, first_cell: str) -> list[str]:
+    """The cells of the row starting with first_cell in the table under `## section`."""
+    part = markdown.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} under {section!r}")
+
+
+def test_every_number_is_recomputed_from_the_parquet(storage_url: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "report"
+    code, err = cli(capsys, "report", "--storage", storage_url, "--out", str(out))
+    assert code == 0, err
+    frame = pd.read_parquet(out / "results.parquet")
+    assert len(frame) == sum(map(len, TRIALS.values())) + 1
+    assert {"params_LR", "params_DEPTH", "params_PATTERN", "status", "val_bpb", "peak_memory_mb", "source"} <= set(frame)
+    assert pd.read_csv(out / "results.csv").shape == frame.shape
+    summary = json.loads((out / "summary.json").read_text())
+    markdown = (out / "report.md").read_text()
+
+    done = frame[frame["finished"]]
+    assert len(done) == len(frame) - 1
+    per_seed = {}
+    for method in ("tpe", "random"):
+        mine = done[done["method"] == method]
+        best = mine[mine["status"] == "ok"].groupby("seed")["val_bpb"].min()
+        per_seed[method] = best.to_dict()
+        failed = mine["status"] != "ok"
+        oom = mine["status"].isin(["oom", "oom-predicted"])
+        tokens = mine.filter(regex=r"^llm_.*tokens").sum().sum()
+        got = summary["methods"][method]
+        assert got["best_mean"] == pytest.approx(best.mean())
+        assert got["best_std"] == pytest.approx(best.std(ddof=1))
+        assert got["oom_rate"] == pytest.approx(oom.mean())
+        assert got["fail_rate"] == pytest.approx(failed.mean())
+        assert got["n_seeds"] == 3 and got["trials"] == len(mine)
+        assert got["per_seed_best"] == {str(s): pytest.approx(v) for s, v in best.items()}
+        hours = mine["total_seconds"].sum() / 3600
+        assert got["gpu_hours"] == pytest.approx(hours)
+        assert got["llm_tokens"] == tokens
+        row = table_row(markdown, "Per method", method)
+        assert row[1:10] == ["3", f"{best.mean():.4f} ± {best.std(ddof=1):.4f}", str(len(mine)),
+                             f"{100 * failed.mean():.1f} %", f"{100 * oom.mean():.1f} %", f"{hours:.2f}",
+                             f"{mine.loc[failed, 'total_seconds'].sum() / 3600:.2f}", f"{tokens:.0f}",
+                             f"{mine.filter(regex=r'^llm_.*cost').sum().sum():.2f}"]
+    # the known answers, by hand
+    assert per_seed["tpe"] == {0: 0.975, 1: 0.978, 2: 0.976}
+    assert summary["methods"]["random"]["oom_rate"] == pytest.approx(3 / 10)
+    assert summary["methods"]["random"]["fail_rate"] == pytest.approx(4 / 10)
+
+    test = summary["pairwise"][0]
+    a, b = test["a"], test["b"]
+    assert (a, b, test["test"]) == ("tpe", "random", "wilcoxon")
+    diffs = [per_seed[a][s] - per_seed[b][s] for s in (0, 1, 2)]
+    assert test["p_value"] == pytest.approx(sps.wilcoxon(diffs).pvalue)
+    assert test["diff"] == pytest.approx(np.mean(diffs))
+    assert test["ci_low"] <= test["diff"] <= test["ci_high"]
+    assert table_row(markdown, "Pairwise tests on best val_bpb", "tpe vs random")[3] == f"{np.mean(diffs):+.4f}"
+
+    for study, group in done.groupby("study"):
+        ok = group[group["status"] == "ok"]
+        row = table_row(markdown, "Studies", study)
+        assert row[5] == f"{ok['val_bpb'].min():.4f}" and row[3] == str(len(group))
+        assert group["incumbent"].iloc[-1] == ok["val_bpb"].min()
+        assert group["gpu_hours"].iloc[-1] == pytest.approx(group["total_seconds"].sum() / 3600)
+
+
+def test_plots_are_written_and_skipped_ones_say_why(storage_url: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "report"
+    assert cli(capsys, "report", "--storage", storage_url, "--study", "tpe-s0", "--study", "random-s0",
+               "--out", str(out))[0] == 0
+    for name in ("incumbent", "trials", "pareto"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
+        assert "plotly" in (out / f"{name}.html").read_text()
+    assert (out / "plotly.min.js").exists()  # the HTML pages work offline
+    markdown = (out / "report.md").read_text()
+    assert "![Incumbent val_bpb against GPU-hours](incumbent.png)" in markdown
+    assert "Parameter importances: skipped, every study has fewer than" in markdown
+    assert "One method" not in markdown and "| tpe vs random | none | 1 / 1 |" in markdown
+
+
+def test_lineage_of_a_study_with_generations(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    storage = store.open_storage(url)
+    study = add_study(storage, url, "hybrid-s0", "hybrid", 0, [("ok", 0.99, 300), ("ok", 0.98, 300)])
+    base = generations.load_all(study)[0]
+    kept = generations.create(study, base, "LR = 0.1\nGATE = 1\n", base.search_space(), "gate the MLP",
+                              mutation="mlp-gate", new_knobs={"GATE": {}})
+    generations.set_status(study, kept, "promoted", margin=0.004, delta=-0.006)
+    dropped = generations.create(study, kept, "LR = 0.1\nGATE = 2\n", base.search_space(), "wider gate",
+                                 mutation="wide-gate")
+    generations.set_status(study, dropped, "rejected", margin=-0.001, reason="no better than its parent")
+    for number, value in ((1, 0.97), (1, 0.972), (2, 0.975)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"LR": 0.2, "DEPTH": 3, "PATTERN": "SL"}, distributions=DISTRIBUTIONS, value=value,
+            user_attrs={"source": "tpe", "generation": number, "status": "ok", "val_bpb": value, "total_seconds": 300.0}))
+    out = tmp_path / "report"
+    assert cli(capsys, "report", "--storage", url, "--out", str(out))[0] == 0
+    markdown = (out / "report.md").read_text()
+    assert table_row(markdown, "Lineage of code generations", "1")[1:8] == [
+        "0", "promoted", "mlp-gate", "gate the MLP", "GATE", "2", "0.9700"]
+    assert table_row(markdown, "Lineage of code generations", "2")[2] == "rejected"
+    assert (out / "lineage-hybrid-s0.png").stat().st_size > 10_000
+    lineage = json.loads((out / "summary.json").read_text())["lineage"]["hybrid-s0"]
+    assert [r["status"] for r in lineage] == ["base", "promoted", "rejected"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--study", "nope"], "no study 'nope'"),
+    (["--storage", "sqlite:///{tmp}/missing.db"], "no database at"),
+    (["--study", "foreign"], "was not created by hybrid"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, storage_url: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    optuna.create_study(storage=storage_url, study_name="foreign")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--storage" not in argv:
+        argv = ["--storage", storage_url, *argv]
+    code, err = cli(capsys, "report", *argv, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "missing.db").exists() and not (tmp_path / "out").exists()
+
+
+def test_pairing_and_intervals() -> None:
+    paired = compare_pair("a", {0: 1.0, 1: 2.0, 2: 3.0}, "b", {0: 1.5, 1: 2.4, 2: 3.6})
+    assert paired.test == "wilcoxon" and paired.p_value == pytest.approx(0.25)
+    assert paired.diff == pytest.approx(-0.5) and paired.ci_high < 0
+    unpaired = compare_pair("a", {0: 1.0, 1: 1.1}, "b", {5: 2.0, 6: 2.1, 7: 2.2})
+    assert unpaired.test == "mann-whitney" and unpaired.p_value == pytest.approx(0.2)
+    assert unpaired.ci_low <= unpaired.diff <= unpaired.ci_high < 0
+    alone = compare_pair("a", {0: 1.0}, "b", {0: 2.0})
+    assert alone.test == "none" and alone.p_value is None and alone.diff == -1.0
+    assert compare_pair("a", {0: 1.0, 1: math.nan, 2: 1.2}, "b", {0: 1.0, 1: 1.0, 2: 1.2}).test == "mann-whitney"
+    assert [(t.a, t.b) for t in pairwise({"x": {}, "y": {}, "z": {}})] == [("x", "y"), ("x", "z"), ("y", "z")]
