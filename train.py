@@ -125,16 +125,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> 
 
 
 def rotary_tables(seq_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, (seq_len, 1, head_dim // 2): position times frequency, for (B, T, H, D) tensors."""
+    """cos and sin of position times frequency, (seq_len, 1, head_dim) for (B, T, H, D) tensors: channel pairs
+    (i, i + D/2) share a frequency; sin's second half is negated, so that rotation is two multiplies."""
     freqs = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)[:, None, :]
+    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), -angles.sin()], -1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    """Rotary position embedding: rotates each channel pair (i, i + D/2) by its position's angle."""
+    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -315,8 +315,7 @@ def build_optimizers(model: GPT) -> list[torch.optim.Optimizer]:
         dict(params=[model.resid_lambdas], lr=SCALAR_LR * 0.01),
         dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=X0_ADAM_BETAS),
     ]
-    cuda = model.lm_head.weight.is_cuda
-    adamw = torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, fused=cuda)
+    adamw = torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, fused=True)
     muon = Muon(model.blocks.parameters(), lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     optimizers = [adamw, muon]
     assert sum(len(g["params"]) for opt in optimizers for g in opt.param_groups) == len(list(model.parameters()))

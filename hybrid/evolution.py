@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 # (mutate every M trials, stagnation after W) by profile: a few generations within the profile's default budget.
 DEFAULT_SCHEDULES = {"gpu": Schedule(30, 15), "cpu": Schedule(6, 3), "test": Schedule(3, 2)}
 WARM_CONFIGS = 3   # tpe/gp: the parent's best configs (projected) that a new generation runs first
-N_STARTUP = 5      # tpe/gp: random trials of a generation (its warm starts included) before the model takes over
+# tpe/gp: trials of a generation before the model takes over: random ones in generation 0; in a child, its
+# warm starts, so that it searches around the parent's best configs rather than uniformly.
+N_STARTUP = {"base": 5, "child": 2}
 LIVE = ("base", "promoted", "candidate")
 
 
@@ -196,13 +198,15 @@ class HybridMethod:
         rejected = proposal.rejected or _check(parent, proposal)
         space = parent.search_space() if rejected else parent.search_space().with_changes(proposal.added,
                                                                                           proposal.removed)
-        gen = generations.create(study, parent, proposal.source, space, proposal.description,
-                                 mutation=proposal.name, agent=self.agent.source, trigger=due.reason,
-                                 new_knobs={k: v.to_dict() for k, v in proposal.added.items()},
-                                 removed_knobs=proposal.removed, created_after_trial=snap.last_trial, **proposal.attrs)
+        extra = {"mutation": proposal.name, "agent": self.agent.source, "trigger": due.reason,
+                 "new_knobs": {k: v.to_dict() for k, v in proposal.added.items()}, "removed_knobs": proposal.removed,
+                 "created_after_trial": snap.last_trial, **proposal.attrs, **({"reason": rejected} if rejected else {})}
+        gen = Generation(max(snap.generations) + 1, parent.number, proposal.description, proposal.source,
+                         space.to_dict(), diff=generations.unified_diff(parent.source, proposal.source),
+                         status="rejected" if rejected else "candidate", extra=extra)
+        generations.save(study, gen)  # under the lease: the number is ours
         attrs = {"mutation": proposal.name, **proposal.attrs}
         if rejected:
-            generations.set_status(study, gen, "rejected", reason=rejected)
             parent_best = best_configs(snap.finished[parent.number], space, 1) or [space.defaults()]
             return self._move(self.agent.source, gen, config=parent_best[0], rejected=rejected, space=space, attrs=attrs)
         gen.extra["commit"] = self._commit({**snap.generations, gen.number: gen}, gen.number)
@@ -234,7 +238,8 @@ class HybridMethod:
             sources = cma_source_trials(snap.parent_trials(gen), space)
             if sources:
                 return make_sampler("cmaes", seed, source_trials=sources)
-        return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=N_STARTUP)
+        n_startup = N_STARTUP["base" if gen.parent is None else "child"]
+        return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=n_startup)
 
 
 def _check(parent: Generation, proposal: Proposal) -> str | None:

@@ -101,6 +101,7 @@ def plot_incumbent(frame: pd.DataFrame, palette: dict[str, str], out: Path,
             pfig.add_hline(y=ref, line={"color": color, "dash": "dash", "width": 1.2},
                            annotation_text=f"{method}, paper {ref:.4f}")
             bottoms.append(ref)
+            tops.append(ref)
         tops.append(np.nanmax(mean + std))
         bottoms.append(np.nanmin(mean - std))
     low, high = min(bottoms), max(tops)

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -288,6 +289,15 @@ def test_the_lease_on_postgresql() -> None:
         pytest.skip(str(e))
 
 
+def _study_created(db: Path) -> bool:
+    """The run's study is complete (its run config is written last), read without creating anything."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return bool(conn.execute("SELECT 1 FROM study_user_attributes WHERE key = ?", (store.RUN_KEY,)).fetchall())
+    except sqlite3.Error:
+        return False
+
+
 DRIVER = """
 import sys, hybrid.loop
 sys.path.insert(0, {tests!r})
@@ -309,12 +319,9 @@ def test_a_run_killed_in_the_middle_of_a_generation_resumes_it(fake: None, capsy
     deadline = time.monotonic() + 120
     while moment is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-        if not Path("runs/hybrid.db").exists():
-            continue
-        try:
-            snap = Snapshot.load(load())
-        except (KeyError, ValueError):
-            continue
+        if not _study_created(Path("runs/hybrid.db")):
+            continue  # opening the storage now would race the run's creation of the schema
+        snap = Snapshot.load(load())
         gen = snap.current
         running = [t for t in snap.attempted[gen.number] if t.state == TrialState.RUNNING and t.params]
         if gen.status == "candidate" and snap.finished[gen.number] and running:
@@ -339,6 +346,33 @@ def test_a_run_killed_in_the_middle_of_a_generation_resumes_it(fake: None, capsy
     assert len(gens) >= candidate + 1
 
 
+def test_workers_share_one_lineage(fake: None, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Three workers on one study: one structural move at a time, the others tune meanwhile."""
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: NewKnobObjective(pause=0.05))
+    run(capsys, "--trials", "1", "--mutate-every", "4", "--stagnation", "3")  # creates the study
+    study = load()
+    config = hybrid.loop.RunConfig.from_dict({**store.run_info(study), "trials": 40})
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            hybrid.loop.work("s", config, worker=index, show=False)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    study = load()
+    check_invariants(study)
+    trials = store.finished_trials(study)
+    assert len(trials) == 40 and len(generations.load_all(study)) >= 3
+    assert StructuralLease(study).current() is None  # released by whoever held it last
+
+
 def _hostile(current: str) -> str:
     return ("Change: read the validation data directly\n\n```diff\n--- a/train.py\n+++ b/train.py\n@@ -6,3 +6,4 @@\n"
             " import gc\n+import os\n import math\n import time\n```\n\n```json\n{}\n```\n")
@@ -361,8 +395,8 @@ def test_llm_mutations_run_and_a_hostile_one_is_rejected_without_harm(fake: None
     monkeypatch.setenv("HYBRID_LLM_ATTEMPTS", "1")
     current = (PROJECT_ROOT / "train.py").read_text()
     with FakeLLM([_hostile(current)], responder=lambda system, prompt: _good(current)) as llm:
-        run(capsys, "--llm", "openai", "--llm-base-url", llm.base_url + "/v1", "--trials", "20",
-            "--mutate-every", "4", "--stagnation", "2")
+        run(capsys, "--llm", "openai", "--llm-base-url", llm.base_url + "/v1", "--trials", "24",
+            "--mutate-every", "6", "--stagnation", "4")
         prompts = [r.prompt for r in llm.requests]
     study = load()
     check_invariants(study)
@@ -374,7 +408,7 @@ def test_llm_mutations_run_and_a_hostile_one_is_rejected_without_harm(fake: None
     assert "generation 1 (from 0), rejected" in prompts[1] and "patch guard" in prompts[1]
     assert good.extra["agent"] == "llm-code" and set(good.extra["new_knobs"]) == {"MLP_ACTIVATION", "MLP_RATIO"}
     tuned = [t.params for t in store.finished_trials(study) if t.user_attrs["generation"] == 2]
-    assert len(tuned) >= 3 and len({p["MLP_RATIO"] for p in tuned}) > 1
+    assert len(tuned) >= 4 and len({p["MLP_RATIO"] for p in tuned}) > 1  # its warm starts, then the sampler
     assert {t.user_attrs["status"] for t in store.finished_trials(study)} <= {"ok", "rejected"}
 
 

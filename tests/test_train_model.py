@@ -94,6 +94,19 @@ def test_sliding_window_attention_matches_reference(train):
         assert torch.allclose(train.attention(q, k, v, mask), reference, atol=1e-5)
 
 
+def test_rotary_is_a_relative_rotation(train):
+    """Norms are kept, and q.k depends on the distance between positions only."""
+    torch.manual_seed(0)
+    cos, sin = train.rotary_tables(16, 8)
+    q, k = torch.randn(2, 1, 1, 8).unbind(0)
+    rq = train.apply_rotary(q.expand(1, 16, 1, 8), cos, sin)[0, :, 0]
+    rk = train.apply_rotary(k.expand(1, 16, 1, 8), cos, sin)[0, :, 0]
+    assert torch.allclose(rq.norm(dim=-1), q.norm().expand(16))
+    assert torch.allclose(rq[0] @ rk[0], q.flatten() @ k.flatten(), atol=1e-5)
+    assert torch.allclose(rq[5] @ rk[3], rq[12] @ rk[10], atol=1e-5)
+    assert not torch.allclose(rq[5] @ rk[3], rq[5] @ rk[4], atol=1e-3)
+
+
 def test_polar_express_orthogonalizes(train):
     """Singular values spread over two decades all land near 1; the singular vectors are kept."""
     torch.manual_seed(0)

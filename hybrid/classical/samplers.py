@@ -27,9 +27,12 @@ def make_sampler(name: str, seed: int, *, x0: dict[str, Any] | None = None,
         # with_margin keeps integer knobs from collapsing onto one value; categorical knobs are sampled
         # independently (CMA-ES has no categorical encoding).
         numeric_x0 = {k: v for k, v in (x0 or {}).items() if not isinstance(v, str)} or None
-        return optuna.samplers.CmaEsSampler(seed=seed, with_margin=source_trials is None, x0=numeric_x0 if source_trials is None else None,
-                                            source_trials=source_trials, warn_independent_sampling=False,
-                                            independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+        with warnings.catch_warnings():  # x0 is deprecated since optuna 4.9, to go in 6.0: no warning per run
+            warnings.simplefilter("ignore", FutureWarning)
+            return optuna.samplers.CmaEsSampler(seed=seed, with_margin=source_trials is None,
+                                                x0=numeric_x0 if source_trials is None else None,
+                                                source_trials=source_trials, warn_independent_sampling=False,
+                                                independent_sampler=optuna.samplers.RandomSampler(seed=seed))
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False,
                                          independent_sampler=optuna.samplers.RandomSampler(seed=seed))
