@@ -256,13 +256,18 @@ def build_model(vocab_size: int, seq_len: int, device: torch.device | str = "cpu
 # Optimizers
 
 
+def matrix_norm(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each matrix of a stack (N, rows, cols), as (N, 1, 1)."""
+    return x.norm(dim=(-2, -1), keepdim=True)
+
+
 def polar_express(g: torch.Tensor) -> torch.Tensor:
     """The nearest semi-orthogonal matrix to each of a stack of matrices (N, rows, cols), approximately."""
     x = g.bfloat16() if g.is_cuda else g.float()
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    x = x / (matrix_norm(x) * 1.02 + 1e-6)
     for a, b, c in POLAR_EXPRESS:
         xxt = x @ x.mT
         x = a * x + (b * xxt + c * (xxt @ xxt)) @ x
@@ -285,18 +290,17 @@ class Muon(torch.optim.Optimizer):
             rows, cols = params[0].shape
             grads = torch.stack([p.grad for p in params])
             state = self.state[params[0]]  # the whole stack's state lives with its first matrix
+            neuron_dim = -1 if rows >= cols else -2  # NorMuon keeps one statistic per row (per column if wide)
             if not state:
                 state["momentum"] = torch.zeros_like(grads)
-                state["second_moment"] = grads.new_zeros((len(params), rows, 1) if rows >= cols else (len(params), 1, cols))
+                state["second_moment"] = torch.zeros_like(grads).mean(dim=neuron_dim, keepdim=True)
             # Nesterov momentum
             state["momentum"].lerp_(grads, 1 - group["momentum"])
             update = polar_express(grads.lerp_(state["momentum"], group["momentum"]))
-            # NorMuon: normalize each output neuron (or input, for wide matrices) by its running RMS,
-            # then restore the update's overall norm
-            per_neuron = update.float().square().mean(dim=-1 if rows >= cols else -2, keepdim=True)
-            state["second_moment"].lerp_(per_neuron, 1 - MUON_BETA2)
+            # NorMuon: divide each neuron's update by its running RMS, then restore the update's overall norm
+            state["second_moment"].lerp_(update.float().square().mean(dim=neuron_dim, keepdim=True), 1 - MUON_BETA2)
             scaled = update * state["second_moment"].clamp_min(1e-10).rsqrt()
-            update = scaled * (update.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+            update = scaled * (matrix_norm(update) / matrix_norm(scaled).clamp_min(1e-10))
             # Cautious weight decay: decay only where the update and the weight agree in sign
             stacked = torch.stack(params)
             lr = group["lr"] * max(1.0, rows / cols) ** 0.5
@@ -395,6 +399,7 @@ def main() -> None:
             t_log = now
             print(f"step {step:05d} | loss {smooth_loss / (1 - 0.9**step):.4f} | progress {100 * progress:5.1f}% | "
                   f"tok/s {tokens_per_second:,.0f}", flush=True)
+    gc.enable()
     session.finish(model)
 
 

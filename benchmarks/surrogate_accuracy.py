@@ -62,12 +62,11 @@ def split_scores(train: pd.DataFrame, test: pd.DataFrame, hyper: dict[str, Any])
     model = Surrogate.fit(train, hyper)
     fit_seconds = time.perf_counter() - started
     test = fixed_space(test)
-    predicted = model.predict(test[list(KNOBS)])
+    predicted = model.outcomes(project(test))
     ok = test["success"].to_numpy(bool)
     real, pred = test.loc[ok, "val_bpb"].to_numpy(), predicted.loc[ok, "val_bpb_pred"].to_numpy()
     good = real < GOOD
     failed = ~ok
-    fail_cost = model.failure_cost.seconds(project(test[failed]))
     by_method = (pd.DataFrame({"method": test["method"], "real": failed, "predicted": predicted["p_fail"]})
                  .groupby("method")[["real", "predicted"]].mean().mul(100).round(1))
     return {
@@ -78,7 +77,7 @@ def split_scores(train: pd.DataFrame, test: pd.DataFrame, hyper: dict[str, Any])
         "mae_good": float(np.abs(pred[good] - real[good]).mean()),
         "auc": float(roc_auc_score(failed, predicted["p_fail"])),
         "wall_mae_seconds": float(np.abs(predicted["wall_seconds_pred"] - test["wt"]).mean()),
-        "failure_cost_median_abs_error_seconds": float(np.median(np.abs(fail_cost - test.loc[failed, "wt"]))),
+        "failure_cost_median_abs_error_seconds": float(np.median(np.abs(predicted.loc[failed, "failure_seconds"] - test.loc[failed, "wt"]))),
         "fit_seconds": fit_seconds,
         "failure_pct_by_method": by_method.to_dict(orient="index"),
     }

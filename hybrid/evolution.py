@@ -35,10 +35,10 @@ if TYPE_CHECKING:
 
 # (mutate every M trials, stagnation after W) by profile: a few generations within the profile's default budget.
 DEFAULT_SCHEDULES = {"gpu": Schedule(30, 15), "cpu": Schedule(6, 3), "test": Schedule(3, 2)}
-WARM_CONFIGS = 3   # tpe/gp: the parent's best configs (projected) that a new generation runs first
-# tpe/gp: trials of a generation before the model takes over: random ones in generation 0; in a child, its
-# warm starts, so that it searches around the parent's best configs rather than uniformly.
-N_STARTUP = {"base": 5, "child": 2}
+WARM_CONFIGS = 2   # tpe/gp: the parent's best configs (projected) that a new generation runs first
+# tpe/gp: trials of a generation before its model takes over (the baseline, or a child's warm starts): few, so
+# that a generation searches around its best configs so far rather than uniformly; big jumps are structural.
+N_STARTUP = 2
 LIVE = ("base", "promoted", "candidate")
 
 
@@ -238,8 +238,7 @@ class HybridMethod:
             sources = cma_source_trials(snap.parent_trials(gen), space)
             if sources:
                 return make_sampler("cmaes", seed, source_trials=sources)
-        n_startup = N_STARTUP["base" if gen.parent is None else "child"]
-        return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=n_startup)
+        return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=N_STARTUP)
 
 
 def _check(parent: Generation, proposal: Proposal) -> str | None:

@@ -8,6 +8,7 @@ cap is not run; it is recorded as a failed trial of class `oom-predicted` that c
 """
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import types
@@ -104,6 +105,12 @@ def peak_bytes(s: ModelShapes) -> float:
     return WORKSPACE_BYTES + max(training, step, evaluation)
 
 
+def grad_accum(total_batch_size: int | None, tokens_per_pass: int) -> int:
+    """Micro-batches per optimizer step, as the runner snaps TOTAL_BATCH_SIZE; 2 (gradients kept between
+    micro-batches) for a train.py without TOTAL_BATCH_SIZE."""
+    return max(1, math.floor(total_batch_size / tokens_per_pass + 0.5)) if total_batch_size else 2
+
+
 def _load(code: str) -> types.ModuleType:
     """train.py executed as a fresh module that is not `__main__` (its main() never runs). It is registered in
     sys.modules only while it executes, for the dataclasses that look their module up."""
@@ -141,10 +148,9 @@ def model_shapes(source: str, config: dict[str, Any], profile: Profile) -> Model
                 muon += numel
                 second_moment += sum(max(p.shape) for p in group["params"])
                 largest = max(largest, numel)
-    tokens_per_pass = batch * profile.seq_len
     return ModelShapes(
         blocks=blocks, model_dim=model_dim, vocab_size=profile.vocab_size, seq_len=profile.seq_len,
-        device_batch_size=batch, grad_accum=max(1, round(total / tokens_per_pass)) if total else 2,
+        device_batch_size=batch, grad_accum=grad_accum(total, batch * profile.seq_len),
         eval_rows=max(1, profile.eval_batch_tokens // profile.seq_len),
         params=sum(p.numel() for p in model.parameters()), adam_params=adam, muon_params=muon,
         muon_second_moment=second_moment, largest_muon_group=largest)

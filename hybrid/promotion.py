@@ -13,11 +13,19 @@ from hybrid.classical.warmstart import ok_value
 
 REPEATS = 2      # re-runs of a generation's incumbent before it is judged or mutated
 NOISE_Z = 2.0    # margins are this many standard errors of the difference
+# Sources of trials that run a config chosen before the generation's sampler had a say: the baseline, a
+# generation's first trial and its warm starts (configs of the parent), and the repeats of an incumbent.
+PINNED_SOURCES = ("baseline", "catalog", "llm-code", "warmstart", "repeat")
 
 
 def is_tuning(trial: FrozenTrial) -> bool:
-    """A trial that explored (not a re-measurement of the incumbent)."""
+    """A trial that counts towards its generation's best (not a re-measurement of its incumbent)."""
     return trial.user_attrs.get("source") != "repeat"
+
+
+def is_sampled(trial: FrozenTrial) -> bool:
+    """A trial the generation's sampler chose: what the schedule counts."""
+    return trial.user_attrs.get("source") not in PINNED_SOURCES
 
 
 def _key(params: dict[str, Any]) -> str:
@@ -106,25 +114,27 @@ def judge(parent: Score | None, candidate: Score | None, noise: float | None) ->
 
 @dataclass(frozen=True)
 class Schedule:
-    """A generation is due for a structural move after `mutate_every` trials of its epoch (those since its
-    last child was created), or when `stagnation` trials of the epoch brought no improvement beyond the noise."""
+    """A generation is due for a structural move after `mutate_every` sampled trials of its epoch (those since
+    its last child was created), or when `stagnation` sampled trials of the epoch brought no improvement beyond
+    the noise on its best so far (warm starts included). Pinned trials (see PINNED_SOURCES) are not counted, so
+    that a new generation's own knobs are always explored before it is judged."""
     mutate_every: int
     stagnation: int
 
     def due(self, trials: list[FrozenTrial], epoch_after: int, noise: float | None) -> str | None:
         """Why the generation (its finished trials) is due, or None."""
         tuning = sorted((t for t in trials if is_tuning(t)), key=lambda t: t.number)
-        epoch = [t for t in tuning if t.number > epoch_after]
+        epoch = [t for t in tuning if t.number > epoch_after and is_sampled(t)]
         if len(epoch) >= self.mutate_every:
-            return f"{len(epoch)} trials"
+            return f"{len(epoch)} sampled trials"
         threshold = margin(noise, 1, 1)
         best, since = math.inf, 0
         for t in tuning:
             value = ok_value(t)
             if value is not None and value < best - threshold:
                 best, since = value, 0
-            else:
+            elif is_sampled(t):
                 since += 1
         if len(epoch) >= self.stagnation and since >= self.stagnation:
-            return f"stagnation: {since} trials without an improvement beyond {threshold:.4f}"
+            return f"stagnation: {since} sampled trials without an improvement beyond {threshold:.4f}"
         return None

@@ -119,11 +119,9 @@ def _nearest_power_of_two(values: np.ndarray) -> np.ndarray:
 def project(frame: pd.DataFrame) -> pd.DataFrame:
     """Configs as the paper's runner trained them: HEAD_DIM, DEVICE_BATCH_SIZE and TOTAL_BATCH_SIZE snapped to the
     nearest power of two, TOTAL_BATCH_SIZE raised to one micro-batch (DEVICE_BATCH_SIZE x 2048 tokens)."""
-    out = frame.copy()
-    for name in ("HEAD_DIM", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE"):
-        out[name] = _nearest_power_of_two(out[name].to_numpy())
-    out["TOTAL_BATCH_SIZE"] = np.maximum(out["TOTAL_BATCH_SIZE"], out["DEVICE_BATCH_SIZE"] * SEQ_LEN)
-    return out
+    head, device, total = (_nearest_power_of_two(frame[name].to_numpy())
+                           for name in ("HEAD_DIM", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE"))
+    return frame.assign(HEAD_DIM=head, DEVICE_BATCH_SIZE=device, TOTAL_BATCH_SIZE=np.maximum(total, device * SEQ_LEN))
 
 
 def _long_layers(patterns: np.ndarray, depth: np.ndarray) -> np.ndarray:
@@ -203,19 +201,18 @@ class FailureModel:
     slope: float
     floor: float
 
-    def peak_bytes(self, projected: pd.DataFrame) -> np.ndarray:
-        arch = architecture(projected)
+    def peak_bytes(self, arch: pd.DataFrame) -> np.ndarray:
+        """Estimated peak memory of configs, from their `architecture`."""
         activations = arch["tokens_per_pass"] * arch["depth"] * arch["model_dim"]
         return (self.bytes_per_activation * activations + self.bytes_per_param * arch["params"]).to_numpy()
 
-    def p_fail(self, projected: pd.DataFrame) -> np.ndarray:
-        excess = np.log(self.peak_bytes(projected) / VRAM_CAP_BYTES)
+    def p_fail(self, arch: pd.DataFrame) -> np.ndarray:
+        excess = np.log(self.peak_bytes(arch) / VRAM_CAP_BYTES)
         return self.floor + (1 - self.floor) * expit(self.slope * excess)
 
     @classmethod
-    def fit(cls, projected: pd.DataFrame, failed: np.ndarray) -> FailureModel:
+    def fit(cls, arch: pd.DataFrame, failed: np.ndarray) -> FailureModel:
         """Maximum likelihood from a start near the physics (bf16 activations, fp32 weights and states)."""
-        arch = architecture(projected)
         activations = (arch["tokens_per_pass"] * arch["depth"] * arch["model_dim"]).to_numpy()
         params = arch["params"].to_numpy()
         failed = np.asarray(failed, float)
@@ -241,14 +238,14 @@ class FailureCost:
     intercept: float
     per_layer: float
 
-    def seconds(self, projected: pd.DataFrame) -> np.ndarray:
-        return self.intercept + self.per_layer * projected["DEPTH"].to_numpy(float)
+    def seconds(self, arch: pd.DataFrame) -> np.ndarray:
+        return self.intercept + self.per_layer * arch["depth"].to_numpy()
 
     @classmethod
-    def fit(cls, projected: pd.DataFrame, seconds: np.ndarray) -> FailureCost:
+    def fit(cls, arch: pd.DataFrame, seconds: np.ndarray) -> FailureCost:
         """Huber regression on the failures that stopped early (the few 600 s hangs are not out-of-memory errors)."""
         early = np.asarray(seconds) < 2 * TRAINING_SECONDS / 5
-        model = HuberRegressor().fit(projected.loc[early, ["DEPTH"]].to_numpy(float), np.asarray(seconds)[early])
+        model = HuberRegressor().fit(arch.loc[early, ["depth"]].to_numpy(), np.asarray(seconds)[early])
         return cls(float(model.intercept_), float(model.coef_[0]))
 
 
@@ -285,29 +282,31 @@ class Surrogate:
         gp = GaussianProcessRegressor(gp_kernel(hyper), alpha=hyper["noise"] / repeats, optimizer=None,
                                       copy_X_train=False)
         gp.fit(features(configs)[columns].to_numpy(), (target - mean) / sd)
-        failure = FailureModel.fit(projected, ~ok)
-        cost = FailureCost.fit(projected[~ok], trials.loc[~ok, "wt"].to_numpy())
+        arch = architecture(projected)
+        failure = FailureModel.fit(arch, ~ok)
+        cost = FailureCost.fit(arch[~ok], trials.loc[~ok, "wt"].to_numpy())
         return cls(gp, mean, sd, failure, cost, columns)
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """val_bpb_pred (expected val_bpb if the trial finishes), p_fail, and wall_seconds_pred: the expected
         wall time, p_fail * failure cost + (1 - p_fail) * SUCCESS_SECONDS. Same index as `frame`."""
-        projected = project(check_configs(frame))
-        return pd.DataFrame({
-            "val_bpb_pred": self.val_bpb(projected),
-            "p_fail": self.failure.p_fail(projected),
-            "wall_seconds_pred": self.expected_seconds(projected),
-        }, index=frame.index)
+        return self.outcomes(project(check_configs(frame)))[list(OUTPUTS)].set_axis(frame.index)
 
-    def val_bpb(self, projected: pd.DataFrame) -> np.ndarray:
+    def outcomes(self, projected: pd.DataFrame) -> pd.DataFrame:
+        """For projected configs: the OUTPUTS, and failure_seconds, peak_bytes and params behind them."""
+        arch = architecture(projected)
         x = features(projected)[self.columns].to_numpy()
-        chunks = [self.gp.predict(x[i:i + 2048]) for i in range(0, len(x), 2048)]
-        standardized = np.concatenate(chunks) if chunks else np.empty(0)
-        return target_to_bpb(standardized * self.target_sd + self.target_mean)
-
-    def expected_seconds(self, projected: pd.DataFrame) -> np.ndarray:
-        p = self.failure.p_fail(projected)
-        return p * self.failure_cost.seconds(projected) + (1 - p) * SUCCESS_SECONDS
+        standardized = np.concatenate([self.gp.predict(x[i:i + 2048]) for i in range(0, len(x), 2048)] or [[]])
+        p_fail = self.failure.p_fail(arch)
+        failure_seconds = self.failure_cost.seconds(arch)
+        return pd.DataFrame({
+            "val_bpb_pred": target_to_bpb(standardized * self.target_sd + self.target_mean),
+            "p_fail": p_fail,
+            "wall_seconds_pred": p_fail * failure_seconds + (1 - p_fail) * SUCCESS_SECONDS,
+            "failure_seconds": failure_seconds,
+            "peak_bytes": self.failure.peak_bytes(arch),
+            "params": arch["params"].to_numpy(),
+        }, index=projected.index)
 
 
 @functools.cache
@@ -318,15 +317,28 @@ def load_surrogate() -> Surrogate:
 
 # -- inputs ----------------------------------------------------------------------------------------------------
 
+def _check_names(names: list[str], missing_label: str, unknown_label: str) -> None:
+    missing = [k for k in KNOBS if k not in names]
+    unknown = [str(n) for n in names if n not in KNOBS]
+    if missing:
+        raise UserError(f"missing {missing_label} {', '.join(missing)}; the surrogate needs all of {', '.join(KNOBS)}")
+    if unknown:
+        raise UserError(f"unknown {unknown_label} {', '.join(unknown)}; the surrogate takes exactly {', '.join(KNOBS)}")
+
+
+def check_config(config: dict[str, Any]) -> dict[str, Any]:
+    """One config: all 14 knobs, typed and inside the paper's space; UserError saying what is wrong otherwise."""
+    _check_names(list(config), "knob(s)", "knob(s)")
+    try:
+        return {name: PAPER_SPACE.knobs[name].check(config[name]) for name in KNOBS}
+    except SpaceError as e:
+        raise UserError(str(e)) from None
+
+
 def check_configs(frame: pd.DataFrame) -> pd.DataFrame:
     """The 14 knob columns, typed and inside the paper's space; UserError saying what is wrong otherwise."""
-    missing = [k for k in KNOBS if k not in frame.columns]
-    unknown = [c for c in frame.columns if c not in KNOBS]
-    if missing:
-        raise UserError(f"missing knob column(s) {', '.join(missing)}; the surrogate needs all of {', '.join(KNOBS)}")
-    if unknown:
-        raise UserError(f"unknown column(s) {', '.join(map(str, unknown))}; the surrogate takes exactly {', '.join(KNOBS)}")
-    out = pd.DataFrame(index=frame.index)
+    _check_names(list(frame.columns), "knob column(s)", "column(s)")
+    out = {}
     for name in KNOBS:
         knob = PAPER_SPACE.knobs[name]
         column = frame[name]
@@ -344,7 +356,7 @@ def check_configs(frame: pd.DataFrame) -> pd.DataFrame:
             except SpaceError as e:
                 raise UserError(f"row {row + 1}: {e}") from None
         out[name] = values.astype(int) if knob.type == "int" else values
-    return out
+    return pd.DataFrame(out, index=frame.index)
 
 
 def predict_csv(in_path: str | Path, out_path: str | Path) -> None:
@@ -371,20 +383,19 @@ class SurrogateObjective:
         self.surrogate = surrogate or load_surrogate()
 
     def evaluate(self, config: dict[str, Any], *, seed: int, trial_number: int) -> TrialResult:
-        projected = project(check_configs(pd.DataFrame([{k: config.get(k) for k in config}])))
-        ran = {k: v.item() if isinstance(v, np.generic) else v for k, v in projected.iloc[0].items()}
+        """A trial of `config` (all 14 knobs): out of memory with probability p_fail, else val_bpb with noise."""
+        projected = project(pd.DataFrame([check_config(config)]))
+        ran = {name: value.item() if isinstance(value, np.generic) else value
+               for name, value in projected.iloc[0].items()}
+        outcome = self.surrogate.outcomes(projected).iloc[0]
         rng = np.random.default_rng([seed % 2**64, trial_number % 2**64])
         draw, noise = rng.random(), rng.standard_normal()
-        model = self.surrogate
-        p_fail = float(model.failure.p_fail(projected)[0])
-        peak_mb = float(model.failure.peak_bytes(projected)[0]) / 2**20
-        params = int(architecture(projected)["params"].iloc[0])
-        if draw < p_fail:
-            seconds = float(model.failure_cost.seconds(projected)[0])
-            return TrialResult(status="oom", error=f"out of memory: estimated peak {peak_mb / 1024:.1f} GiB, "
-                               f"p_fail {p_fail:.2f} (surrogate)", total_seconds=seconds, peak_memory_mb=peak_mb,
-                               num_params=params, config=ran)
-        expected = float(model.val_bpb(projected)[0])
+        peak_mb, params = float(outcome["peak_bytes"]) / 2**20, int(outcome["params"])
+        if draw < outcome["p_fail"]:
+            return TrialResult(status="oom", error=f"out of memory (surrogate): estimated peak {peak_mb / 1024:.1f} "
+                               f"GiB, p_fail {outcome['p_fail']:.2f}", total_seconds=float(outcome["failure_seconds"]),
+                               peak_memory_mb=peak_mb, num_params=params, config=ran)
+        expected = float(outcome["val_bpb_pred"])
         return TrialResult(status="ok", val_bpb=expected + float(noise_sd(expected)) * noise,
                            training_seconds=TRAINING_SECONDS, total_seconds=SUCCESS_SECONDS,
                            peak_memory_mb=peak_mb, num_params=params, config=ran)

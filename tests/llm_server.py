@@ -189,3 +189,27 @@ class FakeLLM:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": _tokens(text), "total_tokens": prompt + _tokens(text),
                           "prompt_tokens_details": {"cached_tokens": read}}}
+
+
+# -- what the fake model says ---------------------------------------------------------------------------------
+
+def config_answer(config: dict[str, Any], why: str = "The best trials cluster here, so I stay close and move one knob.") -> str:
+    """A config the way Claude or Qwen answer one: some reasoning, then a fenced JSON block."""
+    return f"## Analysis\n\n{why}\n\n## Proposal\n\n```json\n{json.dumps(config, indent=2)}\n```\n"
+
+
+def file_answer(source: str, change: str) -> str:
+    """A whole new train.py, with the one-line change first and prose around the code."""
+    return (f"Change: {change}\n\nThis is a small, self-contained edit; everything else stays as it is. "
+            f"Here is the complete updated `train.py`:\n\n```python\n{source.rstrip()}\n```\n\nLet me know how it goes.")
+
+
+def shown_train_py(system: str) -> str:
+    """The train.py a prompt's fixed prefix shows the agent."""
+    return system.split("# train.py (the current version)\n\n```python\n", 1)[1].rsplit("\n```", 1)[0] + "\n"
+
+
+def shown_proposal(prompt: str) -> dict[str, Any]:
+    """CMA-ES's proposal, as the Centaur prompt shows it."""
+    line = next(s for s in prompt.splitlines() if s.startswith("CMA-ES's own proposal for this trial: "))
+    return json.loads(line.split(": ", 1)[1])

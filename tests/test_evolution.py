@@ -29,11 +29,15 @@ from hybrid import generations, store
 from hybrid.classical.warmstart import best_configs
 from hybrid.cli import main
 from hybrid.evolution import Snapshot, lineage_table
+from hybrid.generations import Generation
 from hybrid.lease import StructuralLease
 from hybrid.llm.catalog import MUTATIONS
+from hybrid.llm.guard import PatchRejected
+from hybrid.llm.structural_agent import read_knobs, structural_task
 from hybrid.paths import PROJECT_ROOT
 from hybrid.promotion import REPEATS
 from hybrid.space import SearchSpace, load_space
+from hybrid.structural import Context
 
 TESTS = Path(__file__).resolve().parent
 BASE = load_space(PROJECT_ROOT / "search_space.yaml", "test")
@@ -202,8 +206,8 @@ class Recording(BaseSampler):
         self.base.after_trial(study, trial, state, values)
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp"])
-def test_a_generations_sampler_sees_only_that_generations_trials(sampler: str, fake: None, capsys,  # noqa: ANN001
+@pytest.mark.parametrize("sampler, trials", [("tpe", 36), ("cmaes", 36), ("gp", 20)])  # GP fits cost seconds
+def test_a_generations_sampler_sees_only_that_generations_trials(sampler: str, trials: int, fake: None, capsys,  # noqa: ANN001
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     sources: dict[int, list[FrozenTrial]] = {}
     real = hybrid.evolution.make_sampler
@@ -215,7 +219,7 @@ def test_a_generations_sampler_sees_only_that_generations_trials(sampler: str, f
 
     monkeypatch.setattr(Recording, "log", [])
     monkeypatch.setattr(hybrid.evolution, "make_sampler", recording)
-    run(capsys, "--sampler", sampler, "--trials", "36", "--mutate-every", "6", "--stagnation", "3")
+    run(capsys, "--sampler", sampler, "--trials", str(trials), "--mutate-every", "4", "--stagnation", "2")
     study = load()
     check_invariants(study)
     generation_of = {t.number: t.user_attrs.get("generation") for t in study.get_trials()}
@@ -416,7 +420,7 @@ def test_llm_mutations_run_and_a_hostile_one_is_rejected_without_harm(fake: None
 def test_a_few_real_generations_on_the_test_profile(prepared_test, tmp_path: Path, capsys,  # noqa: ANN001
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    run(capsys, "--llm", "none", "--trials", "9", "--mutate-every", "1", "--stagnation", "1")
+    run(capsys, "--llm", "none", "--trials", "10", "--mutate-every", "1", "--stagnation", "1")
     study = load()
     check_invariants(study)
     gens = generations.load_all(study)
@@ -425,3 +429,19 @@ def test_a_few_real_generations_on_the_test_profile(prepared_test, tmp_path: Pat
               for n in gens if any(t.user_attrs["generation"] == n for t in store.finished_trials(study))]
     for t in firsts:
         assert t.user_attrs["status"] == "ok" and math.isfinite(t.user_attrs["val_bpb"])
+
+
+def test_the_llm_agent_reads_knob_declarations_and_is_told_the_lineage() -> None:
+    knobs = read_knobs('x\n```json\n{"MLP_RATIO": {"type": "float", "low": 1, "high": 6, "default": 4.0}}\n```\n')
+    assert knobs["MLP_RATIO"].high == 6 and read_knobs("no block") == {}
+    for bad, why in (('{"A": {"type": "float", "low": 2, "high": 1, "default": 1}}', "low .* must be below"),
+                     ("[1, 2]", "one object"), ("{nope", "does not parse")):
+        with pytest.raises(PatchRejected, match=why):
+            read_knobs(f"```json\n{bad}\n```")
+    base = Generation(0, None, "base", "x = 1\n", BASE.to_dict(), status="base")
+    tried = Generation(1, 0, "logit soft cap as a knob", "x = 2\n", BASE.to_dict(), diff="--- a/train.py\n+x = 2\n",
+                       status="rejected", extra={"new_knobs": {"LOGIT_SOFTCAP": {}},
+                                                 "reason": "improves by 0.001, not more than the margin 0.004"})
+    task = structural_task(Context(base, {0: base, 1: tried}, {"DEPTH": 2}, 1.2345))
+    assert "val_bpb 1.2345 with DEPTH=2" in task and "generation 1 (from 0), rejected: logit soft cap" in task
+    assert "New knobs: LOGIT_SOFTCAP. improves by 0.001" in task and "+x = 2" in task

@@ -191,3 +191,45 @@ def test_the_console_script_reports_bad_input_the_same_way(existing: Path) -> No
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert done.stderr.startswith("hybrid: error: study 's' exists with method='tpe', not 'cmaes'")
     assert dump(existing / "runs" / "hybrid.db") == before
+
+
+# -- the surrogate objective: several workers, the paper's 24-hour protocol ---------------------------------
+
+def test_workers_share_one_study_and_stop_at_the_budget_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "run", "--method", "tpe", "--study", "s", "--objective", "surrogate", "--trials", "45",
+                    "--workers", "3")
+    assert code == 0, err
+    trials = load("s").get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    finished = [t for t in trials if store.is_finished(t)]
+    assert len(finished) == 45 and len({t.user_attrs["source"] for t in finished}) == 2  # baseline, tpe
+    assert len({tuple(t.params.values()) for t in finished}) == 45  # three seeds, no config proposed twice
+    # a worker that asked for a trial after the others had filled the budget gave its slot back, marked as such
+    surplus = [t for t in trials if not store.is_finished(t)]
+    assert all(t.state == TrialState.FAIL and t.user_attrs == {"surplus": True} for t in surplus)
+
+
+@pytest.mark.slow
+def test_the_24_hour_protocol_runs_in_well_under_a_minute_on_one_core(tmp_path: Path) -> None:
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    before = os.times()
+    started = time.perf_counter()
+    done = subprocess.run([*pin, sys.executable, "-m", "hybrid.cli", "run", "--method", "tpe", "--objective",
+                           "surrogate", "--budget-hours", "24", "--study", "p"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    wall, after = time.perf_counter() - started, os.times()
+    cpu = after.children_user + after.children_system - before.children_user - before.children_system
+    assert done.returncode == 0, done.stderr
+    print(f"24-hour protocol: {cpu:.1f} s of CPU, {wall:.1f} s wall")
+    assert cpu < 45.0
+
+    study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path}/runs/hybrid.db")
+    trials = study.get_trials()
+    assert all(map(store.is_finished, trials)) and len(trials) > 200
+    assert sum(t.user_attrs["total_seconds"] for t in trials) >= 24 * 3600
+    assert trials[0].user_attrs["source"] == "baseline"
+    for t in trials:
+        assert all(k in t.user_attrs for k in ("source", "generation", "code_sha", "status", "total_seconds",
+                                               "peak_memory_mb", "config_ran")), t.user_attrs

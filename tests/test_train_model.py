@@ -1,4 +1,6 @@
 """The model and optimizers of train.py, imported as a module (no harness, no training loop)."""
+import contextlib
+import gc
 import importlib.util
 import math
 from pathlib import Path
@@ -169,3 +171,52 @@ def test_meta_device_and_flops(train):
     reference = train.build_model(8192, 2048, device="meta")
     assert reference.config.model_dim == 512 and reference.config.n_head == 4
     assert 2e8 < reference.estimate_flops() < 4e8
+
+
+class FakeSession:
+    """harness.api's Session as train.py sees it: random batches, a clock that counts steps."""
+
+    def __init__(self, steps: int):
+        self.device, self.seq_len, self.vocab_size, self.bos_id, self.time_budget = "cpu", SEQ, VOCAB, 0, 1.0
+        self.steps, self.total, self.losses, self.model = 0, steps, [], None
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def train_batches(self, batch_size: int):
+        assert batch_size == 2
+        generator = torch.Generator().manual_seed(0)
+        fixed = torch.randint(0, VOCAB, (4, SEQ + 1), generator=generator)
+        while True:  # two micro-batches, the same two every step: learnable
+            for rows in (fixed[:2], fixed[2:]):
+                yield rows[:, :-1], rows[:, 1:]
+
+    def tick(self, loss: float) -> float:
+        self.steps += 1
+        self.losses.append(loss)
+        return self.progress
+
+    @property
+    def progress(self) -> float:
+        return self.steps / self.total
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.total
+
+    def finish(self, model) -> None:
+        self.model = model
+
+
+def test_main_trains_and_hands_over_the_model(train, monkeypatch, capsys):
+    from harness import api
+
+    session = FakeSession(steps=20)
+    monkeypatch.setattr(api, "start", lambda: session)
+    monkeypatch.setattr(train, "DEVICE_BATCH_SIZE", 2)  # TOTAL_BATCH_SIZE 4 rows: two micro-batches
+    train.main()
+    assert gc.isenabled()
+    assert session.steps == 20 and session.losses[-1] < 0.7 * session.losses[0], session.losses
+    assert isinstance(session.model, train.GPT)
+    out = capsys.readouterr().out
+    assert "grad_accum 2" in out and "step 00020 | loss" in out and "val_bpb" not in out

@@ -19,20 +19,20 @@ from hybrid.errors import UserError
 if TYPE_CHECKING:
     from hybrid.loop import RunConfig
 
-DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4.1"}
+DEFAULT_MODELS = {"anthropic": "claude-opus-4-6", "openai": "gpt-4.1"}  # Opus 4.6: the paper's Centaur
 MAX_TOKENS = 16000  # a whole train.py and some prose; below the SDK's limit for non-streaming requests
 PATIENCE = 3        # provider failures in a row (each after its retries) before the run stops
 
-# USD per million tokens: (input, output, cache read as a fraction of input, cache write as a fraction of input).
+# List prices in USD per million tokens: (input, output, cache read and cache write as fractions of input).
 # Matched by substring of the model name, first match wins; a model not listed has no recorded cost.
 PRICES: tuple[tuple[str, tuple[float, float, float, float]], ...] = (
-    ("opus-4-5", (5.0, 25.0, 0.1, 1.25)),
     ("opus-4-6", (5.0, 25.0, 0.1, 1.25)),
-    ("opus", (15.0, 75.0, 0.1, 1.25)),
-    ("sonnet", (3.0, 15.0, 0.1, 1.25)),
-    ("haiku-4", (1.0, 5.0, 0.1, 1.25)),
+    ("opus-4-5", (5.0, 25.0, 0.1, 1.25)),
+    ("opus-4-1", (15.0, 75.0, 0.1, 1.25)),
+    ("opus-4-0", (15.0, 75.0, 0.1, 1.25)),
+    ("sonnet-4", (3.0, 15.0, 0.1, 1.25)),
+    ("haiku-4-5", (1.0, 5.0, 0.1, 1.25)),
     ("3-5-haiku", (0.8, 4.0, 0.1, 1.25)),
-    ("haiku", (0.25, 1.25, 0.1, 1.25)),
     ("gpt-4.1-mini", (0.4, 1.6, 0.25, 1.0)),
     ("gpt-4.1", (2.0, 8.0, 0.25, 1.0)),
     ("gpt-4o-mini", (0.15, 0.6, 0.5, 1.0)),
@@ -190,8 +190,12 @@ class AnthropicProvider(Provider):
     def __init__(self, model: str, policy: RetryPolicy, base_url: str | None = None) -> None:
         super().__init__(model, policy)
         base_url = base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
-        self._sdk = anthropic.Anthropic(base_url=base_url, timeout=policy.timeout, max_retries=0)
-        if not (self._sdk.api_key or self._sdk.auth_token or self._sdk.credentials):
+        try:  # the SDK finds a key, a token or a credentials profile, or raises for a broken profile
+            self._sdk = anthropic.Anthropic(base_url=base_url, timeout=policy.timeout, max_retries=0)
+            found = bool(self._sdk.api_key or self._sdk.auth_token or self._sdk.credentials)
+        except anthropic.AnthropicError:
+            found = False
+        if not found:
             if base_url is None:
                 raise UserError("no Anthropic credentials: set ANTHROPIC_API_KEY in the environment "
                                 "(or --llm-base-url for a local Anthropic-compatible server)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,7 +136,9 @@ def check_source(source: str) -> None:
         raise PatchRejected(f"train.py does not parse: line {e.lineno}: {e.msg}") from None
     except ValueError as e:  # null bytes
         raise PatchRejected(f"train.py does not parse: {e}") from None
-    _Checker(tree).run()
+    nodes = list(ast.walk(tree))
+    for aliases in (False, True):  # direct uses first, so that the reason points at the line that does it
+        _Checker(tree, nodes, aliases).run()
 
 
 def _fail(node: ast.AST, message: str) -> PatchRejected:
@@ -187,12 +190,27 @@ def _bound_names(target: ast.AST) -> Iterator[str]:
             yield n.id
 
 
-class _Checker(ast.NodeVisitor):
-    """One pass over the module after the bindings are known; raises at the first violation."""
+def _binding_sites(nodes: list[ast.AST]) -> Iterator[str]:
+    """Every place a name is bound other than by an import: assignments, loops, parameters, definitions."""
+    for node in nodes:
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            yield node.id
+        elif isinstance(node, ast.arg):
+            yield node.arg
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node.name
 
-    def __init__(self, tree: ast.Module) -> None:
-        self.tree = tree
+
+class _Checker(ast.NodeVisitor):
+    """One pass over the module after the bindings are known; raises at the first violation.
+
+    With `aliases`, names assigned from a module (`T = torch.Tensor`) stand for it; without, only imports do.
+    """
+
+    def __init__(self, tree: ast.Module, nodes: list[ast.AST], aliases: bool) -> None:
+        self.tree, self.nodes, self.aliases = tree, nodes, aliases
         self.modules: dict[str, str] = {}  # name -> dotted module path it stands for (imports and aliases)
+        self.patchable: set[str] = set()   # names bound to a module somewhere, and to something else elsewhere
         self.harness: set[str] = set()     # names bound to harness objects (api.start(), the session, ...)
         self.uses_harness = False
         self.finishes = False
@@ -208,21 +226,19 @@ class _Checker(ast.NodeVisitor):
     # -- what names stand for ---------------------------------------------------------------------------
 
     def _collect_bindings(self) -> None:
+        """Which names stand for modules (imports, plain aliases like `T = torch.Tensor`) and for harness objects."""
         assignments: list[tuple[list[str], ast.AST]] = []
-        for node in ast.walk(self.tree):
+        alias_sites: Counter[str] = Counter()  # assignments of a name to a module path
+        for node in self.nodes:
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    if alias.asname:
-                        self.modules[alias.asname] = alias.name
-                    else:
-                        top = alias.name.split(".")[0]
-                        self.modules[top] = top
+                    name = alias.asname or alias.name.split(".")[0]
+                    self.modules.setdefault(name, alias.name if alias.asname else name)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 for alias in node.names:
-                    self.modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.NamedExpr, ast.For, ast.withitem)):
-                value = node.iter if isinstance(node, ast.For) else (
-                    node.context_expr if isinstance(node, ast.withitem) else node.value)
+                    self.modules.setdefault(alias.asname or alias.name, f"{node.module}.{alias.name}")
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.NamedExpr, ast.withitem)):
+                value = node.context_expr if isinstance(node, ast.withitem) else node.value
                 targets = node.targets if isinstance(node, ast.Assign) else [
                     node.optional_vars if isinstance(node, ast.withitem) else node.target]
                 if value is not None:
@@ -232,10 +248,10 @@ class _Checker(ast.NodeVisitor):
             changed = False
             for names, value in assignments:
                 chain = _chain(value)
-                if chain and chain[0] in self.modules:
+                if self.aliases and chain and chain[0] in self.modules:
                     path = ".".join([self.modules[chain[0]], *chain[1]])
                     for name in names:
-                        if self.modules.get(name) != path:
+                        if name not in self.modules:  # the first binding wins: `x = x.mT` must not loop
                             self.modules[name], changed = path, True
                 root = _root(value)
                 if root is not None and self._is_harness(root):
@@ -243,6 +259,17 @@ class _Checker(ast.NodeVisitor):
                         if name not in self.harness:
                             self.harness.add(name)
                             changed = True
+        for names, value in assignments:
+            chain = _chain(value)
+            if chain and chain[0] in self.modules:
+                alias_sites.update(names)
+        # A name bound to a module in one place and to something else in another is ambiguous: its reads are
+        # checked where it was bound to the module; stores through it are still refused. Aliases of the
+        # harness stay resolved (their attributes are checked against the harness API either way).
+        sites = Counter(_binding_sites(self.nodes))
+        for name in [n for n, path in self.modules.items() if sites[n] > alias_sites[n] and not path.startswith("harness")]:
+            self.patchable.add(name)
+            del self.modules[name]
 
     def _is_harness(self, name: str) -> bool:
         return name in self.harness or self.modules.get(name, "").split(".")[0] == "harness"
@@ -325,7 +352,7 @@ class _Checker(ast.NodeVisitor):
         if self._is_harness(root):
             raise _fail(node, f"train.py may not change the harness's objects ({ast.unparse(node)})")
         path = self._path(node)
-        if root in self.modules and (path is None or not path.startswith(SETTABLE_PREFIXES)):
+        if (root in self.modules or root in self.patchable) and (path is None or not path.startswith(SETTABLE_PREFIXES)):
             raise _fail(node, f"train.py may not patch modules ({path or ast.unparse(node)} is shared with the "
                               "harness); define your own function instead")
 

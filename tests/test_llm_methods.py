@@ -1,0 +1,283 @@
+"""llm-hp, llm-code and centaur driven through the real run loop, the real SDKs and the fake provider, on an
+objective that answers at once (so that many trials and every branch can be exercised in seconds)."""
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import git
+import numpy as np
+import optuna
+import pytest
+import yaml
+from llm_server import Fail, FakeLLM, Hang, config_answer, file_answer, shown_proposal, shown_train_py
+from optuna.trial import TrialState
+
+from harness.result import TrialResult
+from hybrid import cli, generations, loop, store
+from hybrid.llm import centaur, guard
+from hybrid.llm.centaur import CentaurMethod, UnitCube
+from hybrid.paths import PROJECT_ROOT
+from hybrid.space import load_space
+
+TRAIN_PY, SPACE_YAML = PROJECT_ROOT / "train.py", PROJECT_ROOT / "search_space.yaml"
+SPACE = load_space(SPACE_YAML, "test")
+CORPUS = Path(__file__).parent / "data" / "llm_answers"
+KEY = "sk-test-SECRET123"
+
+
+class QuickObjective:
+    """val_bpb: a bowl in the unit cube of the knobs, lower for every `# faster` line in train.py, higher for `# slower`."""
+    name = "quick"
+
+    def evaluate(self, source, config, *, seed, trial_number, trial_dir) -> TrialResult:
+        distance = float(np.sum((UnitCube(SPACE).encode(config) - 0.3) ** 2))
+        value = 1.0 + distance - 0.05 * source.count("# faster") + 0.05 * source.count("# slower")
+        return TrialResult(status="ok", val_bpb=value, training_seconds=1.0, total_seconds=1.0, config=dict(config))
+
+
+@pytest.fixture
+def llm_env(monkeypatch, tmp_path):
+    """A key in the environment, short retries, no other provider settings; the harness sealed as it is now."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("HYBRID_LLM_BACKOFF_SECONDS", "0.01")
+    monkeypatch.setenv("HYBRID_LLM_TIMEOUT_SECONDS", "1")
+    monkeypatch.setenv("HYBRID_LLM_ATTEMPTS", "3")
+    monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "anthropic-config"))
+    for name in ("ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(guard, "SEAL", guard.HarnessSeal())
+
+
+@pytest.fixture
+def quick(monkeypatch, llm_env):
+    monkeypatch.setattr(loop, "make_objective", lambda *a, **k: QuickObjective())
+
+
+def run_config(tmp_path: Path, method: str, base_url: str, trials: int, **kw) -> loop.RunConfig:
+    return loop.RunConfig(method=method, study=method, storage=f"sqlite:///{tmp_path}/hybrid.db", trials=trials,
+                          profile="test", llm=kw.pop("llm", "anthropic"), llm_base_url=base_url, train_py=str(TRAIN_PY),
+                          space=str(SPACE_YAML), **kw)
+
+
+def load(config: loop.RunConfig) -> optuna.Study:
+    return optuna.load_study(study_name=config.study, storage=store.open_storage(config.storage))
+
+
+def consistent(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Every trial finished with a status; rejections took no time. Returns the trials."""
+    trials = study.get_trials()
+    for t in trials:
+        assert t.state in (TrialState.COMPLETE, TrialState.FAIL) and "status" in t.user_attrs, t
+        if t.user_attrs["status"] == "rejected":
+            assert t.state == TrialState.FAIL and not t.user_attrs.get("total_seconds") and t.user_attrs.get("error")
+    return trials
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def corpus(agent: str) -> list[dict]:
+    return [e for e in yaml.safe_load((CORPUS / "index.yaml").read_text()) if e["agent"] == agent]
+
+
+def answer(entry: dict, shown: str = "") -> str:
+    """A corpus answer, its {{TRAIN_PY}} filled with the train.py the agent was shown (edited as the entry says)."""
+    text = (CORPUS / entry["file"]).read_text()
+    if "{{TRAIN_PY}}" in text:
+        for old, new in entry.get("replace", []):
+            assert shown.count(old) == 1, f"{entry['file']}: {old!r} is not in train.py once"
+            shown = shown.replace(old, new)
+        text = text.replace("{{TRAIN_PY}}", shown.rstrip("\n"))
+    return text
+
+
+# -- llm-hp ---------------------------------------------------------------------------------------------------
+
+def test_llm_hp_survives_the_corpus_and_shows_its_rejections(tmp_path, quick):
+    entries = corpus("hp")
+    with FakeLLM([answer(e) for e in entries]) as llm:
+        config = run_config(tmp_path, "llm-hp", llm.base_url, len(entries) + 1)
+        assert loop.run(config) == 0
+    trials = consistent(load(config))
+    assert [t.user_attrs["source"] for t in trials] == ["baseline"] + ["llm-hp"] * len(entries)
+    for entry, trial, request, following in zip(entries, trials[1:], llm.requests, llm.requests[1:] + [None]):
+        attrs = trial.user_attrs
+        assert attrs["status"] == entry["expect"], entry["file"]
+        shown = attrs.get("error") if entry["expect"] == "rejected" else attrs.get("llm_note", "")
+        assert entry["reason"] in shown, entry["file"]
+        assert attrs["llm_model"] == "claude-opus-4-6" and attrs["llm_output_tokens"] > 0 and attrs["llm_cost_usd"] > 0
+        if following is not None and entry["expect"] == "rejected":
+            assert attrs["error"] in following.prompt  # the reason is shown to the agent next time
+    assert all(t.user_attrs["llm_cache_read_tokens"] > 0 for t in trials[2:])  # the prefix is cached after the first call
+    clamped = next(t for t, e in zip(trials[1:], entries) if e["file"] == "hp-out-of-range.md")
+    assert (clamped.params["DEPTH"], clamped.params["MATRIX_LR"]) == (4, 0.2)
+
+
+def test_transient_provider_errors_are_retried_within_a_trial(tmp_path, quick):
+    with FakeLLM([Fail(429), Hang(3.0), config_answer(SPACE.defaults())]) as llm:
+        config = run_config(tmp_path, "llm-hp", llm.base_url, 2)
+        assert loop.run(config) == 0
+    trial = consistent(load(config))[1]
+    assert trial.user_attrs["status"] == "ok" and trial.user_attrs["llm_attempts"] == 3
+
+
+def test_a_provider_that_stays_down_stops_the_run_cleanly_and_resume_goes_on(tmp_path, quick, capsys):
+    config = run_config(tmp_path, "llm-hp", f"http://127.0.0.1:{closed_port()}/v1", 4, llm="openai", llm_model="qwen")
+    args = ["run", "--method", "llm-hp", "--study", config.study, "--storage", config.storage, "--trials", "4",
+            "--profile", "test", "--llm", "openai", "--llm-model", "qwen", "--llm-base-url", config.llm_base_url,
+            "--train-py", str(TRAIN_PY), "--space", str(SPACE_YAML)]
+    assert cli.main(args) == 2
+    assert "failed 3 times in a row" in capsys.readouterr().err
+    trials = consistent(load(config))
+    assert [t.user_attrs["status"] for t in trials] == ["ok", "rejected", "rejected"]
+    assert all("LLM provider error" in t.user_attrs["error"] and t.user_attrs["llm_attempts"] == 3 for t in trials[1:])
+    with FakeLLM([config_answer(SPACE.defaults())]) as llm:  # the server is back: the run continues to its budget
+        study = load(config)
+        study.set_user_attr(store.RUN_KEY, {**study.user_attrs[store.RUN_KEY], "llm_base_url": llm.base_url + "/v1"})
+        assert loop.resume(config.study, config.storage) == 0
+    assert [t.user_attrs["status"] for t in consistent(load(config))] == ["ok", "rejected", "rejected", "ok"]
+
+
+def test_a_refused_key_stops_the_run_at_once(tmp_path, quick, capsys):
+    with FakeLLM([Fail(401, "invalid x-api-key")]) as llm:
+        args = ["run", "--method", "llm-hp", "--study", "s", "--storage", f"sqlite:///{tmp_path}/h.db", "--trials", "3",
+                "--profile", "test", "--llm", "anthropic", "--llm-base-url", llm.base_url,
+                "--train-py", str(TRAIN_PY), "--space", str(SPACE_YAML)]
+        assert cli.main(args) == 2
+    assert "refused the request (anthropic claude-opus-4-6: HTTP 401: invalid x-api-key)" in capsys.readouterr().err
+    assert len(llm.requests) == 1
+
+
+# -- llm-code -------------------------------------------------------------------------------------------------
+
+class Editor:
+    """A scripted code agent: each answer edits the train.py it is shown (or is a fixed answer)."""
+
+    def __init__(self, steps: list) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, system: str, prompt: str) -> str:
+        step = self.steps.pop(0)
+        return step if isinstance(step, str) else step(shown_train_py(system))
+
+
+def add_line(marker: str):
+    return lambda src: file_answer(src.replace("\nROPE_BASE", f"\n{marker}\nROPE_BASE", 1), f"add {marker}")
+
+
+def set_knob(name: str, value: str):
+    def edit(src: str) -> str:
+        line = next(s for s in src.splitlines() if s.startswith(f"{name} = "))
+        return file_answer(src.replace(line, f"{name} = {value}", 1), f"set {name} to {value}")
+    return edit
+
+
+def test_llm_code_keeps_better_edits_and_reverts_the_rest(tmp_path, quick):
+    harness_edit = answer(next(e for e in corpus("code") if e["file"] == "code-harness-diff.md"))
+    editor = Editor([add_line("# faster"), add_line("# slower"), harness_edit, add_line("# faster"),
+                     set_knob("DEPTH", "3"), set_knob("DEPTH", "99")])
+    with FakeLLM(responder=editor) as llm:
+        config = run_config(tmp_path, "llm-code", llm.base_url, 7)
+        assert loop.run(config) == 0
+    study = load(config)
+    trials = consistent(study)
+    gens = generations.load_all(study)
+    assert [t.user_attrs["status"] for t in trials] == ["ok", "ok", "ok", "rejected", "ok", "ok", "ok"]
+    assert [g.status for g in gens.values()] == ["base", "kept", "reverted", "kept", "reverted", "reverted"]
+    assert [t.user_attrs["generation"] for t in trials] == [0, 1, 2, 1, 3, 4, 5]
+    assert gens[3].parent == 1 and gens[3].source.count("# faster") == 2 and "+# faster" in gens[3].diff
+    # a knob the edit changed runs at its new value; one set outside the declared range leaves the space
+    assert trials[5].params["DEPTH"] == 3 and "DEPTH" in gens[4].space
+    assert "DEPTH" not in trials[6].params and "DEPTH" not in gens[5].space
+    assert trials[1].user_attrs["diff_summary"] == "+1 -0 lines" and "+# faster" in trials[1].user_attrs["diff"]
+    assert trials[1].user_attrs["description"] == "add # faster"
+    # what the agent was shown: the incumbent, its history with outcomes, the reason of the refusal
+    assert "# faster" in llm.requests[2].system and "# slower" not in llm.requests[2].system
+    assert "generation 2, reverted" in llm.requests[3].prompt and "generation 1, kept" in llm.requests[3].prompt
+    assert "refused before running" in llm.requests[4].prompt and "the diff edits harness/evaluate.py" in llm.requests[4].prompt
+    # kept generations are commits on the run's branch
+    repo = git.Repo(Path(config.artifacts) / "lineage")
+    log = [c.message.split(":")[0] for c in repo.iter_commits("hybrid/llm-code")]
+    assert log == ["generation 3", "generation 1", "generation 0"]
+    assert gens[3].extra["commit"] == repo.tags["gen-3"].commit.hexsha
+
+
+# -- centaur --------------------------------------------------------------------------------------------------
+
+def advisor(system: str, prompt: str) -> str:
+    """The Centaur advisor: CMA-ES's proposal with a lower matrix learning rate."""
+    proposal = shown_proposal(prompt)
+    proposal["MATRIX_LR"] = round(proposal["MATRIX_LR"] * 0.8, 5)
+    return config_answer(proposal, "CMA-ES's mean drifts towards a high MATRIX_LR; the best trials used less.")
+
+
+def test_centaur_consults_the_llm_on_a_seeded_fraction_of_trials(tmp_path, quick, monkeypatch):
+    with FakeLLM(["I am not sure what to propose."], responder=advisor) as llm:
+        config = run_config(tmp_path, "centaur", llm.base_url, 30, llm_fraction=0.5, seed=3)
+        assert loop.run(config) == 0
+    trials = consistent(load(config))
+    method = CentaurMethod.__new__(CentaurMethod)
+    method.fraction, method.run_seed = 0.5, 3
+    turns = [n for n in range(1, 30) if method.llm_turn(n)]
+    assert turns and min(turns) >= centaur.WARMUP_TRIALS and len(llm.requests) == len(turns)
+    first, *others = turns
+    sources = [t.user_attrs["source"] for t in trials]
+    assert sources[0] == "baseline" and sources[first] == "cmaes"  # the unreadable first answer: CMA-ES ran instead
+    assert "no JSON object" in trials[first].user_attrs["llm_rejected"]
+    assert "no JSON object" in llm.requests[1].prompt  # ... and the advisor is told why
+    assert [n for n, s in enumerate(sources) if s == "centaur-llm"] == others
+    for n in others:
+        attrs, params = trials[n].user_attrs, trials[n].params
+        wanted = SPACE.knobs["MATRIX_LR"].clamp(round(attrs["cmaes_proposal"]["MATRIX_LR"] * 0.8, 5))
+        assert params["MATRIX_LR"] == pytest.approx(wanted)
+        assert attrs["llm_input_tokens"] > 0 and "llm_cost_usd" in attrs
+    prompt = llm.requests[-1].prompt
+    for part in ("step size sigma", "covariance sigma^2 * C", "WINDOW_PATTERN", "The 5 best trials", "The last 20 trials",
+                 "mean (as knob values): DEPTH="):
+        assert part in prompt
+    assert prompt.count("- trial ") == 25  # 5 best and 20 last
+
+
+def test_centaur_rebuilds_its_cma_state_from_the_study(tmp_path, quick, monkeypatch):
+    live = []
+    build = loop.build_method
+    monkeypatch.setattr(loop, "build_method", lambda *a: live.append(build(*a)) or live[-1])
+    with FakeLLM(responder=advisor) as llm:
+        config = run_config(tmp_path, "centaur", llm.base_url, 26, llm_fraction=0.5)
+        assert loop.run(config) == 0
+        study = load(config)
+        rebuilt = CentaurMethod(config.finalize(), study, SPACE, TRAIN_PY.read_text(), seed=12345)
+    state, again = live[0].cma, rebuilt.cma
+    assert state.cma.generation == again.cma.generation >= 2
+    np.testing.assert_allclose(again.cma.mean, state.cma.mean)
+    np.testing.assert_allclose(again.cma._C, state.cma._C)
+    assert again.cma._sigma == pytest.approx(state.cma._sigma)
+    assert [x.tolist() for x, _ in again.pending] == [x.tolist() for x, _ in state.pending]
+
+
+def test_the_unit_cube_round_trips():
+    cube = UnitCube(SPACE)
+    rng = random.Random(0)
+    for _ in range(50):
+        x = np.array([rng.random() for _ in SPACE.names])
+        config = cube.decode(x)
+        assert SPACE.check(config) == config
+        assert cube.decode(cube.encode(config)) == config
+
+
+def test_centaur_on_the_surrogate(tmp_path, llm_env):
+    pytest.importorskip("hybrid.surrogate")
+    with FakeLLM(responder=advisor) as llm:
+        config = loop.RunConfig(method="centaur", study="c", storage=f"sqlite:///{tmp_path}/h.db", trials=24,
+                                objective="surrogate", llm="anthropic", llm_base_url=llm.base_url, llm_fraction=0.5)
+        assert loop.run(config) == 0
+    trials = consistent(load(config))
+    assert {t.user_attrs["source"] for t in trials} == {"baseline", "cmaes", "centaur-llm"}
+    assert len(llm.requests) == sum(t.user_attrs["source"] == "centaur-llm" for t in trials)

@@ -1,0 +1,204 @@
+"""`hybrid resume`, Ctrl-C and crash safety: real runs interrupted (SIGINT) or killed (SIGKILL) at random moments,
+then resumed: the study ends with exactly its budget, no trial lost or counted twice."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+import hybrid.loop
+from harness.result import TrialResult
+from hybrid import store
+from hybrid.cli import main
+from hybrid.generations import Generation, save
+from hybrid.paths import PROJECT_ROOT
+from hybrid.space import load_space
+
+TRIAL_ATTRS = ("source", "generation", "code_sha", "status", "seed", "method", "total_seconds", "config_ran")
+ENV = {**os.environ, "HYBRID_HEARTBEAT_SECONDS": "1", "PYTHONPATH": str(PROJECT_ROOT)}  # dead after 3 s
+
+
+def check_study(storage: str, name: str, budget: int, *, attrs: tuple[str, ...] = TRIAL_ATTRS) -> list[FrozenTrial]:
+    """The invariants of a study that reached its --trials budget through kills, interrupts and resumes."""
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))  # no duplicates, no gaps
+    finished = [t for t in trials if store.is_finished(t)]
+    assert len(finished) == budget
+    for t in finished:
+        assert all(k in t.user_attrs for k in attrs), (t.number, t.user_attrs)
+        told = TrialState.FAIL if t.user_attrs["status"] == "rejected" else TrialState.COMPLETE
+        assert t.state == told and (t.value == t.user_attrs.get("val_bpb", 100.0) or t.state == TrialState.FAIL)
+    for t in trials:
+        if not store.is_finished(t):  # interrupted (or a surplus slot): failed, never counted
+            assert t.state == TrialState.FAIL and "status" not in t.user_attrs, (t.number, t.state, t.user_attrs)
+    baselines = [t for t in finished if t.user_attrs["source"] == "baseline"]
+    assert len(baselines) == 1 and baselines[0].params == load_space(PROJECT_ROOT / "search_space.yaml",
+                                                                      study.user_attrs[store.RUN_KEY]["profile"]).defaults()
+    return trials
+
+
+def hybrid_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hybrid.cli", *args]
+
+
+def count(db: Path, sql: str) -> int:
+    """A count straight from the SQLite file (cheap enough to poll; 0 before the tables exist)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+            return conn.execute(sql).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+TRIALS = "SELECT count(*) FROM trials"
+COMPLETE = "SELECT count(*) FROM study_user_attributes WHERE key = 'hybrid.run'"
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:  # noqa: ANN001
+    """Poll until predicate() holds (True) or the process exits (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.02)
+    return True
+
+
+# -- in process: resume, Ctrl-C, sampler state ----------------------------------------------------------------
+
+class InterruptingObjective:
+    """Instant trials; trial `at` is interrupted by a SIGINT to this process, as Ctrl-C would."""
+    name = "fake"
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+        if trial_number == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted long before
+            raise AssertionError("SIGINT did not interrupt the trial")
+        return TrialResult(val_bpb=1.0 + config["MATRIX_LR"], total_seconds=300.0, config=config)
+
+
+def test_ctrl_c_then_resume_continues_the_sampler_to_the_same_budget(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: InterruptingObjective(at=15))
+    assert main(["run", "--method", "cmaes", "--study", "s", "--trials", "26", "--profile", "test"]) == 130
+    study = optuna.load_study(study_name="s", storage="sqlite:///runs/hybrid.db")
+    trials = study.get_trials()
+    assert len(trials) == 16 and all(map(store.is_finished, trials[:15]))
+    assert trials[15].state == TrialState.FAIL and "status" not in trials[15].user_attrs
+
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: InterruptingObjective(at=-1))
+    assert main(["resume", "--study", "s"]) == 0
+    trials = check_study("sqlite:///runs/hybrid.db", "s", 26)
+    # CMA-ES went on from the state it had stored in the database, not from a new start
+    generation = [t.system_attrs.get("cmawm:generation") for t in trials]
+    assert generation[16:] and min(generation[16:]) >= max(g for g in generation[:15] if g is not None) >= 1
+
+
+def test_a_study_whose_creation_was_cut_short_is_completed_by_the_next_run(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: InterruptingObjective(at=-1))
+    space = load_space(PROJECT_ROOT / "search_space.yaml", "test")
+    study = optuna.create_study(storage=store.open_storage("sqlite:///runs/hybrid.db"), study_name="s")
+    study.set_user_attr(store.SPACE_KEY, space.to_dict())  # killed here, before the baseline and the run config
+    save(study, Generation(0, None, "the baseline train.py", "", space.to_dict(), status="base"))
+    assert main(["run", "--method", "tpe", "--study", "s", "--trials", "4", "--profile", "test"]) == 0
+    check_study("sqlite:///runs/hybrid.db", "s", 4)
+
+
+# -- real processes -------------------------------------------------------------------------------------------
+
+def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
+    db, budget = tmp_path / "runs" / "hybrid.db", 40
+    proc = subprocess.Popen(hybrid_cmd("run", "--method", "tpe", "--study", "s", "--objective", "surrogate",
+                                       "--trials", str(budget)), cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: count(db, TRIALS) >= 5 + random.randrange(10), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert "hybrid resume --study s" in proc.stderr.read()
+    with sqlite3.connect(db) as conn:
+        states = [s for (s,) in conn.execute("SELECT state FROM trials")]
+    assert "RUNNING" not in states and states.count("FAIL") <= 1 and len(states) < budget
+
+    done = subprocess.run(hybrid_cmd("resume", "--study", "s"), cwd=tmp_path, env=ENV, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    check_study(f"sqlite:///{db}", "s", budget)
+
+
+def test_runs_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
+    seed = random.randrange(10**6)
+    rng, db, budget = random.Random(seed), tmp_path / "runs" / "hybrid.db", 40
+    run = ("run", "--method", "tpe", "--study", "s", "--objective", "surrogate", "--trials", str(budget))
+    for kill in range(6):
+        proc = subprocess.Popen(hybrid_cmd(*(("resume", "--study", "s") if count(db, COMPLETE) else run)),
+                                cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
+        if kill == 0:  # anywhere in the start: imports, creating the database and the study, the first trials
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=rng.uniform(2.0, 10.0))
+        else:  # in the trial loop: most of its time is spent writing to the database
+            before = count(db, TRIALS)
+            wait_for(lambda: count(db, TRIALS) > before, proc)
+            time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        if proc.wait() == 0:  # it reached the budget before the kill
+            break
+    done = subprocess.run(hybrid_cmd(*(("resume", "--study", "s") if count(db, COMPLETE) else run)), cwd=tmp_path,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (seed, done.stderr)
+    trials = check_study(f"sqlite:///{db}", "s", budget)
+    assert len(trials) > budget, f"kill seed {seed}: no kill landed inside a trial"
+
+
+def _train_worker_of(trial_dir: Path) -> int | None:
+    """The pid of the harness worker training in trial_dir (it runs in a session of its own)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(trial_dir) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_train_trials_interrupted_and_killed_mid_trial(tmp_path: Path, data_dir: Path) -> None:
+    """The real objective: Ctrl-C in the middle of trial 1, resume, SIGKILL in the middle of trial 2, resume."""
+    db, budget = tmp_path / "runs" / "hybrid.db", 4
+    env = {**ENV, "HYBRID_DATA_DIR": str(data_dir)}
+    cmds = [hybrid_cmd("run", "--method", "random", "--study", "s", "--objective", "train", "--profile", "test",
+                       "--trials", str(budget)), hybrid_cmd("resume", "--study", "s")]
+    for number, stop in ((1, signal.SIGINT), (None, signal.SIGKILL)):
+        proc = subprocess.Popen(cmds[number is None], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+        target = number if number is not None else count(db, TRIALS)
+        trial_dir = tmp_path / "runs" / "s" / f"trial-{target:05d}"
+        assert wait_for(lambda: (trial_dir / "log.txt").exists(), proc)
+        time.sleep(1.0)  # train.py is running
+        proc.send_signal(stop)
+        assert proc.wait(timeout=60) == (130 if stop == signal.SIGINT else -signal.SIGKILL)
+        if (orphan := _train_worker_of(trial_dir)) is not None:  # a SIGKILL leaves train.py to its timeout
+            os.kill(orphan, signal.SIGKILL)
+        with sqlite3.connect(db) as conn:
+            state, = conn.execute("SELECT state FROM trials WHERE number = ?", (target,)).fetchone()
+        assert state == ("FAIL" if stop == signal.SIGINT else "RUNNING")  # a killed one is failed by the next run
+
+    done = subprocess.run(cmds[1], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    trials = check_study(f"sqlite:///{db}", "s", budget, attrs=(*TRIAL_ATTRS, "log_path", "training_seconds"))
+    assert [t.state for t in trials].count(TrialState.FAIL) == 2
