@@ -45,7 +45,7 @@ MUON_BETA2 = 0.95          # NorMuon's second-moment decay
 ROPE_BASE = 10000.0
 LOGIT_SOFTCAP = 15.0
 VE_GATE_CHANNELS = 32      # input channels of the value-embedding gate
-LOG_EVERY = 10             # steps between progress lines
+LOG_SECONDS = 5.0          # seconds between progress lines
 
 # Polar Express (Amsel et al. 2025): per-step coefficients (a, b, c) of X <- a X + b (X X^T) X + c (X X^T)^2 X.
 POLAR_EXPRESS = (
@@ -246,6 +246,7 @@ class GPT(nn.Module):
 
 def build_model(vocab_size: int, seq_len: int, device: torch.device | str = "cpu") -> GPT:
     """The GPT the knobs describe, initialized on `device` (on "meta": shapes only, for the memory model)."""
+    assert HEAD_DIM % 2 == 0, f"HEAD_DIM must be even (rotary embeddings rotate channel pairs), got {HEAD_DIM}"
     model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
     config = GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=DEPTH, n_head=model_dim // HEAD_DIM,
                        head_dim=HEAD_DIM, window_pattern=WINDOW_PATTERN)
@@ -372,7 +373,7 @@ def main() -> None:
 
     batches = session.train_batches(DEVICE_BATCH_SIZE)
     step, progress = 0, 0.0
-    t_log, smooth_loss = time.perf_counter(), 0.0
+    t_log, step_logged, smooth_loss = time.perf_counter(), 0, 0.0
     while not session.done:
         set_schedule(optimizers, progress, step)
         loss_sum = torch.zeros((), device=device)
@@ -393,12 +394,12 @@ def main() -> None:
             gc.freeze()
             gc.disable()
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
-        if step % LOG_EVERY == 0:
-            now = time.perf_counter()
-            tokens_per_second = LOG_EVERY * TOTAL_BATCH_SIZE / (now - t_log)
-            t_log = now
+        now = time.perf_counter()
+        if now - t_log >= LOG_SECONDS or session.done:
+            tokens_per_second = (step - step_logged) * TOTAL_BATCH_SIZE / (now - t_log)
             print(f"step {step:05d} | loss {smooth_loss / (1 - 0.9**step):.4f} | progress {100 * progress:5.1f}% | "
                   f"tok/s {tokens_per_second:,.0f}", flush=True)
+            t_log, step_logged = now, step
     gc.enable()
     session.finish(model)
 

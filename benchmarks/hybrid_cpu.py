@@ -68,6 +68,10 @@ def _run(args: list[str], log, kill_when=None, storage: str = "") -> tuple[int, 
     return proc.returncode, None
 
 
+def _bpb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall: float, sampler: str) -> str:
     rows = lineage_table(study)
     gens = generations.load_all(study)
@@ -81,6 +85,7 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
     failed_unfinished = [t.number for t in study.get_trials(deepcopy=False)
                          if t.state == TrialState.FAIL and not store.is_finished(t)]
     ok = [t.user_attrs["val_bpb"] for t in trials if t.user_attrs.get("status") == "ok"]
+    mutations = [str(g.extra.get("mutation")) for g in gens.values() if g.parent is not None]
     baseline = next((t.user_attrs.get("val_bpb") for t in trials if t.user_attrs.get("source") == "baseline"), None)
     lines = [
         "# hybrid on the cpu profile (catalog, no LLM)", "",
@@ -88,9 +93,10 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
         f"(`hybrid run --method hybrid --llm none --profile cpu --sampler {sampler}`, killed with SIGKILL "
         "mid-generation, then `hybrid resume`). Full output: hybrid_cpu.log.", "",
         f"- wall time {wall / 60:.1f} min; trial time used {store.seconds_used(trials) / 60:.1f} min "
-        f"of {budget_hours * 60:.0f}; {len(trials)} finished trials ({', '.join(f'{k} {v}' for k, v in sorted(sources.items()))})",
+        f"of {budget_hours * 60:.0f}; {len(trials)} finished trials "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(sources.items()))})",
         f"- generations: {len(gens)} ({', '.join(f'{g.number} {g.status}' for g in gens.values())})",
-        f"- baseline val_bpb {baseline if baseline is None else f'{baseline:.4f}'}; best {min(ok):.4f}" if ok else "- no successful trial",
+        f"- baseline val_bpb {_bpb(baseline)}; best {_bpb(min(ok, default=None))}",
         f"- knobs tuned that generation 0 did not have: {', '.join(tuned_new) or 'none'}",
         *(f"  - generation {n}: + {', '.join(k) or 'none'}" for n, k in later.items()),
         "", "## Lineage", "", "```", format_lineage(rows), "```", "", "## The kill and the resume", "",
@@ -107,7 +113,7 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
             f"- the interrupted trial(s) {failed_unfinished} were failed by `resume` and never counted",
             f"- the resumed run went on with generation {gen.number}: {len(after)} more of its trials; "
             f"its verdict: {gen.status}" + (f" ({gen.extra.get('reason')})" if gen.extra.get("reason") else ""),
-            f"- mutations tried, each once: {', '.join(str(g.extra.get('mutation')) for g in gens.values() if g.parent is not None)}",
+            f"- mutations tried, each once: {', '.join(mutations)}",
         ]
     return "\n".join(lines) + "\n"
 

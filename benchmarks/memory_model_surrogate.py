@@ -190,7 +190,7 @@ def main() -> None:
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [
-        "# Memory model on the surrogate objective: 24 h protocols with and without it",
+        "# Memory model on the surrogate objective: protocols with and without it",
         "",
         f"Protocol: {r['protocol']}; seeds {sorted({run['seed'] for run in r['runs']})}. The surrogate's failure "
         "model stands in for the GPU. Produced by `python benchmarks/memory_model_surrogate.py` "

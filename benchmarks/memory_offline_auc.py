@@ -167,8 +167,12 @@ def main() -> None:
     log(f"done in {report['seconds']:.0f} s: {NAME}.json, {NAME}.md")
 
 
+def _pct(share: float) -> str:
+    return f"{100 * share:.2f} %"
+
+
 def markdown(r: dict) -> str:
-    c = r["at_cap"]
+    c, base = r["at_cap"], r["baseline"]
     lines = [
         "# Memory model, offline: the analytic estimate on the paper's trials",
         "",
@@ -178,15 +182,16 @@ def markdown(r: dict) -> str:
         "no calibration. Produced by `python benchmarks/memory_offline_auc.py` (log: memory_offline_auc.log).",
         "",
         f"- **ROC AUC** of the estimate as a score of failure: **{r['roc_auc']:.4f}** over all failures "
-        f"(goal >= {r['goal_roc_auc']}); {r['roc_auc_oom_only']:.4f} over the {r['failed_within_100s']} failures that "
-        "ended within 100 s (out of memory; the others hung for about 600 s).",
-        f"- Baseline config: estimate {r['baseline']['estimate_mib']:.0f} MiB; the reference autoresearch measured "
-        f"{r['baseline']['reference_mib']:.0f} MiB on an H100 (ratio {r['baseline']['estimate_mib'] / r['baseline']['reference_mib']:.3f}).",
-        f"- At the paper's cap ({r['cap_gib']:g} GiB): {c['refused']} trials refused, {c['true_positives']} of them failed; "
-        f"**{c['false_positives']} successful trials refused** (false positives), **{c['false_negatives']} failures let "
-        f"run** (false negatives); accuracy {c['accuracy']:.4f}, precision {c['precision']:.4f}, recall {c['recall']:.4f}.",
-        f"- GPU time of failures: {c['failed_hours']:.1f} h ({100 * c['budget_share_failed']:.1f} % of all trial time); "
-        f"left after refusals: {c['failed_hours_left']:.2f} h ({100 * c['budget_share_failed_left']:.2f} %).",
+        f"(goal >= {r['goal_roc_auc']}); {r['roc_auc_oom_only']:.4f} over the {r['failed_within_100s']} failures "
+        "that ended within 100 s (out of memory; the others hung for about 600 s).",
+        f"- Baseline config: estimate {base['estimate_mib']:.0f} MiB; the reference autoresearch measured "
+        f"{base['reference_mib']:.0f} MiB on an H100 (ratio {base['estimate_mib'] / base['reference_mib']:.3f}).",
+        f"- At the paper's cap ({r['cap_gib']:g} GiB): {c['refused']} trials refused, {c['true_positives']} of them "
+        f"failed; **{c['false_positives']} successful trials refused** (false positives), "
+        f"**{c['false_negatives']} failures let run** (false negatives); accuracy {c['accuracy']:.4f}, "
+        f"precision {c['precision']:.4f}, recall {c['recall']:.4f}.",
+        f"- GPU time of failures: {c['failed_hours']:.1f} h ({_pct(c['budget_share_failed'])} of all trial time); "
+        f"left after refusals: {c['failed_hours_left']:.2f} h ({_pct(c['budget_share_failed_left'])}).",
         f"- Best val_bpb of all trials {r['best_val_bpb']:.6f}; best among the successful trials the cap refuses: "
         f"{r['best_val_bpb_refused']}.",
         "",
@@ -197,11 +202,12 @@ def markdown(r: dict) -> str:
     ]
     for m, d in r["per_method"].items():
         lines.append(f"| {m} | {d['trials']} | {d['failed']} | {d['refused']} | {d['false_positives']} | "
-                     f"{d['false_negatives']} | {100 * d['budget_share_failed']:.1f} % | {100 * d['budget_share_failed_left']:.2f} % |")
+                     f"{d['false_negatives']} | {_pct(d['budget_share_failed'])} | "
+                     f"{_pct(d['budget_share_failed_left'])} |")
     lines += ["", "## Sensitivity: the cap scaled", "",
               "| cap x | false positives | false negatives | accuracy |", "|---|---|---|---|"]
-    for s, d in r["cap_sweep"].items():
-        lines.append(f"| {s} | {d['false_positives']} | {d['false_negatives']} | {d['accuracy']:.4f} |")
+    for scale, d in r["cap_sweep"].items():
+        lines.append(f"| {scale} | {d['false_positives']} | {d['false_negatives']} | {d['accuracy']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

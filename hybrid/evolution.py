@@ -39,7 +39,6 @@ WARM_CONFIGS = 2   # tpe/gp: the parent's best configs (projected) that a new ge
 # tpe/gp: trials of a generation before its model takes over (the baseline, or a child's warm starts): few, so
 # that a generation searches around its best configs so far rather than uniformly; big jumps are structural.
 N_STARTUP = 2
-LIVE = ("base", "promoted", "candidate")
 
 
 @dataclass
@@ -182,6 +181,8 @@ class HybridMethod:
         if due.generation.status == "candidate":
             gen = due.generation
             verdict = judge(score(snap.finished[gen.parent]), score(snap.finished[gen.number]), snap.noise)
+            if not self.lease.renew():
+                return None  # it expired meanwhile: whoever holds it now decides
             generations.set_status(study, gen, "promoted" if verdict.promoted else "rejected",
                                    **verdict.to_extra(), decided_after_trial=snap.last_trial)
             return None
@@ -201,6 +202,8 @@ class HybridMethod:
         extra = {"mutation": proposal.name, "agent": self.agent.source, "trigger": due.reason,
                  "new_knobs": {k: v.to_dict() for k, v in proposal.added.items()}, "removed_knobs": proposal.removed,
                  "created_after_trial": snap.last_trial, **proposal.attrs, **({"reason": rejected} if rejected else {})}
+        if not self.lease.renew():
+            return self._tune(parent)  # the agent took longer than the lease: another worker may be mutating
         gen = Generation(max(snap.generations) + 1, parent.number, proposal.description, proposal.source,
                          space.to_dict(), diff=generations.unified_diff(parent.source, proposal.source),
                          status="rejected" if rejected else "candidate", extra=extra)

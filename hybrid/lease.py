@@ -32,7 +32,7 @@ def _rdb(study: optuna.Study) -> RDBStorage:
 
 
 class StructuralLease:
-    """try_acquire() / release() of the study's lease for this worker (holder: host, pid and a nonce)."""
+    """try_acquire() / renew() / release() of the study's lease for this worker (holder: host, pid and a nonce)."""
 
     def __init__(self, study: optuna.Study, seconds: float = LEASE_SECONDS) -> None:
         self.engine = _rdb(study).engine
@@ -52,9 +52,18 @@ class StructuralLease:
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free, expired or already ours; False if another live worker holds it."""
+        return self._set(renewing=False)
+
+    def renew(self) -> bool:
+        """Extend the lease if this worker still holds it (to be checked before writing what it guards)."""
+        return self._set(renewing=True)
+
+    def _set(self, *, renewing: bool) -> bool:
         value = json.dumps({"holder": self.holder, "expires": time.time() + self.seconds})
         with self.engine.connect() as conn:
             row = conn.execute(select(_TABLE.c.value_json).where(self._where())).first()
+        if renewing and (row is None or json.loads(row[0])["holder"] != self.holder):
+            return False
         try:
             with self.engine.begin() as conn:
                 if row is None:

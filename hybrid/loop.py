@@ -149,20 +149,33 @@ def resume(study_name: str, storage_url: str, *, workers: int | None = None) -> 
 
 
 def _open_study(storage, config: RunConfig, space: SearchSpace, code: str) -> optuna.Study:  # noqa: ANN001
-    """The study, created if new. The run config is written last: a study that has it is complete, and one
-    whose creation was cut short (killed) is completed by the next `hybrid run`."""
-    if store.study_exists(storage, config.study):
+    """The study, created if new: by one process, when several machines start the same command together. The
+    run config is written last: a study without it is being created, or its creation was cut short (killed),
+    in which case this run completes it."""
+    study = None
+    if not store.study_exists(storage, config.study):
+        with contextlib.suppress(optuna.exceptions.DuplicatedStudyError):  # another machine was first
+            study = optuna.create_study(storage=storage, study_name=config.study, direction="minimize")
+    if study is None:
         study = optuna.load_study(study_name=config.study, storage=storage)
-        if store.RUN_KEY in study.user_attrs or any(t.state != TrialState.WAITING for t in study.get_trials()):
+        if any(t.state != TrialState.WAITING for t in study.get_trials()) or _created_meanwhile(study):
             _check_same_run(study, config, space)
             return study
-    else:
-        study = optuna.create_study(storage=storage, study_name=config.study, direction="minimize", load_if_exists=True)
     study.set_user_attr(store.SPACE_KEY, space.to_dict())
     generations.save(study, Generation(0, None, "the baseline train.py", code, space.to_dict(), status="base"))
     study.enqueue_trial(space.defaults(), user_attrs={"source": "baseline"}, skip_if_exists=True)
     study.set_user_attr(store.RUN_KEY, config.to_dict())
     return study
+
+
+def _created_meanwhile(study: optuna.Study) -> bool:
+    """Whether the study gets its run config within the heartbeat grace (its creator is alive)."""
+    deadline = time.monotonic() + store.GRACE_SECONDS
+    while store.RUN_KEY not in study.user_attrs:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _check_same_run(study: optuna.Study, config: RunConfig, space: SearchSpace) -> None:

@@ -223,5 +223,5 @@ class MemoryModel:
         predicted = self.predict_mb(source, config, history)
         if predicted is None or predicted * MIB <= cap_gb * GIB:
             return None
-        return TrialResult(status="oom-predicted", error=f"predicted peak {predicted * MIB / GIB:.1f} GB > cap {cap_gb:g} GB",
-                           total_seconds=0.0, config=dict(config))
+        return TrialResult(status="oom-predicted", total_seconds=0.0, config=dict(config),
+                           error=f"predicted peak {predicted * MIB / GIB:.1f} GB > cap {cap_gb:g} GB")

@@ -50,11 +50,14 @@ def _save(fig: plt.Figure, pfig: go.Figure, out: Path, name: str) -> None:
 
 
 def bpb_range(frame: pd.DataFrame) -> tuple[float, float]:
-    """The val_bpb axis: from the best trial to the 80th percentile of successful trials (or the baseline, if
-    higher), so that a few bad configurations do not squash the interesting part."""
-    ok = frame.loc[frame["ok"], "val_bpb"].astype(float)
-    baseline = frame.loc[frame["ok"] & (frame["source"] == "baseline"), "val_bpb"].astype(float)
-    low, high = ok.min(), max(np.percentile(ok, 80), baseline.median() if len(baseline) else -math.inf)
+    """The val_bpb axis of the trial plots: from the best trial up to the baseline or, if higher, the 80th
+    percentile of the successful trials of the most focused method, so that the bad configurations of a
+    scattered method (random) do not squash the region where the others converge."""
+    ok = frame[frame["ok"]]
+    values = ok["val_bpb"].astype(float)
+    baseline = values[ok["source"] == "baseline"]
+    focused = values.groupby(ok["method"]).quantile(0.8).min()
+    low, high = values.min(), max(focused, baseline.median() if len(baseline) else -math.inf)
     pad = max(high - low, 1e-4) * 0.06
     return low - pad, high + pad
 
@@ -102,9 +105,10 @@ def plot_incumbent(frame: pd.DataFrame, palette: dict[str, str], out: Path,
                            annotation_text=f"{method}, paper {ref:.4f}")
             bottoms.append(ref)
             tops.append(ref)
-        tops.append(np.nanmax(mean + std))
-        bottoms.append(np.nanmin(mean - std))
-    low, high = min(bottoms), max(tops)
+        if np.isfinite(mean).any():
+            tops.append(np.nanmax(mean + std))
+            bottoms.append(np.nanmin(mean - std))
+    low, high = (min(bottoms), max(tops)) if tops else bpb_range(frame)
     pad = max(high - low, 1e-4) * 0.05
     ax.set_ylim(low - pad, high + pad)
     ax.set_xlim(0, grid[-1])
@@ -184,7 +188,8 @@ def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
     _save(fig, pfig, out, "trials")
     return Figure("trials", "Every trial per method",
                   f"Successful trials as dots, the incumbent as a staircase, one colour per seed. The val_bpb axis stops at "
-                  f"{high:.4f} (the 80th percentile of successful trials, or the baseline if higher): failed trials "
+                  f"{high:.4f} (the baseline or, if higher, the 80th percentile of the successful trials of the most "
+                  "focused method): failed trials "
                   "(val_bpb = 100) are drawn as × in the top row, worse successes as ▲ just below it.")
 
 

@@ -111,6 +111,25 @@ def ordering(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return ours, theirs
 
 
+def swaps(rows: list[dict[str, Any]], built: report.Report) -> str:
+    """The pairs of methods that ours and the paper order differently, and whether our interval of their
+    difference excludes zero (a real disagreement) or not (a swap within the noise of three seeds)."""
+    ours, theirs = ordering(rows)
+    notes = []
+    for test in built.tests:
+        if test.a not in ours or test.b not in ours:
+            continue
+        if (ours.index(test.a) < ours.index(test.b)) == (theirs.index(test.a) < theirs.index(test.b)):
+            continue
+        paper = {r["method"]: r["paper_best_mean"] for r in rows}
+        within = test.ci_low is not None and test.ci_low <= 0 <= test.ci_high
+        ci = "no interval (fewer than 2 seeds)" if test.ci_low is None else f"[{test.ci_low:+.4f}, {test.ci_high:+.4f}]"
+        notes.append(f"{test.a} and {test.b} swap places: ours differ by {test.diff:+.4f}, 95 % interval {ci}"
+                     f"{' (includes zero: within the noise)' if within else ''}; the paper's by "
+                     f"{paper[test.a] - paper[test.b]:+.4f}")
+    return ". ".join(notes) + "." if notes else ""
+
+
 def random_verdict(built: report.Report) -> str:
     """Whether random is the worst method, and whether every interval of the difference excludes zero."""
     if "random" not in built.methods.index or len(built.methods) < 2:
@@ -147,7 +166,7 @@ def comparison_markdown(rows: list[dict[str, Any]], built: report.Report, mode: 
              "of failed trials (almost all out of memory), so it is set beside our share of failed trials of any kind; "
              "the per-method table above splits out the OOMs.",
              f"Ordering, best first: ours {' < '.join(ours)}; the paper's {' < '.join(theirs)}: "
-             f"{'the same' if same else 'different'}. {random_verdict(built)}",
+             f"{'the same' if same else 'different'}. {swaps(rows, built)} {random_verdict(built)}",
              f"This invocation ran in {elapsed / 60:.1f} minutes with {workers} process{'es' if workers > 1 else ''} "
              f"({mode} objective; a resumed run counts only what was left)."]
     if mode == "surrogate":

@@ -24,6 +24,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from harness.result import TrialResult
 from hybrid.errors import UserError
@@ -60,10 +61,16 @@ def open_storage(url: str) -> RDBStorage:
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    try:
-        storage = RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs)
-    except Exception as e:  # sqlalchemy's errors for bad hosts, drivers, credentials
-        raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+    for attempt in range(5):
+        try:
+            storage = RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs)
+            break
+        except (IntegrityError, ProgrammingError):  # machines creating the tables of a new database together
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+        except Exception as e:  # sqlalchemy's errors for bad hosts, drivers, credentials
+            raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
     if scheme == "sqlite":
         _tune_sqlite(storage)
     return storage

@@ -16,7 +16,7 @@ import torch
 from harness.knobs import find_knobs, inject_knobs
 from harness.profiles import get_profile
 from hybrid.generations import Generation
-from hybrid.llm.catalog import MUTATIONS, CatalogAgent, MutationError
+from hybrid.llm.catalog import BY_NAME, MUTATIONS, CatalogAgent, MutationError
 from hybrid.llm.guard import check_patch
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import Knob, check_against_source, load_space
@@ -29,9 +29,8 @@ NAMES = [m.name for m in MUTATIONS]
 
 def compose(order: list[str]) -> tuple[str, dict[str, Knob]]:
     source, knobs = BASELINE, {}
-    by_name = {m.name: m for m in MUTATIONS}
     for name in order:
-        applied = by_name[name].apply(source)
+        applied = BY_NAME[name].apply(source)
         source, knobs = applied.source, {**knobs, **applied.knobs}
     return source, knobs
 
@@ -79,7 +78,7 @@ def test_a_missing_anchor_is_a_clear_error() -> None:
     with pytest.raises(MutationError, match=r"mutation swiglu: expected the anchor .* once in train\.py, found it 0 times"):
         compose(["swiglu", "swiglu"])
     with pytest.raises(MutationError, match="mutation rope_base: expected a top-level assignment ROPE_BASE"):
-        MUTATIONS[NAMES.index("rope_base")].apply(once.replace("ROPE_BASE = ", "ROPE_BASE_GONE = "))
+        BY_NAME["rope_base"].apply(once.replace("ROPE_BASE = ", "ROPE_BASE_GONE = "))
 
 
 def _exec_train_py(source: str, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:

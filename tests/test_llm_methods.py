@@ -1,9 +1,14 @@
-"""llm-hp, llm-code and centaur driven through the real run loop, the real SDKs and the fake provider, on an
-objective that answers at once (so that many trials and every branch can be exercised in seconds)."""
+"""llm-hp, llm-code and centaur driven through the real run loop, the real SDKs and the fake provider: first on an
+objective that answers at once (many trials, every branch, in seconds), then on real training (the `test` profile)."""
 from __future__ import annotations
 
+import os
 import random
 import socket
+import sqlite3
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import git
@@ -14,10 +19,16 @@ import yaml
 from llm_server import Fail, FakeLLM, Hang, config_answer, file_answer, shown_proposal, shown_train_py
 from optuna.trial import TrialState
 
+from harness import profiles
+from harness.knobs import inject_knobs
 from harness.result import TrialResult
 from hybrid import cli, generations, loop, store
 from hybrid.llm import centaur, guard
 from hybrid.llm.centaur import CentaurMethod, UnitCube
+from hybrid.llm.code_agent import generation_space
+from hybrid.llm.edits import read_edit
+from hybrid.llm.guard import PatchRejected, check_patch
+from hybrid.llm.hp_agent import ConfigRejected, read_config
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space
 
@@ -96,6 +107,26 @@ def answer(entry: dict, shown: str = "") -> str:
             shown = shown.replace(old, new)
         text = text.replace("{{TRAIN_PY}}", shown.rstrip("\n"))
     return text
+
+
+# -- the corpus, read ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", corpus("hp") + corpus("code"), ids=lambda e: e["file"])
+def test_llm_corpus_is_read_as_expected(entry, llm_env):
+    """Each answer of the corpus as its reader takes it (the runs below take them through the loop)."""
+    shown = inject_knobs(TRAIN_PY.read_text(), SPACE.defaults())
+    try:
+        if entry["agent"] == "hp":
+            outcome, detail = "ok", read_config(answer(entry), SPACE)[1]
+        else:
+            edit = read_edit(answer(entry, shown), shown)
+            check_patch(shown, edit.source)
+            outcome, detail = "ok", edit.description
+            generation_space(SPACE, edit.source)
+    except (PatchRejected, ConfigRejected) as e:
+        outcome, detail = "rejected", e.reason
+    assert outcome == ("rejected" if entry["expect"] == "rejected" else "ok")
+    assert entry["reason"] in detail or entry["expect"] in ("timeout", "crash|oom")
 
 
 # -- llm-hp ---------------------------------------------------------------------------------------------------
@@ -201,7 +232,8 @@ def test_llm_code_keeps_better_edits_and_reverts_the_rest(tmp_path, quick):
     # what the agent was shown: the incumbent, its history with outcomes, the reason of the refusal
     assert "# faster" in llm.requests[2].system and "# slower" not in llm.requests[2].system
     assert "generation 2, reverted" in llm.requests[3].prompt and "generation 1, kept" in llm.requests[3].prompt
-    assert "refused before running" in llm.requests[4].prompt and "the diff edits harness/evaluate.py" in llm.requests[4].prompt
+    refusal = "refused before running: evaluate in float16 to speed up scoring\nOutcome: the diff edits harness/evaluate.py"
+    assert refusal in llm.requests[4].prompt
     # kept generations are commits on the run's branch
     repo = git.Repo(Path(config.artifacts) / "lineage")
     log = [c.message.split(":")[0] for c in repo.iter_commits("hybrid/llm-code")]
@@ -275,9 +307,80 @@ def test_the_unit_cube_round_trips():
 def test_centaur_on_the_surrogate(tmp_path, llm_env):
     pytest.importorskip("hybrid.surrogate")
     with FakeLLM(responder=advisor) as llm:
-        config = loop.RunConfig(method="centaur", study="c", storage=f"sqlite:///{tmp_path}/h.db", trials=24,
+        config = loop.RunConfig(method="centaur", study="c", storage=f"sqlite:///{tmp_path}/h.db", trials=16,
                                 objective="surrogate", llm="anthropic", llm_base_url=llm.base_url, llm_fraction=0.5)
         assert loop.run(config) == 0
     trials = consistent(load(config))
     assert {t.user_attrs["source"] for t in trials} == {"baseline", "cmaes", "centaur-llm"}
     assert len(llm.requests) == sum(t.user_attrs["source"] == "centaur-llm" for t in trials)
+
+
+# -- real training (the `test` profile: a few seconds a trial) --------------------------------------------------
+
+def test_llm_hp_run_keeps_the_key_out_of_trials_logs_and_the_database(tmp_path, data_dir, llm_env):
+    """`hybrid run` as a user runs it, with the key in its environment and a train.py that dumps its own."""
+    train_py = tmp_path / "train.py"
+    anchor = "    session = api.start()\n"
+    train_py.write_text(TRAIN_PY.read_text().replace(
+        anchor, anchor + '    import os\n    print("TRIAL-ENV", sorted(os.environ.items()), flush=True)\n'))
+    entries = {e["file"]: e for e in corpus("hp")}
+    script = [answer(entries["hp-garbled-json.md"]), answer(entries["hp-prose-around.md"])]
+    with FakeLLM(script) as llm:
+        env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": llm.base_url}
+        run = subprocess.run([sys.executable, "-m", "hybrid.cli", "run", "--method", "llm-hp", "--study", "hp",
+                              "--storage", f"sqlite:///{tmp_path}/runs/hybrid.db", "--trials", "3", "--profile", "test",
+                              "--llm", "anthropic", "--train-py", str(train_py), "--space", str(SPACE_YAML)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert all(KEY in r.headers.get("x-api-key", "") + r.headers.get("authorization", "") for r in llm.requests)
+    study = optuna.load_study(study_name="hp", storage=store.open_storage(f"sqlite:///{tmp_path}/runs/hybrid.db"))
+    assert [t.user_attrs["status"] for t in consistent(study)] == ["ok", "rejected", "ok"]
+    logs = sorted((tmp_path / "runs" / "hp").glob("trial-*/log.txt"))
+    assert len(logs) == 2 and all("TRIAL-ENV" in log.read_text() and "HYBRID_DATA_DIR" in log.read_text() for log in logs)
+    leaks = [str(f) for f in tmp_path.rglob("*") if f.is_file() and KEY.encode() in f.read_bytes()]
+    assert leaks == []
+    with sqlite3.connect(tmp_path / "runs" / "hybrid.db") as db:
+        dump = "\n".join(db.iterdump())
+    assert "llm_input_tokens" in dump and KEY not in dump and "ANTHROPIC_API_KEY" not in dump
+    assert KEY not in run.stdout + run.stderr
+
+
+def test_llm_code_survives_the_corpus_on_real_training(tmp_path, data_dir, llm_env, monkeypatch):
+    test = profiles.PROFILES["test"]
+    monkeypatch.setitem(profiles.PROFILES, "test", replace(test, timeout_seconds=20.0))  # the infinite loop's end
+    entries = [e for e in corpus("code") if e["file"] not in ("code-good-file.md", "code-good-diff.md")]  # read in
+    # test_llm_corpus_is_read_as_expected; keeping and reverting is tested above: two real trials less
+    entries.sort(key=lambda e: e["expect"] != "rejected")  # the refusals first: they cost no time
+    pending = list(entries)
+    with FakeLLM(responder=lambda system, prompt: answer(pending.pop(0), shown_train_py(system))) as llm:
+        config = run_config(tmp_path, "llm-code", llm.base_url, len(entries) + 1)
+        assert loop.run(config) == 0
+    study = load(config)
+    trials = consistent(study)
+    gens = generations.load_all(study)
+    ran = 0
+    for entry, trial in zip(entries, trials[1:]):
+        attrs = trial.user_attrs
+        assert attrs["status"] in entry["expect"].split("|"), (entry["file"], attrs.get("error"))
+        assert entry["reason"] in (attrs.get("error") or ""), entry["file"]
+        if attrs["status"] == "rejected":
+            assert attrs["generation"] == 0  # nothing was applied: the proposal never became a generation
+        else:
+            ran += 1
+            assert gens[attrs["generation"]].status in ("kept", "reverted") and attrs["total_seconds"] > 0
+    assert len(gens) == 1 + ran
+    slipped = trials[1 + next(i for i, e in enumerate(entries) if e["file"] == "code-slipped-print.md")]
+    assert "val_bpb: 0.100000" in Path(slipped.user_attrs["log_path"]).read_text()
+    assert slipped.user_attrs["val_bpb"] > 1.0  # the harness's own measurement, not the printed one
+    oom = trials[1 + next(i for i, e in enumerate(entries) if e["file"] == "code-oom.md")]
+    print(f"a gigantic allocation on CPU ends as {oom.user_attrs['status']}: {oom.user_attrs['error']}")
+
+
+def test_centaur_on_the_train_objective(tmp_path, data_dir, llm_env, monkeypatch):
+    monkeypatch.setattr(centaur, "WARMUP_TRIALS", 1)
+    with FakeLLM(responder=advisor) as llm:
+        config = run_config(tmp_path, "centaur", llm.base_url, 2, llm_fraction=1.0)
+        assert loop.run(config) == 0
+    trials = consistent(load(config))
+    assert [t.user_attrs["source"] for t in trials] == ["baseline", "centaur-llm"]
+    assert [t.user_attrs["status"] for t in trials] == ["ok", "ok"] and len(llm.requests) == 1

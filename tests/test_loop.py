@@ -223,7 +223,7 @@ def test_the_24_hour_protocol_runs_in_well_under_a_minute_on_one_core(tmp_path: 
     cpu = after.children_user + after.children_system - before.children_user - before.children_system
     assert done.returncode == 0, done.stderr
     print(f"24-hour protocol: {cpu:.1f} s of CPU, {wall:.1f} s wall")
-    assert cpu < 45.0
+    assert cpu < 60.0
 
     study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path}/runs/hybrid.db")
     trials = study.get_trials()

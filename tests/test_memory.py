@@ -96,6 +96,16 @@ def test_calibration_moves_predictions_toward_recorded_peaks(source):
     assert memory.check(source, target, cap_gb, history) is None
 
 
+def test_calibration_uses_the_trials_nearest_the_cap(source):
+    memory = MemoryModel(GPU)
+    small = [{"DEPTH": 4, "DEVICE_BATCH_SIZE": 32, "ASPECT_RATIO": a} for a in (32, 40, 48)]
+    large = [{"DEPTH": d, "DEVICE_BATCH_SIZE": 128} for d in range(8, 18)]  # CALIBRATION_POINTS of them
+    history = ([_trial(source, c, 0.3 * memory.estimate_mb(source, c)) for c in small]
+               + [_trial(source, c, 0.9 * memory.estimate_mb(source, c)) for c in large])
+    target = {"DEPTH": 20}
+    assert memory.predict_mb(source, target, history) == pytest.approx(0.9 * memory.estimate_mb(source, target))
+
+
 def test_default_cap():
     assert default_cap_gb(40.0, "train", get_profile("cpu")) == 40.0
     assert default_cap_gb(None, "surrogate", GPU) == PAPER_CAP_GB

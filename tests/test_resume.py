@@ -115,6 +115,7 @@ def test_a_study_whose_creation_was_cut_short_is_completed_by_the_next_run(tmp_p
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: InterruptingObjective(at=-1))
+    monkeypatch.setattr(store, "GRACE_SECONDS", 0.5)  # how long a run waits for another process creating it
     space = load_space(PROJECT_ROOT / "search_space.yaml", "test")
     study = optuna.create_study(storage=store.open_storage("sqlite:///runs/hybrid.db"), study_name="s")
     study.set_user_attr(store.SPACE_KEY, space.to_dict())  # killed here, before the baseline and the run config

@@ -9,6 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from hybrid.cli import main
 from hybrid.errors import UserError
+from hybrid.paths import PROJECT_ROOT
+from hybrid.space import load_space
 from hybrid.surrogate import (KNOBS, OUTPUTS, PAPER_SPACE, SUCCESS_SECONDS, Surrogate, SurrogateObjective,
                               fixed_space, load_surrogate, load_trials, predict_csv)
 
@@ -130,3 +132,8 @@ def test_accuracy_on_the_held_out_seed(train_seed):
     good = real < 1.0
     assert spearmanr(pred[good], real[good])[0] >= 0.75
     assert roc_auc_score(~ok, predicted["p_fail"]) >= 0.97
+
+
+def test_the_shipped_gpu_space_is_the_papers():
+    """The reproduction samples search_space.yaml's gpu profile and evaluates on the surrogate: they must agree."""
+    assert load_space(PROJECT_ROOT / "search_space.yaml", "gpu").to_dict() == PAPER_SPACE.to_dict()

@@ -7,6 +7,9 @@ declared space restricted to the knobs the edited file still assigns validly, an
 """
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,10 +21,11 @@ from harness.knobs import find_knobs, inject_knobs
 from hybrid import generations, store
 from hybrid.classical.samplers import PinnedSampler
 from hybrid.generations import Generation, GitLineage
+from hybrid.lease import StructuralLease
 from hybrid.llm import prompts
 from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
-from hybrid.llm.edits import Edit, read_edit
+from hybrid.llm.edits import read_edit
 from hybrid.llm.guard import PatchRejected, check_patch
 from hybrid.methods import Move
 from hybrid.space import SearchSpace, SpaceError
@@ -31,13 +35,7 @@ if TYPE_CHECKING:
 
 ALIVE = ("base", "kept")  # generations the incumbent may come from
 DIFF_CHARS = 20_000       # of a diff kept with its trial (the generation keeps all of it)
-
-
-def checked_edit(answer: str, current: str) -> Edit:
-    """The answer's edit of `current`, read and passed through the patch guard; PatchRejected otherwise."""
-    edit = read_edit(answer, current)
-    check_patch(current, edit.source)
-    return edit
+LEASE_POLL_SECONDS = 0.2  # while another worker creates or settles a generation
 
 
 def generation_space(declared: SearchSpace, source: str) -> tuple[SearchSpace, dict[str, Any]]:
@@ -87,7 +85,7 @@ def _ok_value(trial: FrozenTrial) -> float | None:
 
 def incumbent(gens: dict[int, Generation], trials: list[FrozenTrial]) -> Incumbent:
     """The best trial of a base or kept generation; generation 0 with the baseline's config before any success."""
-    ran = [t for t in trials if gens.get(t.user_attrs.get("generation"), gens[0]).status in ALIVE]
+    ran = [t for t in trials if gens[t.user_attrs["generation"]].status in ALIVE]
     ok = [t for t in ran if _ok_value(t) is not None]
     if ok:
         best = min(ok, key=_ok_value)
@@ -104,14 +102,14 @@ def history(gens: dict[int, Generation], trials: list[FrozenTrial]) -> list[prom
         attrs = t.user_attrs
         value = _ok_value(t)
         if attrs.get("source") == "llm-code" and attrs.get("status") == "rejected":
-            changes.append(prompts.Change("refused before running", attrs.get("description", "(unreadable answer)"),
+            changes.append(prompts.Change("refused before running", attrs.get("description", "(no readable edit)"),
                                           attrs.get("error", "")))
         elif attrs.get("source") == "llm-code":
             gen = gens[attrs["generation"]]
             result = f"val_bpb {value:.4f}" if value is not None else f"{attrs.get('status')}: {attrs.get('error', '')}"
             before = f" (best before: {best:.4f})" if best is not None else ""
             changes.append(prompts.Change(f"generation {gen.number}, {gen.status}", gen.description, result + before, gen.diff))
-        if value is not None and gens.get(attrs.get("generation"), gens[0]).status in ALIVE:
+        if value is not None and gens[attrs["generation"]].status in ALIVE:
             best = value if best is None else min(best, value)
     return changes
 
@@ -125,9 +123,21 @@ class LLMCodeMethod:
         self.advisor = Advisor(make_provider(config))
         self.program = read_program()
         self.lineage = GitLineage(Path(config.artifacts) / "lineage", study.study_name)
-        base = generations.load_all(study)[0]
-        if "commit" not in base.extra:
-            generations.set_status(study, base, base.status, commit=self.lineage.commit(base))
+        self.lease = StructuralLease(study)
+        with self._structural():
+            base = generations.load_all(study)[0]
+            if "commit" not in base.extra:
+                generations.set_status(study, base, base.status, commit=self.lineage.commit(base))
+
+    @contextlib.contextmanager
+    def _structural(self) -> Iterator[None]:
+        """One worker at a time numbers, commits and settles generations (the study's structural lease)."""
+        while not self.lease.try_acquire():
+            time.sleep(LEASE_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            self.lease.release()
 
     def next_move(self, study: optuna.Study) -> Move:
         if baseline_pending(study):
@@ -142,14 +152,16 @@ class LLMCodeMethod:
             return self._refused(inc, f"LLM provider error: {e}", failure_attrs(e))
         attrs = reply_attrs(reply)
         try:
-            edit = checked_edit(reply.text, current)
+            edit = read_edit(reply.text, current)
+            attrs.update(description=edit.description, edit_form=edit.form)
+            check_patch(current, edit.source)
             space, config = generation_space(self.space, edit.source)
         except PatchRejected as e:
             return self._refused(inc, e.reason, attrs)
         parent = replace(inc.generation, source=current)  # the diff is against the file the agent saw
-        gen = generations.create(study, parent, edit.source, space, edit.description, form=edit.form)
-        attrs.update(description=edit.description, diff=gen.diff[:DIFF_CHARS], diff_summary=diff_summary(gen.diff),
-                     edit_form=edit.form)
+        with self._structural():
+            gen = generations.create(study, parent, edit.source, space, edit.description, form=edit.form)
+        attrs.update(diff=gen.diff[:DIFF_CHARS], diff_summary=diff_summary(gen.diff))
         return Move("llm-code", gen.number, edit.source, space, config=config, attrs=attrs)
 
     def _refused(self, inc: Incumbent, reason: str, attrs: dict[str, Any]) -> Move:
@@ -161,14 +173,15 @@ class LLMCodeMethod:
     def observe(self, study: optuna.Study, trial: FrozenTrial, move: Move) -> None:
         if move.source != "llm-code" or move.rejected is not None:
             return
-        gens = generations.load_all(study)
-        gen = gens[move.generation]
-        others = [t for t in store.finished_trials(study) if t.number != trial.number]
-        best = incumbent(gens, others).value
-        value = _ok_value(trial)
-        if value is not None and (best is None or value < best):
-            parent_commit = gens[gen.parent].extra.get("commit") if gen.parent is not None else None
-            generations.set_status(study, gen, "kept", commit=self.lineage.commit(gen, parent_commit),
-                                   trial=trial.number, val_bpb=value)
-        else:
-            generations.set_status(study, gen, "reverted", trial=trial.number, result=trial.user_attrs.get("status"))
+        with self._structural():
+            gens = generations.load_all(study)
+            gen = gens[move.generation]
+            others = [t for t in store.finished_trials(study) if t.number != trial.number]
+            best = incumbent(gens, others).value
+            value = _ok_value(trial)
+            if value is not None and (best is None or value < best):
+                parent_commit = gens[gen.parent].extra.get("commit") if gen.parent is not None else None
+                generations.set_status(study, gen, "kept", commit=self.lineage.commit(gen, parent_commit),
+                                       trial=trial.number, val_bpb=value)
+            else:
+                generations.set_status(study, gen, "reverted", trial=trial.number, result=trial.user_attrs.get("status"))

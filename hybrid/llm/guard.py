@@ -29,10 +29,9 @@ DENIED_MODULES = ("torch.hub", "torch.utils.cpp_extension", "torch.utils.data", 
                   "torch.utils.tensorboard", "torch.multiprocessing", "torch.distributed", "torch.package",
                   "torch.serialization", "torch.testing", "torch.onnx", "numpy.lib", "numpy.ctypeslib",
                   "numpy.f2py", "numpy.testing", "numpy.distutils")
-# Builtins that run code, reach the interpreter's state or read input and files.
-DENIED_NAMES = frozenset({"open", "eval", "exec", "compile", "__import__", "globals", "locals", "vars", "input",
-                          "breakpoint", "help", "setattr", "delattr", "license", "copyright", "credits",
-                          "__builtins__", "__loader__", "__spec__", "__file__"})
+# Builtins that open files, run code or reach the interpreter's state.
+DENIED_NAMES = frozenset({"open", "eval", "exec", "compile", "__import__", "globals", "locals", "vars", "breakpoint",
+                          "setattr", "delattr", "__builtins__", "__loader__", "__spec__", "__file__"})
 # Attribute names refused on any object: modules re-exported by allowed ones (torch.os, typing.sys), the
 # environment, processes, files, serialization, and the interpreter's introspection hooks.
 DENIED_ATTRIBUTES = frozenset({
