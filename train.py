@@ -20,7 +20,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 # Model
 DEPTH = 8                  # transformer blocks
 ASPECT_RATIO = 64          # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
-HEAD_DIM = 128             # channels per attention head
+HEAD_DIM = 128             # channels per attention head (rounded to a multiple of 8)
 WINDOW_PATTERN = "SSSL"    # attention window per layer, cycled: L = seq_len, S = seq_len // 2; the last layer is L
 # Batch
 DEVICE_BATCH_SIZE = 128    # rows per forward/backward pass
@@ -246,10 +246,10 @@ class GPT(nn.Module):
 
 def build_model(vocab_size: int, seq_len: int, device: torch.device | str = "cpu") -> GPT:
     """The GPT the knobs describe, initialized on `device` (on "meta": shapes only, for the memory model)."""
-    assert HEAD_DIM % 2 == 0, f"HEAD_DIM must be even (rotary embeddings rotate channel pairs), got {HEAD_DIM}"
-    model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
-    config = GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=DEPTH, n_head=model_dim // HEAD_DIM,
-                       head_dim=HEAD_DIM, window_pattern=WINDOW_PATTERN)
+    head_dim = max(8, round(HEAD_DIM / 8) * 8)  # a multiple of 8: rotary pairs channels, GPU kernels want 8
+    model_dim = math.ceil(DEPTH * ASPECT_RATIO / head_dim) * head_dim
+    config = GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=DEPTH, n_head=model_dim // head_dim,
+                       head_dim=head_dim, window_pattern=WINDOW_PATTERN)
     with torch.device(device):
         return GPT(config)
 

@@ -88,6 +88,8 @@ def main(trial_dir: Path) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if device.type == "cpu" and os.environ.get("HYBRID_TRIAL_THREADS"):
+        torch.set_num_threads(int(os.environ["HYBRID_TRIAL_THREADS"]))  # workers sharing the cores
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)

@@ -22,7 +22,7 @@ from hybrid import generations, store
 from hybrid.errors import UserError
 from hybrid.generations import Generation
 from hybrid.methods import EDITS_CODE, NEEDS_LLM, build_method
-from hybrid.objectives import make_objective
+from hybrid.objectives import ensure_prepared, make_objective
 from hybrid.paths import project_file
 from hybrid.progress import RunProgress
 from hybrid.space import SearchSpace, check_against_source, load_space
@@ -131,6 +131,8 @@ def run(config: RunConfig) -> int:
         raise UserError(f"cannot read {code_path}: {e.strerror}") from None
     space = load_space(space_path, config.profile)
     check_against_source(space, code)
+    if config.objective == "train":
+        ensure_prepared(get_profile(config.profile))
     storage = store.open_storage(config.storage)
     study = _open_study(storage, config, space, code)
     return _work_all(study.study_name, config)
@@ -190,6 +192,8 @@ def _check_same_run(study: optuna.Study, config: RunConfig, space: SearchSpace) 
 
 def _work_all(study_name: str, config: RunConfig) -> int:
     """Worker 0 here (with the progress display), workers 1..N-1 as processes on the same study."""
+    if config.workers > 1:  # CPU trials of parallel workers split the cores instead of fighting over them
+        os.environ.setdefault("HYBRID_TRIAL_THREADS", str(max(1, (os.cpu_count() or 1) // config.workers)))
     ctx = multiprocessing.get_context("spawn")
     others = [ctx.Process(target=_worker_process, args=(study_name, config.to_dict(), i), daemon=False)
               for i in range(1, config.workers)]

@@ -46,5 +46,18 @@ class SurrogateObjective:
         return self._model.evaluate(config, seed=seed, trial_number=trial_number)
 
 
+def ensure_prepared(profile: Profile) -> None:
+    """Prepare the bundled corpus on first use (offline, seconds); other sources need `hybrid prepare`."""
+    from harness.data import prepare, prepared
+    from hybrid.errors import UserError
+
+    try:
+        prepared(profile)
+    except UserError:
+        if profile.source != "builtin":
+            raise
+        prepare(profile, None)
+
+
 def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None) -> Objective:
     return SurrogateObjective() if name == "surrogate" else TrainObjective(profile, vram_cap_gb=vram_cap_gb)

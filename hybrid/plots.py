@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -231,6 +232,8 @@ def plot_pareto(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
             pfig.add_trace(go.Scatter(x=fx, y=fy, mode="lines+markers", line={"color": color, "shape": "hv"},
                                       name=method, legendgroup=method, showlegend=k == 0), row=1, col=k + 1)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel=f"{label}, log scale", title=f"val_bpb against {label.split(' (')[0]}")
         ax.set_ylim(low, high + (high - low) * 0.03)
         ax.grid(alpha=0.3, which="both")

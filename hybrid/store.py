@@ -65,12 +65,13 @@ def open_storage(url: str) -> RDBStorage:
         try:
             storage = RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs)
             break
-        except (IntegrityError, ProgrammingError):  # machines creating the tables of a new database together
-            if attempt == 4:
-                raise
+        except (IntegrityError, ProgrammingError) as e:  # machines creating the tables of a new database together
+            error = e
             time.sleep(0.5 + attempt)
         except Exception as e:  # sqlalchemy's errors for bad hosts, drivers, credentials
             raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+    else:
+        raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}")
     if scheme == "sqlite":
         _tune_sqlite(storage)
     return storage

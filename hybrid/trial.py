@@ -28,7 +28,10 @@ def run_single_trial(*, profile: str | None, assignments: list[str], train_py: P
                      seed: int, vram_cap_gb: float | None, out: Path | None) -> TrialResult:
     from harness.runner import run_trial
 
+    from hybrid.objectives import ensure_prepared
+
     prof = get_profile(profile)
+    ensure_prepared(prof)
     code_path = train_py or project_file("train.py")
     try:
         source = Path(code_path).read_text()

@@ -2,6 +2,7 @@
 killed in the middle of a trial. Needs PostgreSQL (installed with apt-get where missing; skipped where it cannot be)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -31,12 +32,17 @@ def pg_url() -> Iterator[str]:
 
 
 def machines(root: Path, n: int, args: tuple[str, ...], env: dict[str, str]) -> list[subprocess.Popen]:
-    """The same `hybrid run` on n "machines": processes with working directories of their own."""
+    """The same `hybrid run` on n "machines": processes with working directories of their own (stderr in mN.log)."""
     procs = []
     for i in range(n):
-        (root / f"m{i}").mkdir()
-        procs.append(subprocess.Popen(hybrid_cmd(*args), cwd=root / f"m{i}", env=env, stderr=subprocess.PIPE, text=True))
+        (root / f"m{i}").mkdir(exist_ok=True)
+        with open(root / f"m{i}.log", "a") as log:
+            procs.append(subprocess.Popen(hybrid_cmd(*args), cwd=root / f"m{i}", env=env, stderr=log))
     return procs
+
+
+def logs(root: Path) -> str:
+    return "\n".join(f"{p.name}: {p.read_text()[-1500:]}" for p in sorted(root.glob("m*.log")))
 
 
 def test_three_machines_one_killed_mid_trial(pg_url: str, tmp_path: Path, data_dir: Path) -> None:
@@ -46,13 +52,13 @@ def test_three_machines_one_killed_mid_trial(pg_url: str, tmp_path: Path, data_d
                                    "train", "--profile", "test", "--trials", str(budget)), env)
     victim = procs[1]
     runs = tmp_path / "m1" / "runs" / "train3"
-    assert wait_for(lambda: any(runs.glob("trial-*/log.txt")), victim)
+    assert wait_for(lambda: any(runs.glob("trial-*/log.txt")), victim), logs(tmp_path)
     time.sleep(1.0)  # train.py is running
     victim.kill()
     trial_dir = next(runs.glob("trial-*"))
     if (orphan := _train_worker_of(trial_dir)) is not None:  # its train.py would run on to its timeout
         os.kill(orphan, signal.SIGKILL)
-    assert [p.wait(timeout=300) for p in procs] == [0, -signal.SIGKILL, 0], [p.stderr.read()[-2000:] for p in procs]
+    assert [p.wait(timeout=300) for p in procs] == [0, -signal.SIGKILL, 0], logs(tmp_path)
 
     trials = check_study(pg_url, "train3", budget, attrs=(*TRIAL_ATTRS, "log_path"))
     killed = trials[int(trial_dir.name.split("-")[1])]
@@ -67,19 +73,17 @@ def test_machines_killed_and_restarted_at_random_moments(pg_url: str, tmp_path: 
     args = ("run", "--method", "tpe", "--study", "surrogate3", "--storage", pg_url, "--objective", "surrogate",
             "--trials", str(budget))
     procs = machines(tmp_path, 3, args, ENV)
-    study = None
+    storage, study = store.open_storage(pg_url), None
     while study is None:  # the machines race to create the study
         time.sleep(0.5)
-        try:
-            study = optuna.load_study(study_name="surrogate3", storage=store.open_storage(pg_url))
-        except KeyError:
-            pass
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(study_name="surrogate3", storage=storage)
     for _ in range(2):
         before = len(study.get_trials())
         wait_for(lambda: len(study.get_trials()) > before, procs[0])
         time.sleep(rng.uniform(0.0, 0.5))
         procs[0].kill()
         procs[0].wait()
-        procs[0] = subprocess.Popen(hybrid_cmd(*args), cwd=tmp_path / "m0", env=ENV, stderr=subprocess.DEVNULL)
-    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0], seed
+        procs[0], = machines(tmp_path, 1, args, ENV)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0], (seed, logs(tmp_path))
     check_study(pg_url, "surrogate3", budget)
