@@ -85,6 +85,10 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
     failed_unfinished = [t.number for t in study.get_trials(deepcopy=False)
                          if t.state == TrialState.FAIL and not store.is_finished(t)]
     ok = [t.user_attrs["val_bpb"] for t in trials if t.user_attrs.get("status") == "ok"]
+    failures: dict[str, list[str]] = {}
+    for t in trials:
+        if t.user_attrs.get("status") not in ("ok", None):
+            failures.setdefault(t.user_attrs["status"], []).append(str(t.user_attrs.get("error", ""))[:90])
     mutations = [str(g.extra.get("mutation")) for g in gens.values() if g.parent is not None]
     baseline = next((t.user_attrs.get("val_bpb") for t in trials if t.user_attrs.get("source") == "baseline"), None)
     lines = [
@@ -97,6 +101,9 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
         f"({', '.join(f'{k} {v}' for k, v in sorted(sources.items()))})",
         f"- generations: {len(gens)} ({', '.join(f'{g.number} {g.status}' for g in gens.values())})",
         f"- baseline val_bpb {_bpb(baseline)}; best {_bpb(min(ok, default=None))}",
+        *(f"- {len(errors)} {status}: e.g. {errors[0]}" for status, errors in sorted(failures.items())),
+        f"- load average of the machine (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        f"on {os.cpu_count()} cores",
         f"- knobs tuned that generation 0 did not have: {', '.join(tuned_new) or 'none'}",
         *(f"  - generation {n}: + {', '.join(k) or 'none'}" for n, k in later.items()),
         "", "## Lineage", "", "```", format_lineage(rows), "```", "", "## The kill and the resume", "",

@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 
 from hybrid import report, store
+from hybrid.cli import DEFAULT_STORAGE, METHODS
 from hybrid.errors import UserError
 from hybrid.loop import Budget, RunConfig, run
 
@@ -27,8 +28,6 @@ CPU_BUDGET_HOURS = 0.0625  # 225 s of trials per study on the cpu profile
 
 def parse_methods(text: str | None) -> list[str]:
     """`a,b,c` into known method names (UserError for an unknown or repeated one)."""
-    from hybrid.cli import METHODS
-
     if text is None:
         return list(DEFAULT_METHODS)
     names = [m.strip() for m in text.split(",") if m.strip()]
@@ -50,8 +49,6 @@ def default_storage(out: Path) -> str:
 
 def plan(args: argparse.Namespace) -> list[RunConfig]:
     """One finalized RunConfig per method x seed, checked against studies already in the storage."""
-    from hybrid.cli import DEFAULT_STORAGE
-
     storage = default_storage(args.out) if args.storage == DEFAULT_STORAGE else args.storage
     template = RunConfig.from_args(argparse.Namespace(**{**vars(args), "method": "random", "study": "-",
                                                          "storage": storage, "workers": 1}))

@@ -232,6 +232,7 @@ def plot_pareto(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
             pfig.add_trace(go.Scatter(x=fx, y=fy, mode="lines+markers", line={"color": color, "shape": "hv"},
                                       name=method, legendgroup=method, showlegend=k == 0), row=1, col=k + 1)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel=f"{label}, log scale", title=f"val_bpb against {label.split(' (')[0]}")

@@ -327,10 +327,12 @@ def _check_names(names: list[str], missing_label: str, unknown_label: str) -> No
 
 
 def check_config(config: dict[str, Any]) -> dict[str, Any]:
-    """One config: all 14 knobs, typed and inside the paper's space; UserError saying what is wrong otherwise."""
+    """One config (Python or numpy scalars): all 14 knobs, typed and inside the paper's space, as Python values;
+    UserError saying what is wrong otherwise."""
     _check_names(list(config), "knob(s)", "knob(s)")
+    plain = {name: value.item() if isinstance(value, np.generic) else value for name, value in config.items()}
     try:
-        return {name: PAPER_SPACE.knobs[name].check(config[name]) for name in KNOBS}
+        return {name: PAPER_SPACE.knobs[name].check(plain[name]) for name in KNOBS}
     except SpaceError as e:
         raise UserError(str(e)) from None
 

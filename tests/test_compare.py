@@ -99,3 +99,15 @@ def test_a_study_started_differently_is_refused_before_anything_runs(fake: None,
     code, err = cli(capsys, "compare", "--methods", "random,tpe", "--trials", "2", "--profile", "cpu", "--out", "out")
     assert code == 2 and "ran with profile='test', not 'cpu'" in err, err
     assert finished(Path("out")) == {"tpe-s0": 2}
+
+
+def test_workers_run_the_studies_in_processes_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """The real surrogate objective, two studies at a time in spawned processes, a budget of a few trials."""
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "compare", "--methods", "random,cmaes", "--objective", "surrogate", "--budget-hours", "0.3",
+                    "--workers", "2", "--out", "out")
+    assert code == 0, err
+    counts = finished(Path("out"))
+    assert set(counts) == {"random-s0", "cmaes-s0"} and min(counts.values()) >= 2
+    assert json.loads(Path("out/summary.json").read_text())["studies"]["cmaes-s0"]["gpu_hours"] >= 0.3

@@ -91,7 +91,7 @@ def test_time_budget_is_trial_wall_time_failures_included(fake: None, capsys: py
     assert 30.0 in seconds  # failures cost the time they used
 
 
-@pytest.mark.parametrize("method", ["random", "tpe", "cmaes", "gp"])
+@pytest.mark.parametrize("method", ["random", "tpe", "cmaes", pytest.param("gp", marks=pytest.mark.slow)])
 def test_samplers_are_seeded_and_sample_the_declared_space(method: str, fake: None,
                                                            capsys: pytest.CaptureFixture) -> None:
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):

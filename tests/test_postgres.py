@@ -47,7 +47,7 @@ def logs(root: Path) -> str:
 
 def test_three_machines_one_killed_mid_trial(pg_url: str, tmp_path: Path, data_dir: Path) -> None:
     env = {**ENV, "HYBRID_DATA_DIR": str(data_dir)}
-    budget = 6
+    budget = 4
     procs = machines(tmp_path, 3, ("run", "--method", "tpe", "--study", "train3", "--storage", pg_url, "--objective",
                                    "train", "--profile", "test", "--trials", str(budget)), env)
     victim = procs[1]
@@ -64,10 +64,11 @@ def test_three_machines_one_killed_mid_trial(pg_url: str, tmp_path: Path, data_d
     killed = trials[int(trial_dir.name.split("-")[1])]
     assert killed.state == TrialState.FAIL and "status" not in killed.user_attrs
     dirs = sorted(p.parent.name for p in tmp_path.glob("m*/runs/train3/trial-*/log.txt"))
-    assert len(dirs) == len(set(dirs)) == len(trials)  # every trial ran once, on one machine
+    ran = [t for t in trials if "surplus" not in t.user_attrs]
+    assert len(dirs) == len(set(dirs)) == len(ran)  # every trial ran once, on one machine
 
 
-def test_machines_killed_and_restarted_at_random_moments(pg_url: str, tmp_path: Path) -> None:
+def test_a_machine_killed_at_a_random_moment_and_restarted(pg_url: str, tmp_path: Path) -> None:
     seed = random.randrange(10**6)
     rng, budget = random.Random(seed), 30
     args = ("run", "--method", "tpe", "--study", "surrogate3", "--storage", pg_url, "--objective", "surrogate",
@@ -78,12 +79,11 @@ def test_machines_killed_and_restarted_at_random_moments(pg_url: str, tmp_path: 
         time.sleep(0.5)
         with contextlib.suppress(KeyError):
             study = optuna.load_study(study_name="surrogate3", storage=storage)
-    for _ in range(2):
-        before = len(study.get_trials())
-        wait_for(lambda: len(study.get_trials()) > before, procs[0])
-        time.sleep(rng.uniform(0.0, 0.5))
-        procs[0].kill()
-        procs[0].wait()
-        procs[0], = machines(tmp_path, 1, args, ENV)
+    before = len(study.get_trials())
+    wait_for(lambda: len(study.get_trials()) > before, procs[0])
+    time.sleep(rng.uniform(0.0, 0.5))
+    procs[0].kill()
+    procs[0].wait()
+    procs[0], = machines(tmp_path, 1, args, ENV)  # restarted: it picks up where the study is
     assert [p.wait(timeout=300) for p in procs] == [0, 0, 0], (seed, logs(tmp_path))
     check_study(pg_url, "surrogate3", budget)

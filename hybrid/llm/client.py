@@ -26,7 +26,7 @@ PATIENCE = 3        # provider failures in a row (each after its retries) before
 # List prices in USD per million tokens: (input, output, cache read and cache write as fractions of input).
 # Matched by substring of the model name, first match wins; a model not listed has no recorded cost.
 PRICES: tuple[tuple[str, tuple[float, float, float, float]], ...] = (
-    ("opus-4-6", (5.0, 25.0, 0.1, 1.25)),
+    ("opus-4-6", (5.0, 25.0, 0.1, 1.25)),  # assumed as Opus 4.5's
     ("opus-4-5", (5.0, 25.0, 0.1, 1.25)),
     ("opus-4-1", (15.0, 75.0, 0.1, 1.25)),
     ("opus-4-0", (15.0, 75.0, 0.1, 1.25)),
@@ -116,13 +116,6 @@ def cost(model: str, usage: Usage) -> float | None:
             + usage.cache_write_tokens * pin * write) / 1e6
 
 
-@dataclass
-class _Answer:
-    text: str
-    usage: Usage
-    truncated: bool
-
-
 class Provider:
     """One chat model behind an SDK: `complete` sends the fixed prefix (cached) and the task, retrying transient errors."""
     name = ""
@@ -148,9 +141,10 @@ class Provider:
                 continue
             answer.usage.seconds, answer.usage.attempts = time.monotonic() - started, attempt
             answer.usage.cost_usd = cost(self.model, answer.usage)
-            return Reply(answer.text, answer.usage, self.model, answer.truncated)
+            return answer
 
-    def _request(self, prefix: str, prompt: str) -> _Answer:
+    def _request(self, prefix: str, prompt: str) -> Reply:
+        """One call; its usage holds the tokens (time, attempts and cost are filled in by `complete`)."""
         raise NotImplementedError
 
     def _classify(self, error: Exception) -> tuple[bool, float | None]:
@@ -201,7 +195,7 @@ class AnthropicProvider(Provider):
                                 "(or --llm-base-url for a local Anthropic-compatible server)")
             self._sdk = anthropic.Anthropic(api_key="unused", base_url=base_url, timeout=policy.timeout, max_retries=0)
 
-    def _request(self, prefix: str, prompt: str) -> _Answer:
+    def _request(self, prefix: str, prompt: str) -> Reply:
         message = self._sdk.messages.create(
             model=self.model, max_tokens=MAX_TOKENS,
             system=[{"type": "text", "text": prefix, "cache_control": {"type": "ephemeral"}}],
@@ -210,7 +204,7 @@ class AnthropicProvider(Provider):
         u = message.usage
         usage = Usage(input_tokens=u.input_tokens or 0, output_tokens=u.output_tokens or 0,
                       cache_read_tokens=u.cache_read_input_tokens or 0, cache_write_tokens=u.cache_creation_input_tokens or 0)
-        return _Answer(text, usage, message.stop_reason == "max_tokens")
+        return Reply(text, usage, self.model, message.stop_reason == "max_tokens")
 
     def _classify(self, error: Exception) -> tuple[bool, float | None]:
         if isinstance(error, anthropic.APIStatusError):
@@ -242,7 +236,7 @@ class OpenAIProvider(Provider):
             raise UserError(f"{self._sdk.base_url} serves no model: pass --llm-model")
         return models[0]
 
-    def _request(self, prefix: str, prompt: str) -> _Answer:
+    def _request(self, prefix: str, prompt: str) -> Reply:
         completion = self._sdk.chat.completions.create(
             model=self.model, max_tokens=MAX_TOKENS,
             messages=[{"role": "system", "content": prefix}, {"role": "user", "content": prompt}])
@@ -251,7 +245,7 @@ class OpenAIProvider(Provider):
         cached = (u.prompt_tokens_details.cached_tokens or 0) if u and u.prompt_tokens_details else 0
         usage = Usage(input_tokens=(u.prompt_tokens - cached) if u else 0, output_tokens=u.completion_tokens if u else 0,
                       cache_read_tokens=cached)
-        return _Answer(choice.message.content or "", usage, choice.finish_reason == "length")
+        return Reply(choice.message.content or "", usage, self.model, choice.finish_reason == "length")
 
     def _classify(self, error: Exception) -> tuple[bool, float | None]:
         if isinstance(error, openai.APIStatusError):

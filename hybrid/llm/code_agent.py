@@ -25,7 +25,7 @@ from hybrid.lease import StructuralLease
 from hybrid.llm import prompts
 from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
-from hybrid.llm.edits import read_edit
+from hybrid.llm.edits import describe, read_edit
 from hybrid.llm.guard import PatchRejected, check_patch
 from hybrid.methods import Move
 from hybrid.space import SearchSpace, SpaceError
@@ -102,8 +102,7 @@ def history(gens: dict[int, Generation], trials: list[FrozenTrial]) -> list[prom
         attrs = t.user_attrs
         value = _ok_value(t)
         if attrs.get("source") == "llm-code" and attrs.get("status") == "rejected":
-            changes.append(prompts.Change("refused before running", attrs.get("description", "(no readable edit)"),
-                                          attrs.get("error", "")))
+            changes.append(prompts.Change("refused before running", attrs.get("description", ""), attrs.get("error", "")))
         elif attrs.get("source") == "llm-code":
             gen = gens[attrs["generation"]]
             result = f"val_bpb {value:.4f}" if value is not None else f"{attrs.get('status')}: {attrs.get('error', '')}"
@@ -150,10 +149,10 @@ class LLMCodeMethod:
             reply = self.advisor.ask(prefix, prompts.code_task(history(gens, trials), inc.value))
         except ProviderError as e:
             return self._refused(inc, f"LLM provider error: {e}", failure_attrs(e))
-        attrs = reply_attrs(reply)
+        attrs = {**reply_attrs(reply), "description": describe(reply.text)}
         try:
             edit = read_edit(reply.text, current)
-            attrs.update(description=edit.description, edit_form=edit.form)
+            attrs["edit_form"] = edit.form
             check_patch(current, edit.source)
             space, config = generation_space(self.space, edit.source)
         except PatchRejected as e:

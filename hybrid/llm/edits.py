@@ -47,7 +47,7 @@ def read_edit(answer: str, current: str) -> Edit:
     """The new train.py the answer describes; PatchRejected when it cannot be read or applies to another file."""
     blocks = fenced_blocks(answer)
     lines = answer.splitlines()
-    description = _description(answer, blocks)
+    description = describe(answer)
     diffs = [b for b in blocks if _is_diff(b)]
     if diffs:
         return Edit(_apply_diff_block(diffs[-1], current), description, "diff")
@@ -131,8 +131,9 @@ def _apply_diff_block(block: Block, current: str) -> str:
     return apply_diff(block.text, current)
 
 
-def _description(answer: str, blocks: list[Block]) -> str:
-    """A labelled line (`Change: ...`) if there is one, else the first line of prose; markdown stripped."""
+def describe(answer: str) -> str:
+    """What the answer says it changes: a labelled line (`Change: ...`), else its first line of prose; markdown stripped."""
+    blocks = fenced_blocks(answer)
     inside = {i for b in blocks for i in range(b.start, b.start + b.text.count("\n") + 2)}
     prose = [line for i, line in enumerate(answer.splitlines()) if i not in inside and line.strip()]
     labelled = next((m.group(1) for line in prose if (m := LABEL.match(line))), None)

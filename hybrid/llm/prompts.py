@@ -115,10 +115,12 @@ ANSWER_EDIT = ("Propose one change to train.py. Answer in this form:\n\n"
 def code_task(changes: list[Change], best: float | None) -> str:
     """The code agent's task: its past changes with their outcomes, then the answer format."""
     shown = changes[-CHANGES_SHOWN:]
-    parts = [f"# Your task: improve train.py\n\nThe train.py above is the best version so far"
-             f"{f' (val_bpb {best:.4f})' if best is not None else ''}; its knob values are the ones that ran.\n"]
+    score = f" (val_bpb {best:.4f})" if best is not None else ""
+    parts = [f"# Your task: improve train.py\n\nThe train.py above is the best version so far{score}; "
+             "its knob values are the ones that ran.\n"]
     if shown:
-        parts.append(f"## Your earlier changes ({len(changes)}{', most recent ' + str(len(shown)) + ' shown' if len(shown) < len(changes) else ''})\n")
+        count = f"{len(changes)}, the last {len(shown)} shown" if len(shown) < len(changes) else f"{len(changes)}"
+        parts.append(f"## Your earlier changes ({count})\n")
         for c in shown:
             parts.append(f"### {c.title}: {c.description}\nOutcome: {c.outcome}")
             if c.diff:
