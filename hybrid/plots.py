@@ -170,6 +170,7 @@ def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
                                       line={"color": color, "shape": "hv"}, hoverinfo="skip"), row=r, col=c)
         ax.set_title(method)
         ax.set_ylim(low, top)
+        ax.set_xlim(left=0)
         ax.set_xlabel(HOURS_LABEL)
         ax.grid(alpha=0.3)
         if i % cols == 0:
@@ -232,7 +233,9 @@ def plot_pareto(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
             pfig.add_trace(go.Scatter(x=fx, y=fy, mode="lines+markers", line={"color": color, "shape": "hv"},
                                       name=method, legendgroup=method, showlegend=k == 0), row=1, col=k + 1)
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        lo, hi = ax.get_xlim()
+        subs = (1.0, 2.0, 5.0) if hi / lo > 30 else tuple(range(1, 10))  # labelled ticks also within a decade
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=subs))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel=f"{label}, log scale", title=f"val_bpb against {label.split(' (')[0]}")

@@ -7,7 +7,8 @@ Each request takes the next step of the script: a text (the answer), Fail(status
 Hang(seconds) (a reply slower than the client's timeout) or Drop() (the connection closed without a reply).
 When the script is spent, `responder(system, prompt)` answers if given, else the server fails with 500.
 Usage is counted like the real APIs: 4 characters a token, and a system prefix seen before (with
-cache_control on Anthropic's side) counts as cache reads.
+cache_control on Anthropic's side) counts as cache reads. At the end: answers in the style of real models
+(prose around fenced blocks) and readers of what the prompts show.
 """
 from __future__ import annotations
 

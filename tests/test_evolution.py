@@ -422,7 +422,7 @@ def test_llm_mutations_run_and_a_hostile_one_is_rejected_without_harm(fake: None
 def test_a_few_real_generations_on_the_test_profile(prepared_test, tmp_path: Path, capsys,  # noqa: ANN001
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    run(capsys, "--llm", "none", "--trials", "10", "--mutate-every", "1", "--stagnation", "1")
+    run(capsys, "--llm", "none", "--trials", "11", "--mutate-every", "1", "--stagnation", "1")
     study = load()
     check_invariants(study)
     gens = generations.load_all(study)

@@ -317,6 +317,7 @@ def test_centaur_on_the_surrogate(tmp_path, llm_env):
 
 # -- real training (the `test` profile: a few seconds a trial) --------------------------------------------------
 
+@pytest.mark.slow
 def test_llm_hp_run_keeps_the_key_out_of_trials_logs_and_the_database(tmp_path, data_dir, llm_env):
     """`hybrid run` as a user runs it, with the key in its environment and a train.py that dumps its own."""
     train_py = tmp_path / "train.py"
@@ -345,6 +346,7 @@ def test_llm_hp_run_keeps_the_key_out_of_trials_logs_and_the_database(tmp_path, 
     assert KEY not in run.stdout + run.stderr
 
 
+@pytest.mark.slow
 def test_llm_code_survives_the_corpus_on_real_training(tmp_path, data_dir, llm_env, monkeypatch):
     test = profiles.PROFILES["test"]
     # the end of the infinite loop: short, yet long enough for a normal trial on a loaded 2-core machine
@@ -377,6 +379,7 @@ def test_llm_code_survives_the_corpus_on_real_training(tmp_path, data_dir, llm_e
     print(f"a gigantic allocation on CPU ends as {oom.user_attrs['status']}: {oom.user_attrs['error']}")
 
 
+@pytest.mark.slow
 def test_centaur_on_the_train_objective(tmp_path, data_dir, llm_env, monkeypatch):
     monkeypatch.setattr(centaur, "WARMUP_TRIALS", 1)
     with FakeLLM(responder=advisor) as llm:
