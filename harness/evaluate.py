@@ -17,6 +17,24 @@ class InvalidOutput(ValueError):
     """The model's forward did not return logits of shape (B, T, vocab_size)."""
 
 
+CAUSAL_TOLERANCE = 0.05  # logits are soft-capped to +-15; bf16 kernels may differ this much between calls
+
+
+def check_causal(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, autocast) -> None:  # noqa: ANN001
+    """InvalidOutput if changing the later half of the tokens changes the logits of the earlier half:
+    a model that reads ahead would score a metric it did not earn."""
+    half = x.size(1) // 2
+    rows = x[:2].clone()
+    rows[:, half:] = torch.roll(rows[:, half:], shifts=1, dims=0 if len(rows) > 1 else 1) + 1
+    rows[:, half:] %= logits.size(-1)
+    with autocast:
+        changed = model(rows)
+    drift = (changed[:, :half].float() - logits[: len(rows), :half].float()).abs().max().item()
+    if not drift <= CAUSAL_TOLERANCE:
+        raise InvalidOutput(f"the model is not causal: logits before position {half} moved by {drift:.3g} "
+                            "when only later tokens changed")
+
+
 def evaluate_bpb(model: torch.nn.Module, profile: Profile, data: Prepared, device: torch.device | str) -> float:
     """Bits per byte on the first profile.eval_tokens target tokens of the validation split, the same for every trial.
 
@@ -41,6 +59,8 @@ def evaluate_bpb(model: torch.nn.Module, profile: Profile, data: Prepared, devic
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise InvalidOutput(f"model(idx) must return logits of shape {want} (B, T, vocab), got {got}")
+            if done == 0:
+                check_causal(model, x, logits, autocast)
             nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
             counts = token_bytes[y.flatten()]
             nats += torch.where(counts > 0, nll, 0.0).sum(dtype=torch.float64)

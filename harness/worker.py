@@ -35,7 +35,9 @@ PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 3
 
 def classify(e: BaseException) -> str:
     """The failure class of an exception raised by train.py or by scoring its model."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower():
+    message = str(e).lower()
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message \
+            or "can't allocate memory" in message:  # the CPU allocator's words
         return "oom"
     if isinstance(e, api.Diverged):
         return "nan"

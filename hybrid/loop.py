@@ -89,6 +89,8 @@ class RunConfig:
         for name, value in (("budget", self.budget_hours), ("trials", self.trials), ("workers", self.workers)):
             if value is not None and value <= 0:
                 raise UserError(f"--{name} must be > 0, got {value}")
+        if self.method == "centaur" and self.sampler not in (None, "cmaes"):
+            raise UserError(f"centaur is CMA-ES with an LLM advisor: --sampler {self.sampler} does not apply")
         if self.sampler is None:
             self.sampler = "cmaes" if self.method == "centaur" else "tpe"
         if self.artifacts is None:

@@ -131,7 +131,7 @@ def plot_incumbent(frame: pd.DataFrame, palette: dict[str, str], out: Path,
 
 def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figure:
     methods = list(palette)
-    cols = min(3, len(methods))
+    cols = 2 if len(methods) == 4 else min(3, len(methods))
     rows = math.ceil(len(methods) / cols)
     low, high = bpb_range(frame)
     fail_y, top = high + (high - low) * 0.04, high + (high - low) * 0.07  # failures in a row above the ▲ row

@@ -39,6 +39,19 @@ def test_wrong_logits_shape(prepared_test):
         evaluate_bpb(Uniform(2048, shape_error=True), TEST, prepared_test, "cpu")
 
 
+class ReadsAhead(torch.nn.Module):
+    """Predicts each next token by looking at it: a perfect score the metric must refuse."""
+
+    def forward(self, idx):
+        ahead = torch.roll(idx, -1, dims=1)
+        return 15.0 * torch.nn.functional.one_hot(ahead, 2048).float()
+
+
+def test_a_model_that_reads_ahead_is_invalid(prepared_test):
+    with pytest.raises(InvalidOutput, match="not causal"):
+        evaluate_bpb(ReadsAhead(), TEST, prepared_test, "cpu")
+
+
 def test_session_clock(prepared_test):
     profile = replace(TEST, warmup_steps=2, time_budget=0.3)
     s = api.Session(profile, prepared_test, "cpu")

@@ -42,7 +42,7 @@ def random_configs(n: int, seed: int = 0) -> pd.DataFrame:
 def test_predictions_are_in_range(objective):
     predicted = objective.surrogate.predict(random_configs(300))
     assert list(predicted.columns) == list(OUTPUTS)
-    assert predicted["val_bpb_pred"].between(0.95, 3.0).all()
+    assert predicted["val_bpb_pred"].between(0.97, 3.0).all()
     assert predicted["p_fail"].between(0.0, 1.0).all()
     assert predicted["wall_seconds_pred"].between(5.0, SUCCESS_SECONDS + 1e-9).all()
     # nothing far from the data beats the best real trial by more than the noise
