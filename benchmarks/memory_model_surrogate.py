@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 import hybrid.loop
-from harness.profiles import Profile
+from harness.profiles import Profile, get_profile
 from harness.result import TrialResult
 from hybrid import store, surrogate
 from hybrid.memory import MemoryModel, default_cap_gb
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "memory_model_surrogate"
 GOAL_WASTED = 0.02
+SOURCE = (ROOT / "train.py").read_text()
 
 
 def runs_as(config: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +93,9 @@ def one_run(task: tuple[str, int, bool, float, str]) -> dict[str, Any]:
         finally:
             hybrid.loop.make_objective = make_objective
     study = optuna.load_study(study_name=name, storage=store.open_storage(storage))
-    return summarize(study, method, seed, memory_on) | {"seconds": time.perf_counter() - t0,
+    calibration = MemoryModel(get_profile("gpu")).calibration(SOURCE, study.get_trials(deepcopy=False))
+    return summarize(study, method, seed, memory_on) | {"calibration_at_end": calibration,
+                                                        "seconds": time.perf_counter() - t0,
                                                         "progress": progress.getvalue()}
 
 
@@ -167,7 +170,8 @@ def main() -> None:
                         f"ok {r['ok']}, oom {r['oom']}, oom-predicted {r['oom_predicted']}, "
                         f"other failures {r['other_failures']}, {r['hours']:.2f} h, failed {r['failed_hours']:.3f} h "
                         f"({100 * r['wasted_share']:.2f} %), best val_bpb {r['best_val_bpb']:.5f} "
-                        f"(expected {r['best_expected_val_bpb']:.5f}), {r['seconds']:.0f} s")
+                        f"(expected {r['best_expected_val_bpb']:.5f}), calibration at the end "
+                        f"{r['calibration_at_end']}, {r['seconds']:.0f} s")
                 print(line, flush=True)
                 log.write(f"===== {line}\n{r.pop('progress')}\n")
                 log.flush()
@@ -180,6 +184,8 @@ def main() -> None:
         "wiring": "memory check around the objective in this driver (hybrid.loop does not call it yet)",
         "summary": summary, "verdict": verdict(summary, methods), "runs": runs,
         "seconds": time.perf_counter() - t0,
+        "code": {path: store.code_sha((ROOT / path).read_text())
+                 for path in ("train.py", "hybrid/memory.py", "hybrid/surrogate.py", "hybrid/loop.py")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "optuna": optuna.__version__},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -33,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from harness.profiles import get_profile
 from hybrid.memory import GIB, MIB, PAPER_CAP_GB, analytic_peak_bytes, grad_accum, model_shapes, peak_bytes
+from hybrid.store import code_sha
 from hybrid.surrogate import EDITED_CODE, TRIALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +160,7 @@ def main() -> None:
         "at_cap": at_cap, "cap_sweep": sweep, "per_method": per_method,
         "best_val_bpb": float(np.min(val[ok])), "best_val_bpb_refused": best_refused,
         "seconds": time.perf_counter() - t0,
+        "code": {path: code_sha((ROOT / path).read_text()) for path in ("train.py", "hybrid/memory.py")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

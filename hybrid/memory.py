@@ -163,8 +163,13 @@ def analytic_peak_bytes(source: str, config: dict[str, Any], profile: Profile) -
 
 
 def default_cap_gb(vram_cap_gb: float | None, objective: str, profile: Profile) -> float | None:
-    """The cap the memory model enforces: --vram-cap-gb, else the paper's 76 GB for the surrogate objective
-    (the paper's trials) and the gpu profile, else none (cpu and test profiles: the memory model does nothing)."""
+    """The cap (GiB) the memory model enforces, or None: it does nothing.
+
+    --vram-cap-gb if given, else the paper's 76 GB for the surrogate objective (its trials ran under that cap)
+    and the gpu profile, else none (cpu and test profiles). Never for trials that run without CUDA: there is
+    no GPU memory to run out of, and the peaks they record are the process's RSS."""
+    if objective != "surrogate" and not torch.cuda.is_available():
+        return None
     if vram_cap_gb is not None:
         return vram_cap_gb
     return PAPER_CAP_GB if objective == "surrogate" or profile.name == "gpu" else None

@@ -226,7 +226,9 @@ def plot_pareto(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
             if not len(x):
                 continue
             fx, fy = pareto_front(x, y)
-            ax.scatter(x, np.minimum(y, high), s=9, color=color, alpha=0.3)
+            above = y > high
+            ax.scatter(x[~above], y[~above], s=9, color=color, alpha=0.3)
+            ax.scatter(x[above], np.full(above.sum(), high), s=12, marker="^", color=color, alpha=0.3)
             ax.plot(fx, fy, color=color, lw=2, marker="o", ms=4, drawstyle="steps-post", label=method)
             pfig.add_trace(go.Scatter(x=x, y=y, mode="markers", marker={"color": color, "size": 4, "opacity": 0.35},
                                       legendgroup=method, showlegend=False, name=method), row=1, col=k + 1)
@@ -251,7 +253,7 @@ def plot_pareto(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
     pfig.update_layout(title="Pareto fronts of val_bpb against peak memory and parameter count")
     _save(fig, pfig, out, "pareto")
     return Figure("pareto", "Pareto fronts", f"Successful trials only (failed ones have no measurement). Trials above "
-                  f"{high:.4f} are drawn at the top edge; the fronts use their true values.")
+                  f"{high:.4f} are drawn as ▲ at the top edge; the fronts use their true values.")
 
 
 # -- importances ------------------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ def test_shapes_match_the_real_model(source):
     assert [b.value_embedding for b in shapes.blocks] == [str(i) in model.value_embeds for i in range(3)]
 
 
+def test_without_build_optimizers_every_parameter_has_adam_states(source):
+    shapes = model_shapes(source.replace("def build_optimizers(", "def other_name("), {"DEPTH": 4}, GPU)
+    assert shapes.adam_params == shapes.params and shapes.muon_params == 0
+
+
 def test_huge_config_over_a_small_cap_is_refused(source):
     memory = MemoryModel(GPU)
     result = memory.check(source, {"DEPTH": 24, "ASPECT_RATIO": 128, "DEVICE_BATCH_SIZE": 256}, cap_gb=8.0)
@@ -106,12 +111,16 @@ def test_calibration_uses_the_trials_nearest_the_cap(source):
     assert memory.predict_mb(source, target, history) == pytest.approx(0.9 * memory.estimate_mb(source, target))
 
 
-def test_default_cap():
+def test_default_cap(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_cap_gb(40.0, "train", get_profile("cpu")) == 40.0
-    assert default_cap_gb(None, "surrogate", GPU) == PAPER_CAP_GB
     assert default_cap_gb(None, "train", GPU) == PAPER_CAP_GB
     assert default_cap_gb(None, "train", get_profile("cpu")) is None
     assert default_cap_gb(None, "train", get_profile("test")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # trials on the CPU: nothing to cap
+    assert default_cap_gb(40.0, "train", GPU) is None
+    assert default_cap_gb(None, "surrogate", GPU) == PAPER_CAP_GB
+    assert default_cap_gb(50.0, "surrogate", GPU) == 50.0
 
 
 def test_estimate_leaves_no_trace(source):
