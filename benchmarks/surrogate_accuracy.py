@@ -29,8 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hybrid.surrogate import (GP_HYPERPARAMETERS, KNOBS, PAPER_SPACE, Surrogate, SurrogateObjective,  # noqa: E402
-                              bpb_to_target, features, fixed_space, load_trials, noise_sd, project,
-                              unique_successes)
+                              features, fixed_space, load_trials, noise_sd, project, unique_successes)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOOD = 1.0                  # the good region: val_bpb below this
@@ -123,7 +122,7 @@ def sample_uniform(rng: np.random.Generator) -> dict[str, Any]:
         if knob.type == "categorical":
             config[name] = knob.choices[rng.integers(len(knob.choices))]
             continue
-        low, high = (float(knob.low), float(knob.high))
+        low, high = float(knob.low), float(knob.high)
         if knob.type == "int":
             low, high = low - 0.5, high + 0.5
         value = float(np.exp(rng.uniform(np.log(low), np.log(high)))) if knob.log else float(rng.uniform(low, high))
@@ -134,17 +133,16 @@ def sample_uniform(rng: np.random.Generator) -> dict[str, Any]:
 def random_search(objective: SurrogateObjective, seed: int) -> dict[str, Any]:
     """The paper's protocol: the baseline as trial 0, then uniform samples until 24 h of wall time are spent."""
     rng = np.random.default_rng(seed)
-    spent, best, trials, failures, number = 0.0, float("inf"), 0, 0, 0
+    spent, best, trials, failures = 0.0, float("inf"), 0, 0
     config = PAPER_SPACE.defaults()
     while spent < BUDGET_SECONDS:
-        result = objective.evaluate(config, seed=seed, trial_number=number)
+        result = objective.evaluate(config, seed=seed, trial_number=trials)
         spent += result.total_seconds
         trials += 1
         if result.ok:
             best = min(best, result.val_bpb)
         else:
             failures += 1
-        number += 1
         config = sample_uniform(rng)
     return {"seed": seed, "trials": trials, "best": best, "oom_pct": 100 * failures / trials}
 
@@ -190,8 +188,7 @@ def markdown(report: dict[str, Any]) -> str:
     for label, part in (("seeds 0-2 (the paper's 3 runs)", rs["paper_seeds"]),
                         (f"all {RANDOM_SEEDS} seeds", rs["all_seeds"]), ("the paper", PAPER_RANDOM)):
         lines.append(f"- {label}: best {part['best_mean']:.4f} ± {part['best_std']:.4f}, OOM {part['oom_pct']:.0f} %")
-    lines += [
-              "", f"Fit on all trials: {report['fit_seconds_all']:.1f} s wall ({report['fit_cpu_seconds_all']:.1f} s "
+    lines += ["", f"Fit on all trials: {report['fit_seconds_all']:.1f} s wall ({report['fit_cpu_seconds_all']:.1f} s "
               "CPU, all threads).", ""]
     return "\n".join(lines)
 

@@ -283,7 +283,8 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     seed = config.seed + 7919 * worker + done_before
     method = build_method(config, study, space, base.source, seed)
     study.sampler = method.sampler
-    objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb)
+    objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
+                               memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False))
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
     with progress, _Interrupt() as interrupt:

@@ -1,9 +1,12 @@
 """Objectives: what evaluating a config costs and returns. `train` runs train.py; `surrogate` predicts it."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from optuna.trial import FrozenTrial
 
 from harness.profiles import Profile
 from harness.result import TrialResult
@@ -59,5 +62,31 @@ def ensure_prepared(profile: Profile) -> None:
         prepare(profile, None)
 
 
-def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None) -> Objective:
-    return SurrogateObjective() if name == "surrogate" else TrainObjective(profile, vram_cap_gb=vram_cap_gb)
+@dataclass
+class MemoryGuarded:
+    """An objective behind the memory model: a config predicted over the VRAM cap is not run but recorded
+    `oom-predicted`, at no GPU time (the sampler is told the failure penalty)."""
+    objective: Objective
+    cap_gb: float
+    history: Callable[[], Iterable[FrozenTrial]]  # the study's trials, to calibrate on
+    model: Any  # hybrid.memory.MemoryModel (imported lazily: it builds models with torch)
+
+    @property
+    def name(self) -> str:
+        return self.objective.name
+
+    def evaluate(self, source: str, config: dict[str, Any], **kwargs: Any) -> TrialResult:
+        refused = self.model.check(source, config, self.cap_gb, self.history())
+        return refused if refused is not None else self.objective.evaluate(source, config, **kwargs)
+
+
+def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None, memory_model: bool = False,
+                   history: Callable[[], Iterable[FrozenTrial]] = tuple) -> Objective:
+    """The objective `name`, behind the memory model when it is on and a VRAM cap applies."""
+    objective = SurrogateObjective() if name == "surrogate" else TrainObjective(profile, vram_cap_gb=vram_cap_gb)
+    if not memory_model:
+        return objective
+    from hybrid.memory import MemoryModel, default_cap_gb
+
+    cap = default_cap_gb(vram_cap_gb, name, profile)
+    return objective if cap is None else MemoryGuarded(objective, cap, history, MemoryModel(profile))
