@@ -370,7 +370,8 @@ def predict_csv(in_path: str | Path, out_path: str | Path) -> None:
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot read {in_path} as CSV: {reason}") from None
-    predictions = load_surrogate().predict(frame)
+    configs = check_configs(frame)  # bad input is reported before the surrogate is fitted
+    predictions = load_surrogate().outcomes(project(configs))[list(OUTPUTS)]
     try:
         pd.concat([frame, predictions], axis=1).to_csv(out_path, index=False)
     except OSError as e:

@@ -2,22 +2,18 @@
 killed in the middle of a trial. Needs PostgreSQL (installed with apt-get where missing; skipped where it cannot be)."""
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import optuna
 import pg
 import pytest
 from optuna.trial import TrialState
 from test_resume import ENV, TRIAL_ATTRS, _train_worker_of, check_study, hybrid_cmd, wait_for
 
-from hybrid import store
 
 pytestmark = pytest.mark.postgres
 
@@ -66,24 +62,3 @@ def test_three_machines_one_killed_mid_trial(pg_url: str, tmp_path: Path, data_d
     dirs = sorted(p.parent.name for p in tmp_path.glob("m*/runs/train3/trial-*/log.txt"))
     ran = [t for t in trials if "surplus" not in t.user_attrs]
     assert len(dirs) == len(set(dirs)) == len(ran)  # every trial ran once, on one machine
-
-
-def test_a_machine_killed_at_a_random_moment_and_restarted(pg_url: str, tmp_path: Path) -> None:
-    seed = random.randrange(10**6)
-    rng, budget = random.Random(seed), 30
-    args = ("run", "--method", "tpe", "--study", "surrogate3", "--storage", pg_url, "--objective", "surrogate",
-            "--trials", str(budget))
-    procs = machines(tmp_path, 3, args, ENV)
-    storage, study = store.open_storage(pg_url), None
-    while study is None:  # the machines race to create the study
-        time.sleep(0.5)
-        with contextlib.suppress(KeyError):
-            study = optuna.load_study(study_name="surrogate3", storage=storage)
-    before = len(study.get_trials())
-    wait_for(lambda: len(study.get_trials()) > before, procs[0])
-    time.sleep(rng.uniform(0.0, 0.5))
-    procs[0].kill()
-    procs[0].wait()
-    procs[0], = machines(tmp_path, 1, args, ENV)  # restarted: it picks up where the study is
-    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0], (seed, logs(tmp_path))
-    check_study(pg_url, "surrogate3", budget)

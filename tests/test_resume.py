@@ -127,7 +127,7 @@ def test_a_study_whose_creation_was_cut_short_is_completed_by_the_next_run(tmp_p
 # -- real processes -------------------------------------------------------------------------------------------
 
 def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
-    db, budget = tmp_path / "runs" / "hybrid.db", 40
+    db, budget = tmp_path / "runs" / "hybrid.db", 25
     proc = subprocess.Popen(hybrid_cmd("run", "--method", "tpe", "--study", "s", "--objective", "surrogate",
                                        "--trials", str(budget)), cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: count(db, TRIALS) >= 5 + random.randrange(10), proc)
@@ -145,9 +145,9 @@ def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
 
 def test_runs_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
     seed = random.randrange(10**6)
-    rng, db, budget = random.Random(seed), tmp_path / "runs" / "hybrid.db", 40
+    rng, db, budget = random.Random(seed), tmp_path / "runs" / "hybrid.db", 30
     run = ("run", "--method", "tpe", "--study", "s", "--objective", "surrogate", "--trials", str(budget))
-    for kill in range(5):
+    for kill in range(4):
         proc = subprocess.Popen(hybrid_cmd(*(("resume", "--study", "s") if count(db, COMPLETE) else run)),
                                 cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
         if kill == 0:  # anywhere in the start: imports, creating the database and the study, the first trials
@@ -181,7 +181,7 @@ def _train_worker_of(trial_dir: Path) -> int | None:
 @pytest.mark.slow
 def test_train_trials_interrupted_and_killed_mid_trial(tmp_path: Path, data_dir: Path) -> None:
     """The real objective: Ctrl-C in the middle of trial 1, resume, SIGKILL in the middle of trial 2, resume."""
-    db, budget = tmp_path / "runs" / "hybrid.db", 4
+    db, budget = tmp_path / "runs" / "hybrid.db", 3
     env = {**ENV, "HYBRID_DATA_DIR": str(data_dir)}
     cmds = [hybrid_cmd("run", "--method", "random", "--study", "s", "--objective", "train", "--profile", "test",
                        "--trials", str(budget)), hybrid_cmd("resume", "--study", "s")]
