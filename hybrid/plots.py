@@ -113,11 +113,13 @@ def plot_incumbent(frame: pd.DataFrame, palette: dict[str, str], out: Path,
     pad = max(high - low, 1e-4) * 0.05
     ax.set_ylim(low - pad, high + pad)
     ax.set_xlim(0, grid[-1])
-    band = "; band: ± 1 std over seeds" if frame.groupby("method")["study"].nunique().max() > 1 else ""
-    ax.set(title=f"Best val_bpb found against budget (mean over seeds{band})", xlabel=HOURS_LABEL, ylabel=BPB_LABEL)
+    several = frame.groupby("method")["study"].nunique().max() > 1
+    band = "; band: ± 1 std over seeds" if several else ""
+    title = "Best val_bpb found against budget " + ("(mean over seeds; band: ± 1 std)" if several else "(one seed per method)")
+    ax.set(title=title, xlabel=HOURS_LABEL, ylabel=BPB_LABEL)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=9)
-    pfig.update_layout(title=f"Best val_bpb found against budget (mean over seeds{band})", xaxis_title=HOURS_LABEL,
+    pfig.update_layout(title=title, xaxis_title=HOURS_LABEL,
                        yaxis_title=BPB_LABEL, yaxis_range=[low - pad, high + pad])
     _save(fig, pfig, out, "incumbent")
     note = ("The incumbent (best successful val_bpb so far) of each study, against the GPU-hours its trials used; "
