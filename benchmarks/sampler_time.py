@@ -1,14 +1,14 @@
 """Sampler time per trial as the history grows (TPE, CMA-ES, GP), and a whole 24-hour protocol end to end.
 
-    python benchmarks/sampler_time.py [--trials 1000] [--gp-trials 60] [--skip-protocol]
+    python benchmarks/sampler_time.py [--trials 1000] [--gp-trials 100] [--skip-protocol]
 
 1. Each sampler, built as `hybrid run` builds it (hybrid.classical.samplers.make_sampler, seed 0, the gpu space
    of search_space.yaml), proposes configs one after another in an in-memory study (no database cost), told the
    surrogate objective's results (failures as val_bpb 100). Timed: `study.ask` with the space's distributions,
    i.e. the sampler's work for one trial, in wall and CPU seconds. Reported at the trials just below 100 and
    1,000 (the mean over the 10 trials before). GP is capped (--gp-trials): each of its trials takes seconds.
-2. `hybrid run --method tpe --objective surrogate --budget-hours 24` pinned to one core (taskset -c 0): CPU and
-   wall seconds, trials, and where a trial's time goes.
+2. `hybrid run --method tpe --objective surrogate --budget-hours 24` pinned to one core (taskset -c 0), as it is
+   (the memory model on) and with --no-memory-model: CPU and wall seconds, trials.
 
 Writes benchmarks/results/sampler_time.{json,md} and sampler_time.log (every timed trial, and the run's output).
 """
@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -64,21 +63,21 @@ def at(times: list[tuple[float, float]], n: int) -> dict[str, float] | None:
     return {"trials": n, "wall_s": sum(w for w, _ in window) / WINDOW, "cpu_s": sum(c for _, c in window) / WINDOW}
 
 
-def protocol(log: list[str]) -> dict[str, Any]:
+def protocol(log: list[str], *flags: str) -> dict[str, Any]:
     """The 24-hour TPE protocol on the surrogate, one core, through the command line."""
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    command = ["run", "--method", "tpe", "--objective", "surrogate", "--budget-hours", "24", "--study", "p24", *flags]
     with tempfile.TemporaryDirectory() as tmp:
         before, started = os.times(), time.perf_counter()
-        done = subprocess.run([*pin, sys.executable, "-m", "hybrid.cli", "run", "--method", "tpe", "--objective",
-                               "surrogate", "--budget-hours", "24", "--study", "p24"], cwd=tmp, capture_output=True,
+        done = subprocess.run([*pin, sys.executable, "-m", "hybrid.cli", *command], cwd=tmp, capture_output=True,
                               text=True, check=True)
         wall, after = time.perf_counter() - started, os.times()
         study = optuna.load_study(study_name="p24", storage=f"sqlite:///{tmp}/runs/hybrid.db")
         trials = study.get_trials()
-    log += ["--- hybrid run --method tpe --objective surrogate --budget-hours 24 (stderr)", done.stderr]
+    log += [f"--- hybrid {' '.join(command)} (stderr)", done.stderr]
     cpu = after.children_user + after.children_system - before.children_user - before.children_system
-    return {"command": "hybrid run --method tpe --objective surrogate --budget-hours 24", "pinned": " ".join(pin),
-            "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "trials": len(trials),
+    return {"command": f"hybrid {' '.join(command)}", "pinned": " ".join(pin), "cpu_s": round(cpu, 1),
+            "wall_s": round(wall, 1), "trials": len(trials),
             "failed": sum(t.user_attrs["status"] != "ok" for t in trials),
             "trial_hours": round(sum(t.user_attrs["total_seconds"] for t in trials) / 3600, 2),
             "best_val_bpb": round(min(t.value for t in trials), 4)}
@@ -101,20 +100,24 @@ def markdown(result: dict[str, Any]) -> str:
         if points["trials"] not in AT:
             last = at(points["times"], points["trials"])
             lines.append(f"| {name} | {points['trials']} (cap) | {last['wall_s']:.4f} | {last['cpu_s']:.4f} |")
-    lines += ["", f"Whole runs: " + ", ".join(f"{k} {v['trials']} trials in {v['total_wall_s']:.0f} s wall"
+    lines += ["", "Whole runs: " + ", ".join(f"{k} {v['trials']} trials in {v['total_wall_s']:.0f} s wall"
                                               for k, v in result["samplers"].items()), ""]
-    if p := result.get("protocol"):
+    if result.get("protocol"):
         lines += ["## The 24-hour protocol on the surrogate, one core", "",
-                  f"`{p['command']}` ({p['pinned'] or 'not pinned'}): **{p['cpu_s']} s of CPU**, {p['wall_s']} s wall "
-                  f"(the machine is shared: wall time depends on its load), {p['trials']} trials ({p['failed']} "
-                  f"failed), {p['trial_hours']} GPU-hours of trial time, best val_bpb {p['best_val_bpb']}.", ""]
+                  "Wall time depends on the load of the machine (shared); CPU time is the cost of the run.", "",
+                  "| command | CPU s | wall s | trials | failed | GPU-hours of trials | best val_bpb |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| `{p['command']}` ({p['pinned'] or 'not pinned'}) | **{p['cpu_s']}** | {p['wall_s']} | "
+                  f"{p['trials']} | {p['failed']} | {p['trial_hours']} | {p['best_val_bpb']} |"
+                  for p in result["protocol"]]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=1000)
-    parser.add_argument("--gp-trials", type=int, default=60, help="GP takes seconds per trial: its cap")
+    parser.add_argument("--gp-trials", type=int, default=100, help="GP takes seconds per trial: its cap")
     parser.add_argument("--skip-protocol", action="store_true")
     args = parser.parse_args()
     import torch
@@ -129,7 +132,7 @@ def main() -> None:
         result["samplers"][name] = {"trials": trials, "total_wall_s": time.perf_counter() - started, "times": times,
                                     "at": [p for n in AT if (p := at(times, n))]}
     if not args.skip_protocol:
-        result["protocol"] = protocol(log)
+        result["protocol"] = [protocol(log), protocol(log, "--no-memory-model")]
     result["machine"] += f", at the end {os.getloadavg()[0]:.1f}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sampler_time.log").write_text("\n".join(log) + "\n")

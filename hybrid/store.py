@@ -79,7 +79,8 @@ def open_storage(url: str) -> RDBStorage:
 
 def _with_driver(url: str) -> str:
     """SQLAlchemy 2.1 reads postgresql:// as psycopg (3), earlier versions as psycopg2: use the one installed."""
-    if url.startswith("postgresql://") and not importlib.util.find_spec("psycopg") and importlib.util.find_spec("psycopg2"):
+    installed = importlib.util.find_spec
+    if url.startswith("postgresql://") and not installed("psycopg") and installed("psycopg2"):
         return "postgresql+psycopg2://" + url[len("postgresql://"):]
     return url
 

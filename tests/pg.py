@@ -24,7 +24,7 @@ class Unavailable(RuntimeError):
 
 def server_bin() -> Path | None:
     """The newest /usr/lib/postgresql/<version>/bin holding initdb and pg_ctl."""
-    found = [d for d in Path("/usr/lib/postgresql").glob("*/bin") if (d / "initdb").exists() and (d / "pg_ctl").exists()]
+    found = [d.parent for d in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl") if (d.parent / "initdb").exists()]
     return max(found, key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0, default=None)
 
 

@@ -14,7 +14,6 @@ import pytest
 from optuna.trial import TrialState
 from test_resume import ENV, TRIAL_ATTRS, _train_worker_of, check_study, hybrid_cmd, wait_for
 
-
 pytestmark = pytest.mark.postgres
 
 

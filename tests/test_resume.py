@@ -129,7 +129,8 @@ def test_a_study_whose_creation_was_cut_short_is_completed_by_the_next_run(tmp_p
 def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
     db, budget = tmp_path / "runs" / "hybrid.db", 25
     proc = subprocess.Popen(hybrid_cmd("run", "--method", "tpe", "--study", "s", "--objective", "surrogate",
-                                       "--trials", str(budget)), cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
+                                       "--trials", str(budget)),
+                            cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: count(db, TRIALS) >= 5 + random.randrange(10), proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130

@@ -64,11 +64,12 @@ def test_outcomes_are_recorded_as_attributes_and_told(study: optuna.Study) -> No
                                                                         log_path="/tmp/log.txt"), attrs)
     oom = store.record_result(study, running_trial(study), TrialResult(status="oom", error="CUDA out of memory",
                                                                          total_seconds=20.0), attrs)
-    rejected = store.record_result(study, running_trial(study), TrialResult(status="rejected", error="reads val"), attrs)
+    rejected = store.record_result(study, running_trial(study), TrialResult(status="rejected", error="reads val"),
+                                   attrs)
 
     assert (ok.state, ok.value) == (TrialState.COMPLETE, 1.25)
     assert ok.user_attrs | attrs == ok.user_attrs
-    assert (ok.user_attrs["status"], ok.user_attrs["val_bpb"], ok.user_attrs["log_path"]) == ("ok", 1.25, "/tmp/log.txt")
+    assert [ok.user_attrs[k] for k in ("status", "val_bpb", "log_path")] == ["ok", 1.25, "/tmp/log.txt"]
     assert (oom.state, oom.value, oom.user_attrs["status"]) == (TrialState.COMPLETE, PENALTY, "oom")
     assert "val_bpb" not in oom.user_attrs and oom.user_attrs["error"] == "CUDA out of memory"
     assert (rejected.state, rejected.user_attrs["status"]) == (TrialState.FAIL, "rejected")
