@@ -1,7 +1,7 @@
 """The memory model on the surrogate objective: the 24 h protocol of random, tpe and cmaes, with and without it.
 
     python benchmarks/memory_model_surrogate.py [--methods random,tpe,cmaes] [--seeds 3] [--workers 2]
-                                                [--budget-hours 24]
+                                                [--budget-hours 24] [--wiring runs-as|loop] [--out DIR]
 
 Each (method, seed) runs twice through hybrid.loop.run on the surrogate objective (gpu profile, 24 GPU-hours):
 without the memory model every config is evaluated, and the surrogate's failure model stands in for the GPU
@@ -11,10 +11,11 @@ method: the share of the budget spent on failed trials, the rates of real and pr
 val_bpb (observed, and the surrogate's noise-free value of that config). Goal: under 2 % of the budget wasted
 with the memory model, and no method worse off.
 
-The run loop does not call the memory model yet (hybrid/loop.py `_one_trial`), so this driver wires it as the
-loop will: around the objective, before evaluate, on the config the objective will run (the surrogate snaps it
-as the paper's runner did), calibrated on the study's earlier trials.
-Writes benchmarks/results/memory_model_surrogate.{json,md,log}.
+The loop puts the memory model in front of the objective (hybrid.objectives.MemoryGuarded), which checks the
+config as sampled. The surrogate first snaps it as the paper's runner did (HEAD_DIM, DEVICE_BATCH_SIZE and
+TOTAL_BATCH_SIZE to powers of two), so `--wiring runs-as` (the default) has the guard check the config the
+surrogate runs, as it should; `--wiring loop` measures the loop exactly as wired.
+Writes OUT/memory_model_surrogate.{json,md,log} (OUT: benchmarks/results).
 """
 from __future__ import annotations
 
@@ -36,17 +37,19 @@ import pandas as pd
 import torch
 
 import hybrid.loop
-from harness.profiles import Profile, get_profile
+from harness.profiles import get_profile
 from harness.result import TrialResult
 from hybrid import store, surrogate
-from hybrid.memory import MemoryModel, default_cap_gb
-from hybrid.objectives import Objective, make_objective
+from hybrid.memory import MemoryModel
+from hybrid.objectives import MemoryGuarded
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "memory_model_surrogate"
 GOAL_WASTED = 0.02
 SOURCE = (ROOT / "train.py").read_text()
+WIRING = {"runs-as": "the loop's (hybrid.objectives.MemoryGuarded), checking the config the surrogate runs",
+          "loop": "the loop's (hybrid.objectives.MemoryGuarded) as is, checking the config as sampled"}
 
 
 def runs_as(config: dict[str, Any]) -> dict[str, Any]:
@@ -55,43 +58,25 @@ def runs_as(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
 
 
-class MemoryChecked:
-    """An objective behind the memory model: what `_one_trial` will do before evaluate."""
-
-    def __init__(self, objective: Objective, profile: Profile, cap_gb: float, study: optuna.Study) -> None:
-        self.objective, self.name, self.cap_gb, self.study = objective, objective.name, cap_gb, study
-        self.memory = MemoryModel(profile)
-
-    def evaluate(self, source: str, config: dict[str, Any], **kwargs: Any) -> TrialResult:
-        history = self.study.get_trials(deepcopy=False)
-        refused = self.memory.check(source, runs_as(config), self.cap_gb, history)
-        return refused or self.objective.evaluate(source, config, **kwargs)
+def check_what_runs(self: MemoryGuarded, source: str, config: dict[str, Any], **kwargs: Any) -> TrialResult:
+    """MemoryGuarded.evaluate, checking the config the surrogate runs rather than the one sampled."""
+    refused = self.model.check(source, runs_as(config), self.cap_gb, self.history())
+    return refused if refused is not None else self.objective.evaluate(source, config, **kwargs)
 
 
-def one_run(task: tuple[str, int, bool, float, str]) -> dict[str, Any]:
-    method, seed, memory_on, hours, work_dir = task
+def one_run(task: tuple[str, int, bool, float, str, str]) -> dict[str, Any]:
+    method, seed, memory_on, hours, wiring, work_dir = task
     name = f"{method}-seed{seed}-{'memory' if memory_on else 'plain'}"
     storage = f"sqlite:///{work_dir}/{name}.db"
     config = hybrid.loop.RunConfig(method=method, study=name, storage=storage, seed=seed, objective="surrogate",
                                    profile="gpu", memory_model=memory_on, budget_hours=hours,
                                    artifacts=f"{work_dir}/{name}")
-
-    def objective_factory(objective_name: str, profile: Profile, *, vram_cap_gb: float | None = None) -> Objective:
-        objective = make_objective(objective_name, profile, vram_cap_gb=vram_cap_gb)
-        cap = default_cap_gb(vram_cap_gb, objective_name, profile)
-        if not memory_on or cap is None:
-            return objective
-        study = optuna.load_study(study_name=name, storage=store.open_storage(storage))
-        return MemoryChecked(objective, profile, cap, study)
-
+    if wiring == "runs-as":
+        MemoryGuarded.evaluate = check_what_runs
     t0 = time.perf_counter()
     progress = io.StringIO()
     with contextlib.redirect_stderr(progress):
-        hybrid.loop.make_objective = objective_factory
-        try:
-            hybrid.loop.run(config)
-        finally:
-            hybrid.loop.make_objective = make_objective
+        hybrid.loop.run(config)
     study = optuna.load_study(study_name=name, storage=store.open_storage(storage))
     calibration = MemoryModel(get_profile("gpu")).calibration(SOURCE, study.get_trials(deepcopy=False))
     return summarize(study, method, seed, memory_on) | {"calibration_at_end": calibration,
@@ -156,13 +141,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--budget-hours", type=float, default=24.0)
+    parser.add_argument("--wiring", choices=("runs-as", "loop"), default="runs-as")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     methods = args.methods.split(",")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runs = []
-    with tempfile.TemporaryDirectory() as work_dir, open(RESULTS / f"{NAME}.log", "w") as log:
-        tasks = [(m, s, on, args.budget_hours, work_dir)
+    with tempfile.TemporaryDirectory() as work_dir, open(args.out / f"{NAME}.log", "w") as log:
+        tasks = [(m, s, on, args.budget_hours, args.wiring, work_dir)
                  for m in methods for s in range(args.seeds) for on in (False, True)]
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             for r in pool.imap_unordered(one_run, tasks):
@@ -181,7 +168,7 @@ def main() -> None:
     report = {
         "protocol": f"surrogate objective, gpu profile, {args.budget_hours:g} GPU-hours per run, cap 76 GiB (the paper's)",
         "goal": {"wasted_share_below": GOAL_WASTED, "no_method_worse_off": True},
-        "wiring": "memory check around the objective in this driver (hybrid.loop does not call it yet)",
+        "wiring": WIRING[args.wiring],
         "summary": summary, "verdict": verdict(summary, methods), "runs": runs,
         "seconds": time.perf_counter() - t0,
         "code": {path: store.code_sha((ROOT / path).read_text())
@@ -189,8 +176,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "optuna": optuna.__version__},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"{NAME}.md").write_text(markdown(report))
+    (args.out / f"{NAME}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{NAME}.md").write_text(markdown(report))
     print(markdown(report))
 
 

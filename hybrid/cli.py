@@ -32,7 +32,7 @@ def _positive(kind):
     return parse
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on this machine sharing the study") -> None:
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     budget = p.add_mutually_exclusive_group()
@@ -40,7 +40,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--trials", type=_positive(int), help="a number of trials instead of a time budget")
     p.add_argument("--objective", choices=("train", "surrogate"), default="train")
     p.add_argument("--profile", choices=("gpu", "cpu", "test"), help="default: gpu where CUDA is found, else cpu")
-    p.add_argument("--workers", type=_positive(int), default=1, help="processes on this machine sharing the study")
+    p.add_argument("--workers", type=_positive(int), default=1, help=workers_help)
     p.add_argument("--llm", choices=("anthropic", "openai", "none"), default=None,
                    help="LLM provider for llm-hp, llm-code, centaur and hybrid (default: none)")
     p.add_argument("--llm-model", help="model name (default: the provider's default)")
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated (default: tpe,cmaes,random,hybrid)")
     p.add_argument("--seeds", type=_positive(int), default=None)
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
-    _add_run_flags(p)
+    p.add_argument("--prefix", default="", help="prefix of the study names (<prefix><method>-s<seed>)")
+    _add_run_flags(p, workers_help="studies run at once, one process each")
 
     p = sub.add_parser("report", help="tables, plots and parquet from studies")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive(int), default=3)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--storage", default=None, help="default: sqlite in OUT")
-    p.add_argument("--workers", type=_positive(int), default=1)
+    p.add_argument("--workers", type=_positive(int), default=None,
+                   help="studies run at once (default: one per core with --surrogate, one per GPU with --real)")
     p.add_argument("--llm", choices=("anthropic", "openai", "none"), default="none")
     p.add_argument("--llm-model")
     p.add_argument("--llm-base-url")
