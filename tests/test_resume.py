@@ -63,6 +63,7 @@ def count(db: Path, sql: str) -> int:
 
 TRIALS = "SELECT count(*) FROM trials"
 COMPLETE = "SELECT count(*) FROM study_user_attributes WHERE key = 'hybrid.run'"
+RUNNING = "SELECT count(*) FROM trials WHERE state = 'RUNNING'"
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:  # noqa: ANN001
@@ -146,26 +147,34 @@ def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
 
 def test_runs_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
     seed = random.randrange(10**6)
-    rng, db, budget = random.Random(seed), tmp_path / "runs" / "hybrid.db", 30
+    rng, db, budget = random.Random(seed), tmp_path / "runs" / "hybrid.db", 40
     run = ("run", "--method", "tpe", "--study", "s", "--objective", "surrogate", "--trials", str(budget))
-    for kill in range(4):
-        proc = subprocess.Popen(hybrid_cmd(*(("resume", "--study", "s") if count(db, COMPLETE) else run)),
-                                cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
-        if kill == 0:  # anywhere in the start: imports, creating the database and the study, the first trials
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=rng.uniform(2.0, 10.0))
-        else:  # in the trial loop: most of its time is spent writing to the database
-            before = count(db, TRIALS)
-            wait_for(lambda: count(db, TRIALS) > before, proc)
-            time.sleep(rng.uniform(0.0, 0.4))
+
+    def start() -> subprocess.Popen:
+        args = ("resume", "--study", "s") if count(db, COMPLETE) else run
+        return subprocess.Popen(hybrid_cmd(*args), cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
+
+    proc = start()  # killed anywhere in its start: imports, creating the database and the study, the first trials
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=rng.uniform(2.0, 10.0))
+    proc.kill()
+    proc.wait()
+    mid_trial = 0
+    for _ in range(8):  # then in the trial loop (mostly database writes) until three kills landed inside a trial
+        proc = start()
+        before = count(db, TRIALS)
+        wait_for(lambda: count(db, TRIALS) > before, proc)
+        time.sleep(rng.uniform(0.0, 0.4))
         proc.kill()
-        if proc.wait() == 0:  # it reached the budget before the kill
+        proc.wait()
+        mid_trial += count(db, RUNNING) > 0
+        if mid_trial == 3:
             break
     done = subprocess.run(hybrid_cmd(*(("resume", "--study", "s") if count(db, COMPLETE) else run)), cwd=tmp_path,
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (seed, done.stderr)
-    trials = check_study(f"sqlite:///{db}", "s", budget)
-    assert len(trials) > budget, f"kill seed {seed}: no kill landed inside a trial"
+    check_study(f"sqlite:///{db}", "s", budget)
+    assert mid_trial == 3, f"kill seed {seed}: only {mid_trial} kills landed inside a trial"
 
 
 def _train_worker_of(trial_dir: Path) -> int | None:

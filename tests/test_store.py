@@ -78,19 +78,19 @@ def test_outcomes_are_recorded_as_attributes_and_told(study: optuna.Study) -> No
 
 
 def test_heartbeat_keeps_a_running_trial_alive(study: optuna.Study, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.05)
-    monkeypatch.setattr(store, "GRACE_SECONDS", 0.15)
+    monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(store, "GRACE_SECONDS", 1.0)
     trial = running_trial(study)
     with store.Heartbeat(study, trial):
-        time.sleep(0.5)
+        time.sleep(1.5)  # without beats, it would be dead by now
         store.Reaper(study).sweep()
         assert frozen(study, trial).state == TrialState.RUNNING
-    assert time.time() - frozen(study, trial).system_attrs[store.HEARTBEAT_KEY] < 0.2
+    assert time.time() - frozen(study, trial).system_attrs[store.HEARTBEAT_KEY] < 1.0
 
 
 def test_reaper_fails_dead_trials_and_completes_recorded_ones(study: optuna.Study,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "GRACE_SECONDS", 0.3)
+    monkeypatch.setattr(store, "GRACE_SECONDS", 1.0)
     alive, dead, silent = running_trial(study), running_trial(study), running_trial(study)
     # killed after writing `status`, before the tell: everything was recorded, so it is told, not lost
     recorded = running_trial(study, total_seconds=300.0, val_bpb=1.1, source="tpe", status="ok")
@@ -105,7 +105,7 @@ def test_reaper_fails_dead_trials_and_completes_recorded_ones(study: optuna.Stud
     states = {t.number: (t.state, t.values) for t in study.get_trials()}
     assert states == {0: (TrialState.RUNNING, None), 1: (TrialState.FAIL, None), 2: (TrialState.RUNNING, None),
                       3: (TrialState.COMPLETE, [1.1]), 4: (TrialState.COMPLETE, [PENALTY]), 5: (TrialState.FAIL, None)}
-    time.sleep(0.4)  # the trial that never beat is dead once this process has watched it silent for the grace
+    time.sleep(1.1)  # the trial that never beat is dead once this process has watched it silent for the grace
     beat(study, alive, age=0.0)
     reaper.sweep()
     assert frozen(study, silent).state == TrialState.FAIL
@@ -114,7 +114,7 @@ def test_reaper_fails_dead_trials_and_completes_recorded_ones(study: optuna.Stud
 
 
 def test_an_interrupted_enqueued_trial_is_enqueued_again(study: optuna.Study, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "GRACE_SECONDS", 0.3)
+    monkeypatch.setattr(store, "GRACE_SECONDS", 1.0)
     study.enqueue_trial({"x": 0.5}, user_attrs={"source": "baseline"})
     baseline = study.ask(X)
     beat(study, baseline, age=10.0)
