@@ -62,7 +62,7 @@ def count(db: Path, sql: str) -> int:
 
 
 TRIALS = "SELECT count(*) FROM trials"
-COMPLETE = "SELECT count(*) FROM study_user_attributes WHERE key = 'hybrid.run'"
+CREATED = "SELECT count(*) FROM study_user_attributes WHERE key = 'hybrid.run'"
 RUNNING = "SELECT count(*) FROM trials WHERE state = 'RUNNING'"
 
 
@@ -151,7 +151,7 @@ def test_runs_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
     run = ("run", "--method", "tpe", "--study", "s", "--objective", "surrogate", "--trials", str(budget))
 
     def start() -> subprocess.Popen:
-        args = ("resume", "--study", "s") if count(db, COMPLETE) else run
+        args = ("resume", "--study", "s") if count(db, CREATED) else run
         return subprocess.Popen(hybrid_cmd(*args), cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
 
     proc = start()  # killed anywhere in its start: imports, creating the database and the study, the first trials
@@ -170,7 +170,7 @@ def test_runs_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
         mid_trial += count(db, RUNNING) > 0
         if mid_trial == 3:
             break
-    done = subprocess.run(hybrid_cmd(*(("resume", "--study", "s") if count(db, COMPLETE) else run)), cwd=tmp_path,
+    done = subprocess.run(hybrid_cmd(*(("resume", "--study", "s") if count(db, CREATED) else run)), cwd=tmp_path,
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (seed, done.stderr)
     check_study(f"sqlite:///{db}", "s", budget)
