@@ -85,7 +85,8 @@ def protocol(log: list[str], *flags: str) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Sampler time per trial", "",
-             f"Command: `python benchmarks/sampler_time.py {' '.join(result['args'])}`. Raw timings: sampler_time.log.",
+             f"Command: `{' '.join(['python benchmarks/sampler_time.py', *result['args']])}`. "
+             "Raw timings: sampler_time.log.",
              f"Machine: {result['machine']}.", "",
              "Time of `study.ask` (the sampler's work for one trial, 14-knob gpu space, in-memory storage), mean of "
              f"the {WINDOW} trials before the given history size:", "",
@@ -100,7 +101,10 @@ def markdown(result: dict[str, Any]) -> str:
         if points["trials"] not in AT:
             last = at(points["times"], points["trials"])
             lines.append(f"| {name} | {points['trials']} (cap) | {last['wall_s']:.4f} | {last['cpu_s']:.4f} |")
-    lines += ["", "Whole runs: " + ", ".join(f"{k} {v['trials']} trials in {v['total_wall_s']:.0f} s wall"
+    lines += ["", "GP is capped (--gp-trials): its time per trial grows with the history (fitting the GP and "
+              "optimizing the acquisition function), so 1,000 trials would take hours here; TPE and CMA-ES run to "
+              "--trials.",
+              "", "Whole runs: " + ", ".join(f"{k} {v['trials']} trials in {v['total_wall_s']:.0f} s wall"
                                               for k, v in result["samplers"].items()), ""]
     if result.get("protocol"):
         lines += ["## The 24-hour protocol on the surrogate, one core", "",

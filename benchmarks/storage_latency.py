@@ -88,7 +88,7 @@ def measure(kind: str, url: str, workers: int, trials: int) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Storage write latency", "",
-             f"Command: `python benchmarks/storage_latency.py {' '.join(result['args'])}`. One line per recorded "
+             f"Command: `{' '.join(['python benchmarks/storage_latency.py', *result['args']])}`. One line per recorded "
              "trial: storage_latency.log.", f"Machine: {result['machine']}.", "",
              f"A recorded trial = ask + first heartbeat + 14 knob rows + {len(ATTRS)} user attributes + tell, "
              "as in the run loop (no sampler work, no objective).", "",
