@@ -153,16 +153,19 @@ class HybridMethod:
         """A candidate's first trials: the parent's incumbent, then (tpe, gp) the parent's next best configs."""
         if gen.status != "candidate":
             return None
-        space = gen.search_space()
-        configs = best_configs(snap.parent_trials(gen), space, WARM_CONFIGS) or [space.defaults()]
+        configs = _warm_configs(snap, gen)
         tried = snap.attempted[gen.number]
         if not tried:
-            return self._move(gen.extra.get("agent", "catalog"), gen, config=configs[0],
-                              attrs={"mutation": gen.extra.get("mutation")})
+            return self._first_move(snap, gen)
         if self.sampler_name == "cmaes":
             return None  # CMA-ES is warm-started through its source trials instead
         fresh = [c for c in configs[1:] if not runs_of(tried, c)]
         return self._move("warmstart", gen, config=fresh[0]) if fresh else None
+
+    def _first_move(self, snap: Snapshot, gen: Generation) -> Move:
+        """A candidate's first trial: the parent's incumbent, projected into the candidate's space."""
+        return self._move(gen.extra.get("agent", "catalog"), gen, config=_warm_configs(snap, gen)[0],
+                          attrs={"mutation": gen.extra.get("mutation")})
 
     def _tune(self, gen: Generation) -> Move:
         return self._move(self.sampler_name, gen)
@@ -214,7 +217,9 @@ class HybridMethod:
             return self._move(self.agent.source, gen, config=parent_best[0], rejected=rejected, space=space, attrs=attrs)
         gen.extra["commit"] = self._commit({**snap.generations, gen.number: gen}, gen.number)
         generations.save(study, gen)
-        first = self._warm_start(Snapshot.load(study), gen)
+        # From the snapshot taken before the move: another worker may already be running the candidate's first
+        # config (it sees the candidate as soon as it is saved); running it twice only measures it twice.
+        first = self._first_move(snap, gen)
         first.attrs.update(attrs)
         return first
 
@@ -242,6 +247,12 @@ class HybridMethod:
             if sources:
                 return make_sampler("cmaes", seed, source_trials=sources)
         return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=N_STARTUP)
+
+
+def _warm_configs(snap: Snapshot, gen: Generation) -> list[dict[str, Any]]:
+    """The parent's best configs when `gen` was created, projected into its space (best first)."""
+    space = gen.search_space()
+    return best_configs(snap.parent_trials(gen), space, WARM_CONFIGS) or [space.defaults()]
 
 
 def _check(parent: Generation, proposal: Proposal) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -354,25 +355,20 @@ def test_a_run_killed_in_the_middle_of_a_generation_resumes_it(fake: None, capsy
 
 
 def test_workers_share_one_lineage(fake: None, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    """Three workers on one study: one structural move at a time, the others tune meanwhile."""
+    """Three worker processes on one study (as `--workers 3` runs them; forked here so that they keep the fake
+    objective): one structural move at a time, the others tune meanwhile."""
     monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: NewKnobObjective(pause=0.05))
     run(capsys, "--trials", "1", "--mutate-every", "4", "--stagnation", "3")  # creates the study
     study = load()
     config = hybrid.loop.RunConfig.from_dict({**store.run_info(study), "trials": 40})
-    errors: list[BaseException] = []
-
-    def work(index: int) -> None:
-        try:
-            hybrid.loop.work("s", config, worker=index, show=False)
-        except BaseException as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=hybrid.loop.work, args=("s", config), kwargs={"worker": i, "show": False})
+               for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
     study = load()
     check_invariants(study)
     trials = store.finished_trials(study)
@@ -423,7 +419,10 @@ def test_llm_mutations_run_and_a_hostile_one_is_rejected_without_harm(fake: None
 def test_a_few_real_generations_on_the_test_profile(prepared_test, tmp_path: Path, capsys,  # noqa: ANN001
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    run(capsys, "--llm", "none", "--trials", "11", "--mutate-every", "1", "--stagnation", "1")
+    # 13 trials reach a third generation whatever the noise: the baseline, one sampled trial and two repeats of
+    # its incumbent; the candidate's first trial, a warm start, a sampled trial and two repeats, then its verdict;
+    # (rejected) one sampled trial of the base, two repeats if it is a new incumbent, the next mutation.
+    run(capsys, "--llm", "none", "--trials", "13", "--mutate-every", "1", "--stagnation", "1")
     study = load()
     check_invariants(study)
     gens = generations.load_all(study)
