@@ -29,6 +29,8 @@ from hybrid.progress import RunProgress
 from hybrid.space import SearchSpace, check_against_source, load_space
 
 DEFAULT_BUDGET_HOURS = {"gpu": 24.0, "cpu": 0.25, "test": 0.01, "surrogate": 24.0}
+# `oom-predicted` trials in a row (they cost no time) after which a run stops: every config is over the cap.
+REFUSALS_IN_A_ROW = 100
 
 
 @dataclass
@@ -288,6 +290,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
                                memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False))
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
+    refused = 0
     with progress, _Interrupt() as interrupt:
         while not interrupt.requested:
             trials = reaper.sweep()
@@ -303,8 +306,14 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
             except KeyboardInterrupt:  # the trial being evaluated was failed
                 interrupt.requested = True
                 break
-            if frozen is not None:
-                progress.update(frozen)
+            if frozen is None:
+                continue
+            progress.update(frozen)
+            refused = refused + 1 if frozen.user_attrs.get("status") == "oom-predicted" else 0
+            if refused >= REFUSALS_IN_A_ROW:
+                raise UserError(f"the memory model refused {refused} configs in a row as over the VRAM cap "
+                                f"({frozen.user_attrs.get('error')}): raise --vram-cap-gb, narrow the search "
+                                "space, or turn the model off with --no-memory-model")
     progress.summary()
     if show and hasattr(method, "summary"):  # e.g. the hybrid method's lineage
         method.summary()
@@ -325,15 +334,17 @@ def _one_trial(study: optuna.Study, method, objective, config: RunConfig, budget
             return None
         _suggest(trial, move.space.distributions())
         source = trial.user_attrs.get("source", move.source)
+        # A repeat re-measures its config on a seed of its own, so that the noise margin includes seed noise.
+        seed = config.seed + trial.number if source == "repeat" else config.seed
         attrs = {"source": source, "generation": move.generation, "code_sha": store.code_sha(move.code),
-                 "seed": config.seed, "method": config.method, **move.attrs}
+                 "seed": seed, "method": config.method, **move.attrs}
         trial_dir = Path(config.artifacts) / f"trial-{trial.number:05d}"
         if move.rejected is not None:
             result = TrialResult(status="rejected", error=move.rejected)
         else:
             try:
                 with interrupt.evaluation():
-                    result = objective.evaluate(move.code, dict(trial.params), seed=config.seed,
+                    result = objective.evaluate(move.code, dict(trial.params), seed=seed,
                                                 trial_number=trial.number, trial_dir=trial_dir)
             except BaseException:  # Ctrl-C, or a bug: the trial is failed, never counted
                 store.settle(study, trial._trial_id)

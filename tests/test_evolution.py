@@ -132,6 +132,7 @@ def check_invariants(study: optuna.Study) -> None:
             same = [o for o in trials if o.user_attrs["generation"] == t.user_attrs["generation"]
                     and o.params == t.params and o.number < t.number]
             assert same and t.user_attrs["repeat_of"] in {o.number for o in same}
+            assert t.user_attrs["seed"] not in {o.user_attrs["seed"] for o in same}  # a seed of its own
 
 
 def test_generations_open_new_knobs_with_warm_starts_and_recorded_verdicts(fake: None, capsys) -> None:  # noqa: ANN001

@@ -214,6 +214,19 @@ def test_workers_share_one_study_and_stop_at_the_budget_exactly(tmp_path: Path, 
     assert all(t.state == TrialState.FAIL and t.user_attrs == {"surplus": True} for t in surplus)
 
 
+def test_a_run_whose_every_config_is_over_the_cap_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused configs cost no time, so a time budget alone would never end: the run says why and stops."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hybrid.loop, "REFUSALS_IN_A_ROW", 5)
+    code, err = cli(capsys, "run", "--method", "random", "--objective", "surrogate", "--budget-hours", "24",
+                    "--vram-cap-gb", "0.01", "--study", "s")
+    assert code == 2 and "refused 5 configs in a row" in err and "--vram-cap-gb" in err
+    trials = load("s").get_trials()
+    assert len(trials) == 5 and all(t.user_attrs["status"] == "oom-predicted" for t in trials)
+    assert all(map(store.is_finished, trials))
+
+
 @pytest.mark.slow
 def test_the_24_hour_protocol_runs_in_well_under_a_minute_on_one_core(tmp_path: Path) -> None:
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
