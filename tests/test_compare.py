@@ -11,8 +11,9 @@ import harness.profiles
 import hybrid.loop
 from harness.result import TrialResult
 from hybrid import store
-from hybrid.cli import build_parser, main
+from hybrid.cli import build_parser
 from hybrid.compare import CPU_BUDGET_HOURS, plan
+from util import cli
 
 
 class FakeObjective:
@@ -29,14 +30,6 @@ class FakeObjective:
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: FakeObjective())
-
-
-def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def finished(out: Path) -> dict[str, int]:

@@ -1,8 +1,6 @@
 """The providers through the real SDKs against the fake server: usage, caching, cost, retries, failures."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 from llm_server import MODEL, Drop, Fail, FakeLLM, Hang
 
@@ -10,6 +8,7 @@ from hybrid.errors import UserError
 from hybrid.llm.client import (Advisor, AnthropicProvider, LLMUnavailable, OpenAIProvider, ProviderError, RetryPolicy,
                                Usage, cost, make_provider)
 from hybrid.loop import RunConfig
+from util import closed_port
 
 PREFIX = "You are a research engineer. " * 50
 FAST = RetryPolicy(attempts=3, backoff=0.01, timeout=0.5)
@@ -22,14 +21,6 @@ def clean_env(monkeypatch, tmp_path):
                  "ANTHROPIC_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "no-anthropic-config"))
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_anthropic_caches_the_prefix_and_counts_usage(monkeypatch):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from hybrid.llm.guard import PatchRejected, check_patch
 from hybrid.llm.hp_agent import ConfigRejected, read_config
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space
+from util import closed_port
 
 TRAIN_PY, SPACE_YAML = PROJECT_ROOT / "train.py", PROJECT_ROOT / "search_space.yaml"
 SPACE = load_space(SPACE_YAML, "test")
@@ -84,14 +84,6 @@ def consistent(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         if t.user_attrs["status"] == "rejected":
             assert t.state == TrialState.FAIL and not t.user_attrs.get("total_seconds") and t.user_attrs.get("error")
     return trials
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def corpus(agent: str) -> list[dict]:

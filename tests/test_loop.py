@@ -21,6 +21,7 @@ from hybrid import store
 from hybrid.cli import main
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space
+from util import cli
 
 MEASURED = ("val_bpb", "total_seconds", "training_seconds", "log_path")
 TRIAL_ATTRS = ("source", "generation", "code_sha", "status", "seed", "method", "total_seconds", "log_path")
@@ -44,15 +45,6 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """In-process runs on the fake objective, in a fresh working directory."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: FakeObjective())
-
-
-def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
-    """`hybrid ARGV` in this process: exit status and stderr."""
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def load(name: str, storage: str = "sqlite:///runs/hybrid.db") -> optuna.Study:

@@ -14,10 +14,10 @@ from optuna.trial import TrialState
 from scipy import stats as sps
 
 from hybrid import generations, store
-from hybrid.cli import main
 from hybrid.generations import Generation
 from hybrid.loop import RunConfig
 from hybrid.stats import compare_pair, pairwise
+from util import cli
 
 DISTRIBUTIONS = {"LR": FloatDistribution(1e-3, 1.0, log=True), "DEPTH": IntDistribution(1, 8),
                  "PATTERN": CategoricalDistribution(["SL", "LL"])}
@@ -68,14 +68,6 @@ def storage_url(tmp_path: Path) -> str:
         optuna.trial.create_trial(params={"LR": 0.5, "DEPTH": 2, "PATTERN": "SL"}, distributions=DISTRIBUTIONS,
                                   state=TrialState.FAIL))
     return url
-
-
-def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def table_row(markdown: str, section: str, first_cell: str) -> list[str]:

@@ -9,17 +9,9 @@ import pytest
 
 import hybrid.loop
 import hybrid.reproduce
-from hybrid.cli import main
 from hybrid.reproduce import agreement, published
 from test_compare import FakeObjective
-
-
-def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+from util import cli
 
 
 def test_real_without_a_gpu_refuses_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
