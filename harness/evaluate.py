@@ -18,6 +18,7 @@ class InvalidOutput(ValueError):
 
 
 CAUSAL_TOLERANCE = 0.05  # logits are soft-capped to +-15; bf16 kernels may differ this much between calls
+MAX_LOGIT_TOKENS = 32768  # tokens whose logits one forward pass of the evaluation may hold (1 GiB fp32 at vocab 8192)
 
 
 def check_causal(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, autocast) -> None:  # noqa: ANN001
@@ -35,16 +36,22 @@ def check_causal(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, 
                             "when only later tokens changed")
 
 
+def forward_rows(profile: Profile) -> int:
+    """Rows per forward pass of the evaluation: profile.eval_batch_tokens, capped at MAX_LOGIT_TOKENS, at least one."""
+    return max(1, min(profile.eval_batch_tokens, MAX_LOGIT_TOKENS) // profile.seq_len)
+
+
 def evaluate_bpb(model: torch.nn.Module, profile: Profile, data: Prepared, device: torch.device | str) -> float:
     """Bits per byte on the first profile.eval_tokens target tokens of the validation split, the same for every trial.
 
     nll (nats) summed over targets that stand for raw bytes, divided by ln 2 times the sum of those byte counts;
-    special tokens (BOS) count for neither.
+    special tokens (BOS) count for neither. The model sees forward_rows(profile) rows at a time: it returns the
+    logits of every row it is given, so the rows per call bound the memory they take.
     """
     device = torch.device(device)
     token_bytes = torch.from_numpy(Tokenizer.load(data.tokenizer).token_bytes()).to(device)
     rows = -(-profile.eval_tokens // profile.seq_len)
-    chunk = max(1, profile.eval_batch_tokens // profile.seq_len)
+    chunk = forward_rows(profile)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     nats = torch.zeros((), dtype=torch.float64, device=device)
     nbytes = torch.zeros((), dtype=torch.int64, device=device)

@@ -10,6 +10,15 @@ OK = "ok"
 # Failure classes. The first five come from running train.py; the others are decided before it runs.
 FAILURES = ("oom", "crash", "timeout", "nan", "invalid", "rejected", "oom-predicted")
 PENALTY = 100.0  # the val_bpb a failed trial is reported as to the samplers (the paper's convention)
+# Words of allocation failures, lower case: the CUDA caching allocator and runtime, cuBLAS, cuDNN, the CPU allocator.
+OOM_PATTERNS = ("out of memory", "cuda_error_out_of_memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                "cudnn_status_not_enough_workspace", "can't allocate memory", "cannot allocate memory", "bad_alloc")
+
+
+def is_oom(message: str) -> bool:
+    """Whether an error message or log text tells of a failed memory allocation."""
+    message = message.lower()
+    return any(pattern in message for pattern in OOM_PATTERNS)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 from harness.data import prepared
 from harness.knobs import find_knobs, inject_knobs
 from harness.profiles import Profile
-from harness.result import TrialResult
+from harness.result import TrialResult, is_oom
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")  # env names never passed to a trial
@@ -51,7 +51,7 @@ def _missing_result(returncode: int, log_path: Path) -> TrialResult:
     last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")[:300]
     if returncode == -signal.SIGKILL:
         return TrialResult(status="oom", error="killed by SIGKILL (most likely the kernel's out-of-memory killer)")
-    if "out of memory" in tail.lower():
+    if is_oom(tail):
         return TrialResult(status="oom", error=last)
     how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
     return TrialResult(status="crash", error=f"trial process {how}" + (f": {last}" if last else ""))

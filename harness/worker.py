@@ -3,20 +3,23 @@
 Reads TRIAL_DIR/spec.json, sets seeds, device and VRAM cap, runs train.py, evaluates the model it handed over,
 and writes TRIAL_DIR/result-<nonce>.json (a TrialResult) for the runner. A watchdog ends the trial as a
 timeout if the clock has not started within profile.max_startup_seconds, or runs far past the budget, and
-ends the process if the runner dies.
+kills the trial's process group (the worker and anything train.py started) if the runner dies.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import resource
 import runpy
+import signal
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -25,19 +28,18 @@ from harness import api
 from harness.data import Prepared
 from harness.evaluate import InvalidOutput, evaluate_bpb
 from harness.profiles import Profile
-from harness.result import TrialResult
+from harness.result import TrialResult, is_oom
 
 FINISH_GRACE = 10.0  # seconds train.py may keep running after finish()
 OVERRUN = 30.0       # seconds past the time budget (plus a quarter of it) before the watchdog gives up
+ORPHANED = 3         # exit status of a worker whose runner died, where it could not kill its process group
 PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                    "A10G": 70e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12}
 
 
 def classify(e: BaseException) -> str:
     """The failure class of an exception raised by train.py or by scoring its model."""
-    message = str(e).lower()
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message \
-            or "can't allocate memory" in message:  # the CPU allocator's words
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or is_oom(str(e)):
         return "oom"
     if isinstance(e, api.Diverged):
         return "nan"
@@ -78,6 +80,13 @@ def measure(result: TrialResult, session: api.Session, launched_at: float) -> No
             result.mfu = per_token * result.tokens_per_second / peak_flops(session.device)
 
 
+def end_orphaned() -> NoReturn:
+    """Kill the process group this worker leads (itself and whatever train.py started): its runner is gone."""
+    with contextlib.suppress(ProcessLookupError):  # not a group leader when not started by the runner
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(ORPHANED)
+
+
 def main(trial_dir: Path) -> None:
     nonce = sys.stdin.readline().strip()
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -116,7 +125,7 @@ def main(trial_dir: Path) -> None:
         while True:
             time.sleep(0.1)
             if os.getppid() != spec["runner_pid"]:  # the runner was killed: end the trial with it
-                os._exit(1)
+                end_orphaned()
             if session.model is not None:
                 continue
             if session.clock_start is None and time.time() - spec["launched_at"] > profile.max_startup_seconds:

@@ -1,7 +1,12 @@
+import contextlib
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +15,9 @@ from harness import api
 from harness.evaluate import InvalidOutput, evaluate_bpb
 from harness.loader import batches
 from harness.profiles import get_profile
-from harness.runner import _missing_result, clean_env, run_trial, snap_batch_size
+from harness.runner import PROJECT_ROOT, _missing_result, clean_env, run_trial, snap_batch_size
 from harness.tokenizer import Tokenizer
+from harness.worker import classify
 
 TEST = get_profile("test")
 
@@ -98,6 +104,31 @@ def test_missing_result(tmp_path):
     assert _missing_result(-signal.SIGKILL, log).status == "oom"
     r = _missing_result(-signal.SIGSEGV, log)
     assert r.status == "crash" and "SIGSEGV" in r.error and "step 3" in r.error
+    log.write_text("terminate called after throwing an instance of 'std::bad_alloc'\n")
+    assert _missing_result(-signal.SIGABRT, log).status == "oom"
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"),
+    RuntimeError("Triton Error [CUDA]: CUDA_ERROR_OUT_OF_MEMORY"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"),
+    OSError(12, "Cannot allocate memory"),
+    RuntimeError("std::bad_alloc"),
+    MemoryError(),
+])
+def test_allocation_failures_are_oom(error):
+    assert classify(error) == "oom"
+
+
+def test_other_failures_are_not_oom():
+    assert classify(RuntimeError("CUDA error: an illegal memory access was encountered")) == "crash"
+    assert classify(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")) == "crash"
+    assert classify(api.Diverged("training loss is nan")) == "nan"
+    assert classify(InvalidOutput("bad shape")) == "invalid"
 
 
 def test_trial_ok(prepared_test, tiny_train_py, tmp_path, monkeypatch):
@@ -143,3 +174,60 @@ def test_trial_timeouts(prepared_test, tiny_train_py, tmp_path):
 def test_trial_syntax_error(prepared_test, tmp_path):
     r = run_trial("x = (\n", {}, TEST, tmp_path / "s")
     assert r.status == "crash" and "SyntaxError" in r.error
+
+
+ORPHAN_TRAIN_PY = """
+import os, subprocess, sys, time
+from harness import api
+
+session = api.start()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print("pids", os.getpid(), child.pid, flush=True)
+time.sleep(600)
+"""
+RUNNER_PY = """
+import sys
+from pathlib import Path
+from harness.profiles import get_profile
+from harness.runner import run_trial
+
+run_trial(Path(sys.argv[1]).read_text(), {}, get_profile("test"), Path(sys.argv[2]))
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether process pid exists and is not a zombie (an orphan waits for init to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def test_trial_ends_when_its_runner_is_killed(prepared_test, tmp_path):
+    """SIGKILL of the process running a trial ends the trial's worker and what train.py started, not at the timeout."""
+    (tmp_path / "orphan.py").write_text(ORPHAN_TRAIN_PY)
+    log = tmp_path / "t" / "log.txt"
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER_PY, str(tmp_path / "orphan.py"), str(tmp_path / "t")],
+                              cwd=PROJECT_ROOT)
+    pids: list[int] = []
+    try:
+        deadline = time.time() + 60
+        while not pids and time.time() < deadline and runner.poll() is None:
+            time.sleep(0.1)
+            lines = [line for line in log.read_text().splitlines() if line.startswith("pids ")] if log.exists() else []
+            pids = [int(pid) for pid in lines[0].split()[1:]] if lines else []
+        assert len(pids) == 2, log.read_text() if log.exists() else "no log"
+        runner.kill()
+        runner.wait()
+        deadline = time.time() + 5
+        while any(map(alive, pids)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, pids)), f"still running 5s after their runner was killed: {pids}"
+    finally:
+        runner.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
