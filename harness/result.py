@@ -37,6 +37,9 @@ class TrialResult:
     num_steps: int = 0
     total_tokens: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # the knob values that ran (after snapping)
+    # Where the wall time went, seconds: imports (interpreter, torch), data (tokenizer, token cache), setup
+    # (train.py until its clock ran: model, optimizers, compilation, warm-up steps), training, eval, teardown.
+    phases: dict[str, float] = field(default_factory=dict)
     log_path: str | None = None
 
     @property

@@ -17,7 +17,7 @@ from typing import Any
 
 from harness.data import prepared
 from harness.knobs import find_knobs, inject_knobs
-from harness.profiles import Profile
+from harness.profiles import Profile, data_dir
 from harness.result import TrialResult, is_oom
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +37,21 @@ def snap_batch_size(source: str, config: dict[str, Any], seq_len: int) -> dict[s
     return dict(config) if snapped == total else {**config, "TOTAL_BATCH_SIZE": snapped}
 
 
+def compile_caches() -> dict[str, str]:
+    """Where torch.compile keeps its caches (inductor's FX graphs and kernels, Triton's binaries): under the data
+    directory, so that every trial of the same code, and later runs, start from the kernels compiled before."""
+    root = data_dir() / "compile-cache"
+    return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton"),
+            "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+
+
 def clean_env() -> dict[str, str]:
-    """os.environ without anything that looks like a secret, with the project importable and output unbuffered."""
+    """os.environ without anything that looks like a secret, with the project importable, output unbuffered,
+    and the compilation caches shared between trials (where the user has not placed them)."""
     env = {k: v for k, v in os.environ.items() if not any(m in k.upper() for m in SECRET_MARKERS)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**compile_caches(), **env}
 
 
 def _missing_result(returncode: int, log_path: Path) -> TrialResult:
@@ -105,6 +114,8 @@ def run_trial(source: str, config: dict[str, Any], profile: Profile, trial_dir: 
     if out.exists():
         result = TrialResult.read(out)
         out.unlink()
+        if result.phases:  # writing the result, process exit, and the runner's own work around the launch
+            result.phases["teardown"] = max(0.0, total - sum(result.phases.values()))
     elif timed_out:
         result = TrialResult(status="timeout", error=f"killed at the {limit:.0f}s wall-clock limit of a trial")
     else:

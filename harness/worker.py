@@ -30,6 +30,7 @@ from harness.evaluate import InvalidOutput, evaluate_bpb
 from harness.profiles import Profile
 from harness.result import TrialResult, is_oom
 
+IMPORTED_AT = time.time()  # the interpreter and the imports above are done
 FINISH_GRACE = 10.0  # seconds train.py may keep running after finish()
 OVERRUN = 30.0       # seconds past the time budget (plus a quarter of it) before the watchdog gives up
 ORPHANED = 3         # exit status of a worker whose runner died, where it could not kill its process group
@@ -60,10 +61,14 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def measure(result: TrialResult, session: api.Session, launched_at: float) -> None:
-    """Training, startup, throughput, memory, size and MFU, from the session and the process."""
+def measure(result: TrialResult, session: api.Session, launched_at: float, data_ready_at: float) -> None:
+    """Training, startup and its phases, throughput, memory, size and MFU, from the session and the process."""
     result.training_seconds = session.training_seconds
-    result.startup_seconds = (session.clock_wall or time.time()) - launched_at
+    clock_wall = session.clock_wall or time.time()
+    result.startup_seconds = clock_wall - launched_at
+    result.phases = {"imports": IMPORTED_AT - launched_at, "data": data_ready_at - IMPORTED_AT,
+                     "setup": clock_wall - data_ready_at, "training": result.training_seconds,
+                     "eval": result.eval_seconds}
     result.num_steps, result.total_tokens = session.steps, session.tokens
     if session.training_seconds > 0:
         result.tokens_per_second = session.tokens / session.training_seconds
@@ -109,13 +114,14 @@ def main(trial_dir: Path) -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec["vram_cap_gb"] * 2**30 / total), device)
     session = api.Session(profile, data, device, seed)
     api._session = session
+    data_ready_at = time.time()
     result = TrialResult()
     lock = threading.Lock()  # whoever writes the result first ends the trial
 
     def end(status: str, error: str) -> None:
         with lock:
             result.status, result.error = status, error
-            measure(result, session, spec["launched_at"])
+            measure(result, session, spec["launched_at"], data_ready_at)
             result.write(out)
             sys.stdout.flush()
             sys.stderr.flush()

@@ -36,7 +36,7 @@ RUN_KEY = "hybrid.run"
 SPACE_KEY = "hybrid.space"
 GEN_PREFIX = "hybrid.gen."
 MEASUREMENTS = ("val_bpb", "training_seconds", "startup_seconds", "eval_seconds", "total_seconds", "peak_memory_mb",
-                "tokens_per_second", "mfu", "num_params", "num_steps", "total_tokens", "error", "log_path")
+                "tokens_per_second", "mfu", "num_params", "num_steps", "total_tokens", "error", "log_path", "phases")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -135,7 +135,7 @@ def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
     values["config_ran"] = result.config or None
     values["status"] = result.status
     for key, value in values.items():
-        if value is not None:
+        if value not in (None, {}):
             trial.set_user_attr(key, value)
     state, told = _outcome(result)
     return study.tell(trial, told, state=state)

@@ -14,7 +14,7 @@ import torch
 from harness import api
 from harness.evaluate import InvalidOutput, evaluate_bpb
 from harness.loader import batches
-from harness.profiles import get_profile
+from harness.profiles import data_dir, get_profile
 from harness.runner import PROJECT_ROOT, _missing_result, clean_env, run_trial, snap_batch_size
 from harness.tokenizer import Tokenizer
 from harness.worker import classify
@@ -96,6 +96,9 @@ def test_clean_env(monkeypatch):
     env = clean_env()
     assert not {"MY_API_KEY", "hf_token", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"} & set(env)
     assert env["HYBRID_PROFILE"] == "test" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(data_dir())) and env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")  # the user's choice is kept
+    assert clean_env()["TRITON_CACHE_DIR"] == "/elsewhere"
 
 
 def test_missing_result(tmp_path):
@@ -140,6 +143,10 @@ def test_trial_ok(prepared_test, tiny_train_py, tmp_path, monkeypatch):
     assert "TOTAL_BATCH_SIZE = 512" in (tmp_path / "t" / "train.py").read_text()
     assert TEST.time_budget <= r.training_seconds < TEST.time_budget + 2
     assert r.total_seconds > r.training_seconds + r.startup_seconds > 0 and r.eval_seconds > 0
+    assert list(r.phases) == ["imports", "data", "setup", "training", "eval", "teardown"]
+    assert min(r.phases.values()) >= 0 and r.phases["imports"] > 0.1  # at least the interpreter and torch
+    assert sum(r.phases.values()) == pytest.approx(r.total_seconds, abs=1e-6)
+    assert r.phases["imports"] + r.phases["data"] + r.phases["setup"] == pytest.approx(r.startup_seconds, abs=1e-6)
     assert r.num_steps > 1 and r.total_tokens > 0 and r.tokens_per_second > 0
     assert r.num_params > 0 and r.peak_memory_mb > 0 and r.mfu is None
     log = (tmp_path / "t" / "log.txt").read_text()
