@@ -1,9 +1,12 @@
-"""Harness overhead on the cpu profile: wall time of a trial outside its training budget (startup, eval, process).
+"""Per-trial overhead on the cpu profile, and the noise of identical trials.
 
     python benchmarks/overhead_cpu.py [--trials 5] [--train-py train.py]
 
-Runs the trials of train.py at the cpu defaults of search_space.yaml one after another and writes
-benchmarks/results/overhead_cpu.json (per trial and summary) and overhead_cpu.log (every trial's log).
+Runs the same trial (train.py at the cpu defaults of search_space.yaml, seed 0) several times, one after
+another, and writes benchmarks/results/overhead_cpu.json (per trial and summary), overhead_cpu.md (the table)
+and overhead_cpu.log (every trial's log). Overhead is a trial's wall time outside its training budget; the
+phases say where it went (imports, data, setup, eval, teardown). Run it on a quiet machine: the load average
+before each trial is recorded.
 """
 from __future__ import annotations
 
@@ -27,6 +30,40 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIELDS = ("status", "val_bpb", "total_seconds", "training_seconds", "startup_seconds", "eval_seconds",
           "tokens_per_second", "num_steps", "peak_memory_mb")
+PHASES = ("imports", "data", "setup", "training", "eval", "teardown")
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def markdown(report: dict) -> str:
+    s = report["summary"]
+    rows = [f"| {name} | {s[name]['mean']:.2f} | {s[name]['min']:.2f} | {s[name]['max']:.2f} |"
+            for name in ("total_seconds", "training_seconds", "overhead_seconds", *(f"phase_{p}" for p in PHASES))]
+    loads = [t["load_average_before"] for t in report["trials"]]
+    return "\n".join([
+        "# Per-trial overhead on the cpu profile",
+        "",
+        f"Command: `python benchmarks/overhead_cpu.py --trials {len(report['trials'])}`; {report['machine']['cpus']} "
+        f"cores, torch {report['machine']['torch']}, measured {report['measured_at']}; load average before the "
+        f"trials {min(loads):.2f} to {max(loads):.2f}. Raw output: overhead_cpu.log, data: overhead_cpu.json.",
+        "",
+        f"The same trial (cpu defaults, seed 0, {report['time_budget']:.0f} s training budget) run "
+        f"{len(report['trials'])} times; {report['trials_ok']} succeeded.",
+        "",
+        "| seconds | mean | min | max |", "|---|---|---|---|", *rows,
+        "",
+        f"Overhead (wall time outside the training budget): {s['overhead_seconds']['mean']:.2f} s per trial, "
+        f"{100 * s['overhead_seconds']['mean'] / s['total_seconds']['mean']:.1f} % of a trial.",
+        "",
+        f"Noise of identical trials: val_bpb {s['val_bpb']['mean']:.4f} ± {s['val_bpb']['std']:.4f} (std), range "
+        f"{s['val_bpb']['min']:.4f} to {s['val_bpb']['max']:.4f}; steps {s['num_steps']['min']:.0f} to "
+        f"{s['num_steps']['max']:.0f}. The seed is the same: the training budget is wall time, so the number of "
+        "steps, and with it val_bpb, varies with the machine's speed from one trial to the next.",
+        "",
+    ])
 
 
 def main() -> None:
@@ -43,28 +80,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work, open(RESULTS / "overhead_cpu.log", "w") as log:
         for i in range(args.trials):
             load = os.getloadavg()[0]
-            r = run_trial(source, config, profile, Path(work) / f"trial-{i}", seed=i)
+            r = run_trial(source, config, profile, Path(work) / f"trial-{i}", seed=0)
             row = {k: getattr(r, k) for k in FIELDS} | {"overhead_seconds": r.total_seconds - r.training_seconds,
-                                                       "load_average_before": load, "error": r.error}
+                                                       "phases": r.phases, "load_average_before": load,
+                                                       "error": r.error}
             trials.append(row)
-            line = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            print(f"trial {i}: {line}", flush=True)
-            log.write(f"===== trial {i}: {line}\n{Path(r.log_path).read_text()}\n")
+            line = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                            if k != "phases")
+            phases = " ".join(f"{k}={v:.2f}" for k, v in r.phases.items())
+            print(f"trial {i}: {line}\n  phases: {phases}", flush=True)
+            log.write(f"===== trial {i}: {line}\n  phases: {phases}\n{Path(r.log_path).read_text()}\n")
     ok = [t for t in trials if t["status"] == "ok"]
-
-    def stats(key: str) -> dict:
-        values = [t[key] for t in ok]
-        return {"mean": statistics.mean(values), "min": min(values), "max": max(values)} if values else {}
-
+    summary = {k: summarize([t[k] for t in ok]) for k in ("val_bpb", "num_steps", "overhead_seconds",
+                                                          "total_seconds", "training_seconds")}
+    summary |= {f"phase_{p}": summarize([t["phases"].get(p, 0.0) for t in ok]) for p in PHASES}
     report = {
         "profile": profile.name, "time_budget": profile.time_budget, "config": config,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trials_ok": len(ok), "trials": trials,
-        "summary": {k: stats(k) for k in ("overhead_seconds", "startup_seconds", "eval_seconds", "total_seconds",
-                                          "training_seconds")},
+        "summary": summary,
     }
     (RESULTS / "overhead_cpu.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report["summary"], indent=1))
+    (RESULTS / "overhead_cpu.md").write_text(markdown(report))
+    print(markdown(report))
 
 
 if __name__ == "__main__":
