@@ -1,7 +1,7 @@
 """The memory model on the surrogate objective: the 24 h protocol of random, tpe and cmaes, with and without it.
 
     python benchmarks/memory_model_surrogate.py [--methods random,tpe,cmaes] [--seeds 3] [--workers 2]
-                                                [--budget-hours 24] [--wiring runs-as|loop] [--out DIR]
+                                                [--budget-hours 24] [--out DIR]
 
 Each (method, seed) runs twice through hybrid.loop.run on the surrogate objective (gpu profile, 24 GPU-hours):
 without the memory model every config is evaluated, and the surrogate's failure model stands in for the GPU
@@ -11,10 +11,9 @@ method: the share of the budget spent on failed trials, the rates of real and pr
 val_bpb (observed, and the surrogate's noise-free value of that config). Goal: under 2 % of the budget wasted
 with the memory model, and no method worse off.
 
-The loop puts the memory model in front of the objective (hybrid.objectives.MemoryGuarded), which checks the
-config as sampled. The surrogate first snaps it as the paper's runner did (HEAD_DIM, DEVICE_BATCH_SIZE and
-TOTAL_BATCH_SIZE to powers of two), so `--wiring runs-as` (the default) has the guard check the config the
-surrogate runs, as it should; `--wiring loop` measures the loop exactly as wired.
+The memory model stands in front of the objective as the loop wires it (hybrid.objectives.MemoryGuarded): it
+checks the config the surrogate runs (snapped as the paper's runner did: HEAD_DIM, DEVICE_BATCH_SIZE and
+TOTAL_BATCH_SIZE to powers of two).
 Writes OUT/memory_model_surrogate.{json,md,log} (OUT: benchmarks/results).
 """
 from __future__ import annotations
@@ -38,41 +37,23 @@ import torch
 
 import hybrid.loop
 from harness.profiles import get_profile
-from harness.result import TrialResult
 from hybrid import store, surrogate
 from hybrid.memory import MemoryModel
-from hybrid.objectives import MemoryGuarded
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "memory_model_surrogate"
 GOAL_WASTED = 0.02
 SOURCE = (ROOT / "train.py").read_text()
-WIRING = {"runs-as": "the loop's (hybrid.objectives.MemoryGuarded), checking the config the surrogate runs",
-          "loop": "the loop's (hybrid.objectives.MemoryGuarded) as is, checking the config as sampled"}
 
 
-def runs_as(config: dict[str, Any]) -> dict[str, Any]:
-    """The config the surrogate evaluates (snapped as the paper's runner did), in Python types."""
-    row = surrogate.project(pd.DataFrame([surrogate.check_config(config)])).iloc[0]
-    return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
-
-
-def check_what_runs(self: MemoryGuarded, source: str, config: dict[str, Any], **kwargs: Any) -> TrialResult:
-    """MemoryGuarded.evaluate, checking the config the surrogate runs rather than the one sampled."""
-    refused = self.model.check(source, runs_as(config), self.cap_gb, self.history())
-    return refused if refused is not None else self.objective.evaluate(source, config, **kwargs)
-
-
-def one_run(task: tuple[str, int, bool, float, str, str]) -> dict[str, Any]:
-    method, seed, memory_on, hours, wiring, work_dir = task
+def one_run(task: tuple[str, int, bool, float, str]) -> dict[str, Any]:
+    method, seed, memory_on, hours, work_dir = task
     name = f"{method}-seed{seed}-{'memory' if memory_on else 'plain'}"
     storage = f"sqlite:///{work_dir}/{name}.db"
     config = hybrid.loop.RunConfig(method=method, study=name, storage=storage, seed=seed, objective="surrogate",
                                    profile="gpu", memory_model=memory_on, budget_hours=hours,
                                    artifacts=f"{work_dir}/{name}")
-    if wiring == "runs-as":
-        MemoryGuarded.evaluate = check_what_runs
     t0 = time.perf_counter()
     progress = io.StringIO()
     with contextlib.redirect_stderr(progress):
@@ -102,7 +83,7 @@ def summarize(study: optuna.Study, method: str, seed: int, memory_on: bool) -> d
         "oom_rate_evaluated": status.count("oom") / max(1, evaluated),
         "failed_rate_all": float(failed.mean()),
         "best_val_bpb": float(best.user_attrs["val_bpb"]), "best_expected_val_bpb": expected,
-        "best_trial": best.number, "best_config": runs_as(best.params),
+        "best_trial": best.number, "best_config": surrogate.runs_as(best.params),
     }
 
 
@@ -141,7 +122,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--budget-hours", type=float, default=24.0)
-    parser.add_argument("--wiring", choices=("runs-as", "loop"), default="runs-as")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -149,7 +129,7 @@ def main() -> None:
     t0 = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory() as work_dir, open(args.out / f"{NAME}.log", "w") as log:
-        tasks = [(m, s, on, args.budget_hours, args.wiring, work_dir)
+        tasks = [(m, s, on, args.budget_hours, work_dir)
                  for m in methods for s in range(args.seeds) for on in (False, True)]
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             for r in pool.imap_unordered(one_run, tasks):
@@ -168,7 +148,6 @@ def main() -> None:
     report = {
         "protocol": f"surrogate objective, gpu profile, {args.budget_hours:g} GPU-hours per run, cap 76 GiB (the paper's)",
         "goal": {"wasted_share_below": GOAL_WASTED, "no_method_worse_off": True},
-        "wiring": WIRING[args.wiring],
         "summary": summary, "verdict": verdict(summary, methods), "runs": runs,
         "seconds": time.perf_counter() - t0,
         "code": {path: store.code_sha((ROOT / path).read_text())
@@ -187,7 +166,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Protocol: {r['protocol']}; seeds {sorted({run['seed'] for run in r['runs']})}. The surrogate's failure "
         "model stands in for the GPU. Produced by `python benchmarks/memory_model_surrogate.py` "
-        f"(log: memory_model_surrogate.log); wiring: {r['wiring']}.",
+        "(log: memory_model_surrogate.log).",
         "",
         "Mean ± sd over seeds. Wasted: share of the budget's wall time spent on failed trials. OOM rate: real "
         "(surrogate) out-of-memory failures per evaluated trial. Refused: trials recorded `oom-predicted` (no cost).",

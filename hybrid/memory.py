@@ -2,36 +2,47 @@
 
 The estimate is analytic: train.py, with the config injected, builds its model on the meta device (exact
 shapes, no memory, no GPU), and the peak follows from those shapes, the micro-batch and what training keeps
-alive (weights, gradients, optimizer states, activations saved for the backward pass, logits). Earlier trials
-of the same code calibrate it: their recorded peaks against their estimates. A config predicted over the VRAM
-cap is not run; it is recorded as a failed trial of class `oom-predicted` that cost no GPU time.
+alive (weights, gradients, optimizer states, activations saved for the backward pass, logits). The model is
+built once per architecture (the code and the knobs that may set a shape); the micro-batch is applied after.
+Earlier trials of the same code calibrate it: their recorded peaks against their estimates. A config predicted
+over the VRAM cap is not run; it is recorded as a failed trial of class `oom-predicted` that cost no GPU time.
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
 import types
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from optuna.trial import FrozenTrial
 
+from harness.evaluate import forward_rows
 from harness.knobs import inject_knobs
 from harness.profiles import Profile
 from harness.result import TrialResult
 from hybrid.store import code_sha
+from hybrid.surrogate import PAPER_CAP_GB
 
 MIB, GIB = 2**20, 2**30
 FP32, BF16 = 4, 2             # bytes per element
-PAPER_CAP_GB = 76.0           # the paper's H200, capped to 0.543 of its 140 GiB
 WORKSPACE_BYTES = 256 * MIB   # cuBLAS and attention workspaces, rotary tables, block masks, the batch itself
 MUON_STEP_COPIES = 7          # fp32 copies of one stack of matrices alive at once inside Muon.step (see peak_bytes)
 MIN_CALIBRATION_POINTS = 3    # successful trials of the same code needed to calibrate
 CALIBRATION_POINTS = 10       # calibrate on this many of them, those with the largest estimates (nearest the cap)
 PROBE_MODULE = "hybrid_memory_probe"
+BATCH_KNOBS = ("DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE")  # applied to the shapes of a built model (model_shapes)
+# The reference train.py's knobs that set no shape: learning rates, schedule, optimizer constants, attention windows
+# (a mask, no tensor kept). Configs that differ only in these and BATCH_KNOBS share one build of the model; any other
+# knob, a new one included, is taken to set shapes.
+SHAPELESS_KNOBS = frozenset({
+    *BATCH_KNOBS, "EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "WARMUP_RATIO",
+    "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WINDOW_PATTERN", "ADAM_EPS", "MUON_MOMENTUM_WARMUP_STEPS", "MUON_BETA2",
+    "ROPE_BASE", "LOGIT_SOFTCAP", "LOG_SECONDS"})
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class ModelShapes:
     vocab_size: int
     seq_len: int
     device_batch_size: int    # rows per forward/backward pass
+    total_batch_size: int | None  # tokens per optimizer step (TOTAL_BATCH_SIZE); None where train.py has none
     grad_accum: int           # micro-batches per optimizer step
     eval_rows: int            # rows per forward pass of the harness's evaluation
     params: int
@@ -123,11 +135,33 @@ def _load(code: str) -> types.ModuleType:
     return module
 
 
+def architecture(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The knobs of `config` that may set a shape of the model (all but SHAPELESS_KNOBS), sorted by name."""
+    return tuple(sorted((name, value) for name, value in config.items() if name not in SHAPELESS_KNOBS))
+
+
+def with_batch(shapes: ModelShapes, config: dict[str, Any]) -> ModelShapes:
+    """`shapes` with the micro-batch and accumulation of `config` (train.py's own where config leaves them)."""
+    batch = int(config.get("DEVICE_BATCH_SIZE", shapes.device_batch_size))
+    total = config.get("TOTAL_BATCH_SIZE", shapes.total_batch_size)
+    return replace(shapes, device_batch_size=batch, total_batch_size=total,
+                   grad_accum=grad_accum(total, batch * shapes.seq_len))
+
+
 def model_shapes(source: str, config: dict[str, Any], profile: Profile) -> ModelShapes | None:
     """The shapes of the model and optimizers that `source` with `config` injected builds for `profile`,
-    or None when they cannot be read (no build_model, a failure building it, another model structure)."""
+    or None when they cannot be read (no build_model, a failure building it, another model structure).
+    The model is built once per (code, architecture, profile); the batch knobs of `config` are applied to it."""
+    shapes = _built_shapes(source, architecture(config), profile)
+    return with_batch(shapes, config) if shapes is not None else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _built_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile) -> ModelShapes | None:
+    """model_shapes with only `knobs` (an architecture) injected, the batch knobs train.py's own; cached, keyed on the
+    code itself (what its code_sha stands for), the architecture and the profile."""
     try:
-        module = _load(inject_knobs(source, config))
+        module = _load(inject_knobs(source, dict(knobs)))
         model = module.build_model(profile.vocab_size, profile.seq_len, device=torch.device("meta"))
         blocks = tuple(BlockShape(b.attn.c_q.in_features, b.attn.n_head, b.mlp.c_fc.out_features,
                                   b.attn.ve_gate is not None) for b in model.blocks)
@@ -150,8 +184,8 @@ def model_shapes(source: str, config: dict[str, Any], profile: Profile) -> Model
                 largest = max(largest, numel)
     return ModelShapes(
         blocks=blocks, model_dim=model_dim, vocab_size=profile.vocab_size, seq_len=profile.seq_len,
-        device_batch_size=batch, grad_accum=grad_accum(total, batch * profile.seq_len),
-        eval_rows=max(1, profile.eval_batch_tokens // profile.seq_len),
+        device_batch_size=batch, total_batch_size=total, grad_accum=grad_accum(total, batch * profile.seq_len),
+        eval_rows=forward_rows(profile),
         params=sum(p.numel() for p in model.parameters()), adam_params=adam, muon_params=muon,
         muon_second_moment=second_moment, largest_muon_group=largest)
 
@@ -165,7 +199,7 @@ def analytic_peak_bytes(source: str, config: dict[str, Any], profile: Profile) -
 def default_cap_gb(vram_cap_gb: float | None, objective: str, profile: Profile) -> float | None:
     """The cap (GiB) the memory model enforces, or None: it does nothing.
 
-    --vram-cap-gb if given, else the paper's 76 GB for the surrogate objective (its trials ran under that cap)
+    --vram-cap-gb if given, else the paper's 76 GiB for the surrogate objective (its trials ran under that cap)
     and the gpu profile, else none (cpu and test profiles). Never for trials that run without CUDA: there is
     no GPU memory to run out of, and the peaks they record are the process's RSS."""
     if objective != "surrogate" and not torch.cuda.is_available():

@@ -15,6 +15,9 @@ from harness.result import TrialResult
 class Objective(Protocol):
     name: str
 
+    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+        """The config a trial of `config` actually runs, after what the objective does to it first."""
+
     def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult: ...
 
@@ -26,6 +29,16 @@ class TrainObjective:
     vram_cap_gb: float | None = None
     device: str | None = None
     name: str = "train"
+
+    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+        """The config run_trial injects: TOTAL_BATCH_SIZE snapped to whole micro-batches (see snap_batch_size)."""
+        from harness.knobs import KnobError
+        from harness.runner import snap_batch_size
+
+        try:
+            return snap_batch_size(source, config, self.profile.seq_len)
+        except KnobError:  # train.py does not parse: run_trial records the crash
+            return dict(config)
 
     def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult:
@@ -43,6 +56,12 @@ class SurrogateObjective:
         from hybrid.surrogate import SurrogateObjective as Model
 
         self._model = Model()
+
+    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+        """The config snapped as the paper's runner did (hybrid.surrogate.runs_as)."""
+        from hybrid.surrogate import runs_as
+
+        return runs_as(config)
 
     def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult:
@@ -64,8 +83,8 @@ def ensure_prepared(profile: Profile) -> None:
 
 @dataclass
 class MemoryGuarded:
-    """An objective behind the memory model: a config predicted over the VRAM cap is not run but recorded
-    `oom-predicted`, at no GPU time (the sampler is told the failure penalty)."""
+    """An objective behind the memory model: a config whose run (objective.runs_as) is predicted over the VRAM cap
+    is not run but recorded `oom-predicted`, at no GPU time (the sampler is told the failure penalty)."""
     objective: Objective
     cap_gb: float
     history: Callable[[], Iterable[FrozenTrial]]  # the study's trials, to calibrate on
@@ -75,8 +94,11 @@ class MemoryGuarded:
     def name(self) -> str:
         return self.objective.name
 
+    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+        return self.objective.runs_as(source, config)
+
     def evaluate(self, source: str, config: dict[str, Any], **kwargs: Any) -> TrialResult:
-        refused = self.model.check(source, config, self.cap_gb, self.history())
+        refused = self.model.check(source, self.runs_as(source, config), self.cap_gb, self.history())
         return refused if refused is not None else self.objective.evaluate(source, config, **kwargs)
 
 

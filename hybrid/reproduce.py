@@ -24,10 +24,10 @@ from hybrid import report
 from hybrid.compare import check_existing, default_storage, run_studies, study_name
 from hybrid.errors import UserError
 from hybrid.loop import RunConfig
+from hybrid.surrogate import PAPER_CAP_GB
 
 PAPER = "arxiv-2603.24647"
 PROTOCOL_HOURS = 24.0
-VRAM_CAP_GB = 76.0            # the paper's cap on its H200
 PAPER_SEEDS = 3
 FIXED_SPACE = ("random", "tpe", "cmaes")
 LLM_METHODS = {"surrogate": ("centaur", "llm-hp"), "real": ("centaur", "llm-hp", "llm-code")}
@@ -62,7 +62,7 @@ def plan(args: argparse.Namespace, mode: str) -> list[RunConfig]:
     configs = [RunConfig(method=m, study=study_name(m, seed), storage=storage, seed=seed, budget_hours=PROTOCOL_HOURS,
                          objective="surrogate" if mode == "surrogate" else "train", profile="gpu",
                          llm=args.llm, llm_model=args.llm_model, llm_base_url=args.llm_base_url,
-                         vram_cap_gb=VRAM_CAP_GB if mode == "real" else None,
+                         vram_cap_gb=PAPER_CAP_GB if mode == "real" else None,
                          memory_model=False).finalize()  # the paper's protocol: failures run and cost their time
                for m in methods for seed in range(args.seeds)]
     check_existing(configs)

@@ -8,7 +8,7 @@ did before training it (`project`). Then:
 
 - failure: a logistic function of the log of an analytic peak-memory estimate,
   `a * tokens per micro-batch * DEPTH * model_dim + b * parameters`, with a, b, the slope and a small floor (the
-  rare failures that are not memory) fitted by maximum likelihood, the 50 % point pinned to the 76 GB VRAM cap;
+  rare failures that are not memory) fitted by maximum likelihood, the 50 % point pinned to the 76 GiB VRAM cap;
 - val_bpb: a Gaussian process (Matern 5/2 with one length scale per feature) on log knobs and derived quantities
   (model size, tokens trained in the 300 s budget, optimizer steps, gradient accumulation), predicting
   log(val_bpb - 0.97) of the successful trials. Its hyperparameters are fixed (GP_HYPERPARAMETERS, tuned by
@@ -19,29 +19,40 @@ did before training it (`project`). Then:
 
 `SurrogateObjective.evaluate` samples a failure with p_fail and observation noise whose standard deviation grows
 with val_bpb (NOISE_*), from a generator seeded by (seed, trial_number): a run is reproducible and resumable.
+
+The fit takes seconds; `load_surrogate` keeps it on disk (CACHE_FILE in the data directory), keyed by `fit_key`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import math
+import os
+import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy
+import sklearn
 from scipy.optimize import minimize
 from scipy.special import expit
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern
 from sklearn.linear_model import HuberRegressor
 
+from harness.profiles import data_dir
 from harness.result import TrialResult
 from hybrid.errors import UserError
 from hybrid.space import SearchSpace, SpaceError
 
 DATA_DIR = Path(__file__).parent / "data" / "arxiv-2603.24647"
 TRIALS_FILE = DATA_DIR / "trials.csv.gz"
+CACHE_FILE = "surrogate.pkl"  # the fitted surrogate, in harness.profiles.data_dir()
 EDITED_CODE = "Karpathy Agent (Code)"  # its trials edited train.py: their knobs do not describe what ran
 
 # The paper's fixed search space (its README and autoresearch-automl's search_space.py): the surrogate's domain.
@@ -71,7 +82,7 @@ VOCAB_SIZE = 8192
 TRAINING_SECONDS = 300.0
 SUCCESS_SECONDS = 300.1         # median wall time of the paper's finished trials
 HANG_SECONDS = 120.0            # the few failures slower than this hung until a timeout: not out of memory
-VRAM_CAP_BYTES = 76e9
+PAPER_CAP_GB = 76.0             # its VRAM cap in GiB: CUDA_MEM_FRACTION 0.543 of the H200's 140 GiB ("about 76 GB")
 PEAK_FLOPS = 989e12             # bf16 dense, H100 and H200 alike
 MFU = 0.4                       # Karpathy's baseline: 499.6 M tokens in 300 s at 39.8 % MFU
 
@@ -209,7 +220,7 @@ class FailureModel:
         return self.bytes_per_activation * tokens * depth * dim + self.bytes_per_param * params
 
     def p_fail(self, arch: pd.DataFrame) -> np.ndarray:
-        excess = np.log(self.peak_bytes(arch) / VRAM_CAP_BYTES)
+        excess = np.log(self.peak_bytes(arch) / (PAPER_CAP_GB * 2**30))
         return self.floor + (1 - self.floor) * expit(self.slope * excess)
 
     @classmethod
@@ -308,10 +319,56 @@ class Surrogate:
         }, index=projected.index)
 
 
+def fit_key() -> str:
+    """What a fitted surrogate depends on, hashed: the trials file, this module's code, the numerical libraries."""
+    digest = hashlib.sha256(TRIALS_FILE.read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    digest.update(f"numpy {np.__version__} scipy {scipy.__version__} sklearn {sklearn.__version__}".encode())
+    return digest.hexdigest()
+
+
+def _read_fit(path: Path, key: str) -> Surrogate | None:
+    """The surrogate cached at `path` if it was fitted under `key`; None if absent, stale or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            if pickle.load(f) != key:
+                return None
+            surrogate = pickle.load(f)
+    except Exception:  # a missing, truncated or foreign file: fitted again and overwritten
+        return None
+    return surrogate if isinstance(surrogate, Surrogate) else None
+
+
+def _write_fit(path: Path, key: str, surrogate: Surrogate) -> None:
+    """Cache `surrogate`, fitted under `key`, at `path`: pickled to a temporary file beside it, then renamed over it
+    (readers see the old file or the new one). A cache that cannot be written is skipped."""
+    with contextlib.suppress(OSError):  # a read-only or full disk: the next process fits again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(key, f, pickle.HIGHEST_PROTOCOL)
+                pickle.dump(surrogate, f, pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def cached_fit(path: Path) -> Surrogate:
+    """The surrogate fitted on all the shipped trials: read from `path` if it holds this fit (fit_key), else fitted
+    and written there."""
+    key = fit_key()
+    surrogate = _read_fit(path, key)
+    if surrogate is None:
+        surrogate = Surrogate.fit(load_trials())
+        _write_fit(path, key, surrogate)
+    return surrogate
+
+
 @functools.cache
 def load_surrogate() -> Surrogate:
-    """The surrogate fitted on all the shipped trials (once per process)."""
-    return Surrogate.fit(load_trials())
+    """The surrogate fitted on all the shipped trials: once per process, from the data directory's cache."""
+    return cached_fit(data_dir() / CACHE_FILE)
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------
@@ -361,6 +418,13 @@ def check_configs(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, index=frame.index)
 
 
+def runs_as(config: dict[str, Any]) -> dict[str, Any]:
+    """The config a trial of `config` (all 14 knobs) trains: checked, then projected as the paper's runner did, as
+    Python values."""
+    row = project(pd.DataFrame([check_config(config)])).iloc[0]
+    return {name: value.item() if isinstance(value, np.generic) else value for name, value in row.items()}
+
+
 def predict_csv(in_path: str | Path, out_path: str | Path) -> None:
     """Read configs (the 14 knob columns) from a CSV; write the same rows with the OUTPUTS columns added."""
     try:
@@ -388,10 +452,8 @@ class SurrogateObjective:
 
     def evaluate(self, config: dict[str, Any], *, seed: int, trial_number: int) -> TrialResult:
         """A trial of `config` (all 14 knobs): out of memory with probability p_fail, else val_bpb with noise."""
-        projected = project(pd.DataFrame([check_config(config)]))
-        ran = {name: value.item() if isinstance(value, np.generic) else value
-               for name, value in projected.iloc[0].items()}
-        outcome = self.surrogate.outcomes(projected).iloc[0]
+        ran = runs_as(config)
+        outcome = self.surrogate.outcomes(pd.DataFrame([ran])).iloc[0]
         rng = np.random.default_rng([seed % 2**64, trial_number % 2**64])
         draw, noise = rng.random(), rng.standard_normal()
         peak_mb, params = float(outcome["peak_bytes"]) / 2**20, int(outcome["params"])

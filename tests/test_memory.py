@@ -5,8 +5,11 @@ import optuna
 import pytest
 import torch
 
+import hybrid.memory
+from harness.evaluate import MAX_LOGIT_TOKENS
 from harness.profiles import get_profile
-from hybrid.memory import GIB, MIB, PAPER_CAP_GB, MemoryModel, analytic_peak_bytes, default_cap_gb, model_shapes
+from hybrid.memory import (GIB, MIB, PAPER_CAP_GB, MemoryModel, analytic_peak_bytes, default_cap_gb, model_shapes,
+                          peak_bytes)
 from hybrid.paths import project_file
 from hybrid.store import code_sha
 
@@ -26,8 +29,9 @@ def test_estimate_grows_with_batch_and_depth(source):
     assert peak(DEVICE_BATCH_SIZE=128) < peak(DEVICE_BATCH_SIZE=256)
     assert peak(DEPTH=8) < peak(DEPTH=12) < peak(DEPTH=16)
     assert peak(DEPTH=16, DEVICE_BATCH_SIZE=32) < peak(DEPTH=16, DEVICE_BATCH_SIZE=64)
-    # small models with small micro-batches peak in the harness's evaluation (fp32 logits of 128 x 2048 tokens)
-    assert peak(DEPTH=4, DEVICE_BATCH_SIZE=32) == peak(DEPTH=4, DEVICE_BATCH_SIZE=64)
+    # the harness's evaluation holds the fp32 logits of at most MAX_LOGIT_TOKENS: a floor under small models
+    assert model_shapes(source, {}, GPU).eval_rows * GPU.seq_len <= MAX_LOGIT_TOKENS
+    assert peak(DEPTH=1, DEVICE_BATCH_SIZE=1) == peak(DEPTH=1, DEVICE_BATCH_SIZE=2)
 
 
 def test_baseline_near_the_reference_measurement(source):
@@ -51,6 +55,24 @@ def test_shapes_match_the_real_model(source):
     assert shapes.muon_params == sum(p.numel() for p in model.blocks.parameters())
     assert len(shapes.blocks) == 3 and shapes.model_dim == model.config.model_dim
     assert [b.value_embedding for b in shapes.blocks] == [str(i) in model.value_embeds for i in range(3)]
+
+
+def test_the_model_is_built_once_per_architecture(source, monkeypatch):
+    builds = []
+    load = hybrid.memory._load
+    monkeypatch.setattr(hybrid.memory, "_load", lambda code: builds.append(code) or load(code))
+    hybrid.memory._built_shapes.cache_clear()
+    first = analytic_peak_bytes(source, {"DEPTH": 6, "MATRIX_LR": 0.01}, GPU)
+    assert analytic_peak_bytes(source, {"DEPTH": 6, "MATRIX_LR": 0.05, "WINDOW_PATTERN": "LLLL"}, GPU) == first
+    assert len(builds) == 1
+    # the batch knobs are applied to that build: the estimate of a build with the whole config injected
+    config = {"DEPTH": 6, "EMBEDDING_LR": 0.3, "DEVICE_BATCH_SIZE": 64, "TOTAL_BATCH_SIZE": 300_000}
+    whole = hybrid.memory._built_shapes.__wrapped__(source, tuple(config.items()), GPU)
+    assert whole.grad_accum == 2 and analytic_peak_bytes(source, config, GPU) == peak_bytes(whole)
+    assert len(builds) == 2  # the build with the whole config, outside the cache
+    # any other knob may set shapes (VE_GATE_CHANNELS does): another build
+    assert analytic_peak_bytes(source, {"DEPTH": 6, "VE_GATE_CHANNELS": 16}, GPU) < first
+    assert len(builds) == 3
 
 
 def test_without_build_optimizers_every_parameter_has_adam_states(source):

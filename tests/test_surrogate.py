@@ -1,5 +1,8 @@
-"""The surrogate objective: predictions, seeded sampling, `hybrid surrogate predict`, held-out accuracy."""
+"""The surrogate objective: predictions, seeded sampling, `hybrid surrogate predict`, held-out accuracy, the fit's
+disk cache."""
 from __future__ import annotations
+
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -11,16 +14,20 @@ from hybrid.cli import main
 from hybrid.errors import UserError
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space
-from hybrid.surrogate import (KNOBS, OUTPUTS, PAPER_SPACE, SUCCESS_SECONDS, Surrogate, SurrogateObjective,
-                              fixed_space, load_surrogate, load_trials, predict_csv)
+from hybrid.surrogate import (CACHE_FILE, KNOBS, OUTPUTS, PAPER_CAP_GB, PAPER_SPACE, SUCCESS_SECONDS, Surrogate,
+                              SurrogateObjective, cached_fit, fit_key, fixed_space, load_surrogate, load_trials,
+                              predict_csv, runs_as)
 
 BASELINE = PAPER_SPACE.defaults()
 HUGE = {**BASELINE, "DEPTH": 24, "ASPECT_RATIO": 128, "DEVICE_BATCH_SIZE": 256, "TOTAL_BATCH_SIZE": 2097152}
 
 
 @pytest.fixture(scope="module")
-def objective() -> SurrogateObjective:
-    return SurrogateObjective(load_surrogate())
+def objective(tmp_path_factory) -> SurrogateObjective:
+    """The surrogate objective; a fit it caches goes to a temporary data directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYBRID_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        return SurrogateObjective(load_surrogate())
 
 
 def random_configs(n: int, seed: int = 0) -> pd.DataFrame:
@@ -57,7 +64,7 @@ def test_baseline_succeeds_near_the_paper(objective):
     assert all(r.ok and r.training_seconds == 300.0 and r.total_seconds == SUCCESS_SECONDS for r in results)
     values = np.array([r.val_bpb for r in results])
     assert values.std() < 0.002 and abs(values.mean() - predicted["val_bpb_pred"]) < 0.001
-    assert results[0].num_params and 30_000 < results[0].peak_memory_mb < 76e9 / 2**20
+    assert results[0].num_params and 30_000 < results[0].peak_memory_mb < PAPER_CAP_GB * 1024
 
 
 def test_huge_config_runs_out_of_memory(objective):
@@ -65,7 +72,7 @@ def test_huge_config_runs_out_of_memory(objective):
     result = objective.evaluate(HUGE, seed=3, trial_number=7)
     assert result.status == "oom" and result.val_bpb is None and result.training_seconds == 0
     assert 16 <= result.total_seconds <= 60
-    assert result.peak_memory_mb > 76e9 / 2**20
+    assert result.peak_memory_mb > PAPER_CAP_GB * 1024
 
 
 def test_sampling_is_reproducible_by_seed_and_trial(objective):
@@ -78,10 +85,11 @@ def test_sampling_is_reproducible_by_seed_and_trial(objective):
 
 
 def test_config_is_projected_like_the_paper(objective):
-    result = objective.evaluate({**BASELINE, "HEAD_DIM": 100, "DEVICE_BATCH_SIZE": 200, "TOTAL_BATCH_SIZE": 70000},
-                                seed=0, trial_number=0)
+    config = {**BASELINE, "HEAD_DIM": 100, "DEVICE_BATCH_SIZE": 200, "TOTAL_BATCH_SIZE": 70000}
+    result = objective.evaluate(config, seed=0, trial_number=0)
     assert (result.config["HEAD_DIM"], result.config["DEVICE_BATCH_SIZE"]) == (128, 256)
     assert result.config["TOTAL_BATCH_SIZE"] == 256 * 2048
+    assert runs_as(config) == result.config
 
 
 def test_predict_csv_round_trip(tmp_path, objective):
@@ -137,3 +145,41 @@ def test_accuracy_on_the_held_out_seed(train_seed):
 def test_the_shipped_gpu_space_is_the_papers():
     """The reproduction samples search_space.yaml's gpu profile and evaluates on the surrogate: they must agree."""
     assert load_space(PROJECT_ROOT / "search_space.yaml", "gpu").to_dict() == PAPER_SPACE.to_dict()
+
+
+@pytest.fixture
+def fits(monkeypatch, objective) -> list[int]:
+    """Surrogate.fit counted, and instant: it returns the module's surrogate."""
+    calls: list[int] = []
+    monkeypatch.setattr(Surrogate, "fit", classmethod(lambda cls, trials: calls.append(1) or objective.surrogate))
+    return calls
+
+
+def test_the_fit_is_cached_on_disk(tmp_path, monkeypatch, fits):
+    monkeypatch.setenv("HYBRID_DATA_DIR", str(tmp_path / "data"))
+    fitted = load_surrogate.__wrapped__()
+    loaded = load_surrogate.__wrapped__()
+    assert len(fits) == 1 and loaded is not fitted
+    assert list((tmp_path / "data").iterdir()) == [tmp_path / "data" / CACHE_FILE]  # no temporary file left
+    frame = random_configs(50)
+    pd.testing.assert_frame_equal(loaded.predict(frame), fitted.predict(frame))
+
+
+@pytest.mark.parametrize("content", [
+    lambda key: b"",
+    lambda key: b"not a pickle",
+    lambda key: pickle.dumps("the key of another fit") + pickle.dumps("a surrogate"),
+    lambda key: pickle.dumps(key) + b"\x80\x05truncated",
+    lambda key: pickle.dumps(key) + pickle.dumps({"not": "a surrogate"}),
+], ids=["empty", "garbage", "stale", "truncated", "foreign"])
+def test_an_unreadable_cache_is_fitted_again_and_overwritten(tmp_path, fits, content):
+    path = tmp_path / CACHE_FILE
+    path.write_bytes(content(fit_key()))
+    assert isinstance(cached_fit(path), Surrogate) and len(fits) == 1
+    assert isinstance(cached_fit(path), Surrogate) and len(fits) == 1
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, fits):
+    (tmp_path / "a file").write_text("")
+    assert isinstance(cached_fit(tmp_path / "a file" / CACHE_FILE), Surrogate) and len(fits) == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "a file"]
