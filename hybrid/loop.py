@@ -200,7 +200,7 @@ def _work_all(study_name: str, config: RunConfig) -> int:
     if config.workers > 1:  # CPU trials of parallel workers split the cores instead of fighting over them
         os.environ.setdefault("HYBRID_TRIAL_THREADS", str(max(1, (os.cpu_count() or 1) // config.workers)))
     ctx = multiprocessing.get_context("spawn")
-    others = [ctx.Process(target=_worker_process, args=(study_name, config.to_dict(), i), daemon=False)
+    others = [ctx.Process(target=_worker_process, args=(study_name, config.to_dict(), i, os.getpid()), daemon=False)
               for i in range(1, config.workers)]
     for p in others:
         p.start()
@@ -216,12 +216,23 @@ def _work_all(study_name: str, config: RunConfig) -> int:
     return code
 
 
-def _worker_process(study_name: str, config: dict[str, Any], index: int) -> None:
+def _worker_process(study_name: str, config: dict[str, Any], index: int, parent: int) -> None:
     _pin_gpu(index)
+    _stop_with(parent)
     try:
         work(study_name, RunConfig.from_dict(config), worker=index, show=False)
     except KeyboardInterrupt:
         pass
+
+
+def _stop_with(parent: int) -> None:
+    """Interrupt this worker, as Ctrl-C would, once `parent` (the run that started it) is gone, killed included."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _pin_gpu(index: int) -> None:

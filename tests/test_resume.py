@@ -177,6 +177,58 @@ def test_runs_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
     assert mid_trial == 3, f"kill seed {seed}: only {mid_trial} kills landed inside a trial"
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(proc.name))
+    return out
+
+
+def _spawned(pid: int) -> list[int]:
+    """The worker processes `pid` started with multiprocessing's spawn."""
+    spawned = []
+    for child in _children(pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                spawned.append(child)
+    return spawned
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_stop_when_their_run_is_killed(tmp_path: Path) -> None:
+    """`--workers 2`, the run SIGKILLed: its other worker stops too (its trial in flight failed, never counted)."""
+    db = tmp_path / "runs" / "hybrid.db"
+    proc = subprocess.Popen(hybrid_cmd("run", "--method", "random", "--study", "s", "--objective", "surrogate",
+                                       "--budget-hours", "100000", "--workers", "2"),
+                            cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: count(db, TRIALS) >= 30 and _spawned(proc.pid), proc)
+        worker, = _spawned(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 15.0
+    while _alive(worker):
+        if time.monotonic() > deadline:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the second worker outlived its run")
+        time.sleep(0.1)
+    assert count(db, RUNNING) <= 1  # the killed run's own trial, failed by the next run; the worker's is settled
+    settled = count(db, TRIALS)
+    time.sleep(2.0)
+    assert count(db, TRIALS) == settled
+
+
 def _train_worker_of(trial_dir: Path) -> int | None:
     """The pid of the harness worker training in trial_dir (it runs in a session of its own)."""
     for proc in Path("/proc").iterdir():
