@@ -39,7 +39,8 @@ def snap_batch_size(source: str, config: dict[str, Any], seq_len: int) -> dict[s
 
 def compile_caches() -> dict[str, str]:
     """Where torch.compile keeps its caches (inductor's FX graphs and kernels, Triton's binaries): under the data
-    directory, so that every trial of the same code, and later runs, start from the kernels compiled before."""
+    directory, so that every trial of the same code, and later runs, start from the kernels compiled before.
+    They override the environment's (torch itself writes its default into os.environ when it first looks)."""
     root = data_dir() / "compile-cache"
     return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton"),
             "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
@@ -47,11 +48,11 @@ def compile_caches() -> dict[str, str]:
 
 def clean_env() -> dict[str, str]:
     """os.environ without anything that looks like a secret, with the project importable, output unbuffered,
-    and the compilation caches shared between trials (where the user has not placed them)."""
+    and the compilation caches shared between trials."""
     env = {k: v for k, v in os.environ.items() if not any(m in k.upper() for m in SECRET_MARKERS)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    return {**compile_caches(), **env}
+    return env | compile_caches()
 
 
 def _missing_result(returncode: int, log_path: Path) -> TrialResult:

@@ -64,16 +64,17 @@ def count(db: Path, sql: str) -> int:
 TRIALS = "SELECT count(*) FROM trials"
 CREATED = "SELECT count(*) FROM study_user_attributes WHERE key = 'hybrid.run'"
 RUNNING = "SELECT count(*) FROM trials WHERE state = 'RUNNING'"
+RUNNING_FROM = "SELECT count(*) FROM trials WHERE state = 'RUNNING' AND number >= {}"  # this run's trial in flight
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:  # noqa: ANN001
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0, every: float = 0.02) -> bool:  # noqa: ANN001
     """Poll until predicate() holds (True) or the process exits (False)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
             return False
         assert time.monotonic() < deadline, "timed out waiting for the run"
-        time.sleep(0.02)
+        time.sleep(every)
     return True
 
 
@@ -147,7 +148,7 @@ def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
 
 def test_runs_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
     seed = random.randrange(10**6)
-    rng, db, budget = random.Random(seed), tmp_path / "runs" / "hybrid.db", 40
+    rng, db, budget = random.Random(seed), tmp_path / "runs" / "hybrid.db", 150
     run = ("run", "--method", "tpe", "--study", "s", "--objective", "surrogate", "--trials", str(budget))
 
     def start() -> subprocess.Popen:
@@ -156,18 +157,18 @@ def test_runs_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
 
     proc = start()  # killed anywhere in its start: imports, creating the database and the study, the first trials
     with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=rng.uniform(2.0, 10.0))
+        proc.wait(timeout=rng.uniform(1.0, 5.0))
     proc.kill()
     proc.wait()
     mid_trial = 0
     for _ in range(8):  # then in the trial loop (mostly database writes) until three kills landed inside a trial
         proc = start()
-        before = count(db, TRIALS)
-        wait_for(lambda: count(db, TRIALS) > before, proc)
-        time.sleep(rng.uniform(0.0, 0.4))
+        ours = RUNNING_FROM.format(count(db, TRIALS))
+        wait_for(lambda: count(db, ours) > 0, proc, every=0.001)  # a trial of this run is in flight (milliseconds)
+        time.sleep(rng.uniform(0.0, 0.01))  # killed in it, or in recording it, or just after
         proc.kill()
         proc.wait()
-        mid_trial += count(db, RUNNING) > 0
+        mid_trial += count(db, ours) > 0
         if mid_trial == 3:
             break
     done = subprocess.run(hybrid_cmd(*(("resume", "--study", "s") if count(db, CREATED) else run)), cwd=tmp_path,
