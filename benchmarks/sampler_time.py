@@ -86,7 +86,7 @@ def protocol(log: list[str], *flags: str) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Sampler time per trial", "",
              f"Command: `{' '.join(['python benchmarks/sampler_time.py', *result['args']])}`. "
-             "Raw timings: sampler_time.log.",
+             f"Raw timings: {result['name']}.log.",
              f"Machine: {result['machine']}.", "",
              "Time of `study.ask` (the sampler's work for one trial, 14-knob gpu space, in-memory storage), mean of "
              f"the {WINDOW} trials before the given history size:", "",
@@ -123,14 +123,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--gp-trials", type=int, default=100, help="GP takes seconds per trial: its cap")
     parser.add_argument("--skip-protocol", action="store_true")
+    parser.add_argument("--samplers", default="tpe,cmaes,gp", help="comma-separated subset")
+    parser.add_argument("--name", default="sampler_time", help="results file names: NAME.{md,json,log}")
     args = parser.parse_args()
     import torch
 
     objective, log = SurrogateObjective(), []
-    result: dict[str, Any] = {"args": sys.argv[1:], "samplers": {},
+    result: dict[str, Any] = {"args": sys.argv[1:], "name": args.name, "samplers": {},
                               "machine": f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
                                          f"load average at start {os.getloadavg()[0]:.1f}"}
-    for name, trials in (("tpe", args.trials), ("cmaes", args.trials), ("gp", min(args.gp_trials, args.trials))):
+    caps = {"tpe": args.trials, "cmaes": args.trials, "gp": min(args.gp_trials, args.trials)}
+    for name, trials in ((n, caps[n]) for n in args.samplers.split(",")):
         started = time.perf_counter()
         times = time_sampler(name, trials, objective, log)
         result["samplers"][name] = {"trials": trials, "total_wall_s": time.perf_counter() - started, "times": times,
@@ -139,11 +142,11 @@ def main() -> None:
         result["protocol"] = [protocol(log), protocol(log, "--no-memory-model")]
     result["machine"] += f", at the end {os.getloadavg()[0]:.1f}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sampler_time.log").write_text("\n".join(log) + "\n")
-    (RESULTS / "sampler_time.md").write_text(markdown(result))
+    (RESULTS / f"{args.name}.log").write_text("\n".join(log) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
     summary = {**result, "samplers": {k: {kk: vv for kk, vv in v.items() if kk != "times"}
                                       for k, v in result["samplers"].items()}}
-    (RESULTS / "sampler_time.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(markdown(result))
 
 
