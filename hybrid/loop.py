@@ -6,6 +6,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -223,6 +224,9 @@ def _worker_process(study_name: str, config: dict[str, Any], index: int, parent:
         work(study_name, RunConfig.from_dict(config), worker=index, show=False)
     except KeyboardInterrupt:
         pass
+    except UserError as e:  # e.g. every config refused: said in one line, as the first worker says it
+        print(f"hybrid: worker {index}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _stop_with(parent: int) -> None:

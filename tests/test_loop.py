@@ -219,6 +219,15 @@ def test_a_run_whose_every_config_is_over_the_cap_stops_with_one_line(tmp_path: 
     assert all(map(store.is_finished, trials))
 
 
+def test_every_worker_says_so_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "hybrid.cli", "run", "--method", "random", "--objective", "surrogate",
+                           "--vram-cap-gb", "0.01", "--study", "s", "--workers", "2"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error: the memory model refused" in line]
+    assert len(errors) == 2 and any(line.startswith("hybrid: worker 1: error:") for line in errors), done.stderr
+
+
 @pytest.mark.slow
 def test_the_24_hour_protocol_runs_in_well_under_a_minute_on_one_core(tmp_path: Path) -> None:
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
