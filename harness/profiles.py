@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# The reference protocol's GPU memory cap, GiB: the paper's runs set CUDA_MEM_FRACTION 0.543 of an H200's 140 GiB.
+PAPER_CAP_GB = 76.0
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str

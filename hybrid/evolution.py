@@ -156,15 +156,15 @@ class HybridMethod:
         configs = _warm_configs(snap, gen)
         tried = snap.attempted[gen.number]
         if not tried:
-            return self._first_move(snap, gen)
+            return self._first_move(gen, configs[0])
         if self.sampler_name == "cmaes":
             return None  # CMA-ES is warm-started through its source trials instead
         fresh = [c for c in configs[1:] if not runs_of(tried, c)]
         return self._move("warmstart", gen, config=fresh[0]) if fresh else None
 
-    def _first_move(self, snap: Snapshot, gen: Generation) -> Move:
+    def _first_move(self, gen: Generation, incumbent_config: dict[str, Any]) -> Move:
         """A candidate's first trial: the parent's incumbent, projected into the candidate's space."""
-        return self._move(gen.extra.get("agent", "catalog"), gen, config=_warm_configs(snap, gen)[0],
+        return self._move(gen.extra.get("agent", "catalog"), gen, config=incumbent_config,
                           attrs={"mutation": gen.extra.get("mutation")})
 
     def _tune(self, gen: Generation) -> Move:
@@ -219,7 +219,7 @@ class HybridMethod:
         generations.save(study, gen)
         # From the snapshot taken before the move: another worker may already be running the candidate's first
         # config (it sees the candidate as soon as it is saved); running it twice only measures it twice.
-        first = self._first_move(snap, gen)
+        first = self._first_move(gen, _warm_configs(snap, gen)[0])
         first.attrs.update(attrs)
         return first
 

@@ -23,10 +23,9 @@ from optuna.trial import FrozenTrial
 
 from harness.evaluate import forward_rows
 from harness.knobs import inject_knobs
-from harness.profiles import Profile
+from harness.profiles import PAPER_CAP_GB, Profile
 from harness.result import TrialResult
 from hybrid.store import code_sha
-from hybrid.surrogate import PAPER_CAP_GB
 
 MIB, GIB = 2**20, 2**30
 FP32, BF16 = 4, 2             # bytes per element

@@ -45,7 +45,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern
 from sklearn.linear_model import HuberRegressor
 
-from harness.profiles import data_dir
+from harness.profiles import PAPER_CAP_GB, data_dir
 from harness.result import TrialResult
 from hybrid.errors import UserError
 from hybrid.space import SearchSpace, SpaceError
@@ -82,7 +82,6 @@ VOCAB_SIZE = 8192
 TRAINING_SECONDS = 300.0
 SUCCESS_SECONDS = 300.1         # median wall time of the paper's finished trials
 HANG_SECONDS = 120.0            # the few failures slower than this hung until a timeout: not out of memory
-PAPER_CAP_GB = 76.0             # its VRAM cap in GiB: CUDA_MEM_FRACTION 0.543 of the H200's 140 GiB ("about 76 GB")
 PEAK_FLOPS = 989e12             # bf16 dense, H100 and H200 alike
 MFU = 0.4                       # Karpathy's baseline: 499.6 M tokens in 300 s at 39.8 % MFU
 
