@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from harness.result import TrialResult, is_oom
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")  # env names never passed to a trial
+STOP_POLL_SECONDS = 0.1  # how soon a stop request (Ctrl-C) ends a running trial
 
 
 def snap_batch_size(source: str, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
@@ -67,11 +69,27 @@ def _missing_result(returncode: int, log_path: Path) -> TrialResult:
     return TrialResult(status="crash", error=f"trial process {how}" + (f": {last}" if last else ""))
 
 
+def _wait(proc: subprocess.Popen, limit: float, stop: threading.Event | None) -> None:
+    """Wait for a trial's worker: TimeoutExpired past `limit` seconds, KeyboardInterrupt soon after `stop` is set."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            proc.wait(timeout=min(STOP_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            return
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
+
+
 def run_trial(source: str, config: dict[str, Any], profile: Profile, trial_dir: Path, *, seed: int = 0,
-              device: str | None = None, vram_cap_gb: float | None = None, timeout: float | None = None) -> TrialResult:
+              device: str | None = None, vram_cap_gb: float | None = None, timeout: float | None = None,
+              stop: threading.Event | None = None) -> TrialResult:
     """Run train.py `source` with `config` injected in trial_dir; every failure of train.py is a result, never raised.
 
     TOTAL_BATCH_SIZE is snapped first (see snap_batch_size); result.config is the snapped config that ran.
+    Setting `stop` (Ctrl-C) kills the trial and raises KeyboardInterrupt here, at a point where that is safe.
     Raises UserError when the profile's data is not prepared, KnobError for knobs train.py does not define.
     """
     data = prepared(profile)
@@ -103,7 +121,7 @@ def run_trial(source: str, config: dict[str, Any], profile: Profile, trial_dir: 
             proc.stdin.close()
         timed_out = False
         try:
-            proc.wait(timeout=limit)
+            _wait(proc, limit, stop)
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:  # the worker and anything train.py started, also when we are interrupted

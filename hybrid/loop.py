@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -254,29 +253,23 @@ POLL_SECONDS = min(2.0, store.HEARTBEAT_SECONDS / 2)  # while waiting for the tr
 
 
 class _Interrupt:
-    """SIGINT (Ctrl-C) stops the run cleanly: it interrupts a trial being evaluated (recorded as FAIL), and
-    is otherwise held until the trial being recorded is fully recorded."""
+    """SIGINT (Ctrl-C) stops the run cleanly. The first one sets `stop`: a train.py trial in flight is killed at
+    once (its runner raises KeyboardInterrupt; the trial is failed, never counted), and whatever else is under way
+    (a proposal, an in-process evaluation, recording a result) finishes first. Nothing is raised inside library
+    code (the database's, torch's) unless a second Ctrl-C insists."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self.evaluating = False
+        self.stop = threading.Event()
         self._previous = None
 
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-        if self.evaluating:
-            raise KeyboardInterrupt
+    @property
+    def requested(self) -> bool:
+        return self.stop.is_set()
 
-    @contextlib.contextmanager
-    def evaluation(self) -> Iterator[None]:
-        """Where SIGINT raises KeyboardInterrupt (also for one that came while the trial was being proposed)."""
-        if self.requested:
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.stop.is_set():
             raise KeyboardInterrupt
-        self.evaluating = True
-        try:
-            yield
-        finally:
-            self.evaluating = False
+        self.stop.set()
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
@@ -301,12 +294,14 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     seed = config.seed + 7919 * worker + done_before
     method = build_method(config, study, space, base.source, seed)
     study.sampler = method.sampler
+    interrupt = _Interrupt()
     objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
-                               memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False))
+                               memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False),
+                               stop=interrupt.stop)
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
     refused = 0
-    with progress, _Interrupt() as interrupt:
+    with progress, interrupt:
         while not interrupt.requested:
             trials = reaper.sweep()
             finished = [t for t in trials if store.is_finished(t)]
@@ -318,8 +313,8 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
                 continue
             try:
                 frozen = _one_trial(study, method, objective, config, budget, interrupt)
-            except KeyboardInterrupt:  # the trial being evaluated was failed
-                interrupt.requested = True
+            except KeyboardInterrupt:  # the trial in flight was failed
+                interrupt.stop.set()
                 break
             if frozen is None:
                 continue
@@ -358,9 +353,10 @@ def _one_trial(study: optuna.Study, method, objective, config: RunConfig, budget
             result = TrialResult(status="rejected", error=move.rejected)
         else:
             try:
-                with interrupt.evaluation():
-                    result = objective.evaluate(move.code, dict(trial.params), seed=seed,
-                                                trial_number=trial.number, trial_dir=trial_dir)
+                if interrupt.requested:  # Ctrl-C while the trial was being proposed: it never runs
+                    raise KeyboardInterrupt
+                result = objective.evaluate(move.code, dict(trial.params), seed=seed,
+                                            trial_number=trial.number, trial_dir=trial_dir)
             except BaseException:  # Ctrl-C, or a bug: the trial is failed, never counted
                 store.settle(study, trial._trial_id)
                 raise

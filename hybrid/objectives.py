@@ -1,6 +1,7 @@
 """Objectives: what evaluating a config costs and returns. `train` runs train.py; `surrogate` predicts it."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ class Objective(Protocol):
         """The config a trial of `config` actually runs, after what the objective does to it first."""
 
     def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
-                 trial_dir: Path) -> TrialResult: ...
+                 trial_dir: Path) -> TrialResult:
+        """The trial's result; KeyboardInterrupt if it was stopped (Ctrl-C) before it had one."""
 
 
 @dataclass
@@ -28,6 +30,7 @@ class TrainObjective:
     profile: Profile
     vram_cap_gb: float | None = None
     device: str | None = None
+    stop: threading.Event | None = None  # set on Ctrl-C: the trial in flight is killed
     name: str = "train"
 
     def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +48,7 @@ class TrainObjective:
         from harness.runner import run_trial
 
         return run_trial(source, config, self.profile, trial_dir, seed=seed, device=self.device,
-                         vram_cap_gb=self.vram_cap_gb)
+                         vram_cap_gb=self.vram_cap_gb, stop=self.stop)
 
 
 class SurrogateObjective:
@@ -103,9 +106,12 @@ class MemoryGuarded:
 
 
 def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None, memory_model: bool = False,
-                   history: Callable[[], Iterable[FrozenTrial]] = tuple) -> Objective:
-    """The objective `name`, behind the memory model when it is on and a VRAM cap applies."""
-    objective = SurrogateObjective() if name == "surrogate" else TrainObjective(profile, vram_cap_gb=vram_cap_gb)
+                   history: Callable[[], Iterable[FrozenTrial]] = tuple,
+                   stop: threading.Event | None = None) -> Objective:
+    """The objective `name`, behind the memory model when it is on and a VRAM cap applies. Setting `stop` ends
+    a train.py trial in flight (a surrogate trial takes milliseconds: it finishes)."""
+    objective = (SurrogateObjective() if name == "surrogate"
+                 else TrainObjective(profile, vram_cap_gb=vram_cap_gb, stop=stop))
     if not memory_model:
         return objective
     from hybrid.memory import MemoryModel, default_cap_gb

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -236,6 +237,32 @@ def test_trial_ends_when_its_runner_is_killed(prepared_test, tmp_path):
         assert not any(map(alive, pids)), f"still running 5s after their runner was killed: {pids}"
     finally:
         runner.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stopped_trial_is_killed_and_raises(prepared_test, tmp_path):
+    """Setting `stop` (Ctrl-C) ends the trial's worker and what train.py started, and raises KeyboardInterrupt."""
+    log, stop, pids = tmp_path / "t" / "log.txt", threading.Event(), []
+
+    def stop_once_running() -> None:
+        deadline = time.time() + 60
+        while not pids and time.time() < deadline:
+            time.sleep(0.05)
+            lines = [line for line in log.read_text().splitlines() if line.startswith("pids ")] if log.exists() else []
+            if lines:
+                pids.extend(int(pid) for pid in lines[0].split()[1:])
+        stop.set()
+
+    watcher = threading.Thread(target=stop_once_running)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_trial(ORPHAN_TRAIN_PY, {}, TEST, tmp_path / "t", stop=stop)
+        watcher.join()
+        assert len(pids) == 2 and not any(map(alive, pids)), log.read_text()
+    finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
