@@ -4,18 +4,23 @@ The estimate is analytic: train.py, with the config injected, builds its model o
 shapes, no memory, no GPU), and the peak follows from those shapes, the micro-batch and what training keeps
 alive (weights, gradients, optimizer states, activations saved for the backward pass, logits). The model is
 built once per architecture (the code and the knobs that may set a shape); the micro-batch is applied after.
+It is built in a child process (ShapeProbe): an agent's train.py is untrusted, and one that hangs, exits or
+hogs memory at import costs its prediction, never the run.
 Earlier trials of the same code calibrate it: their recorded peaks against their estimates. A config predicted
 over the VRAM cap is not run; it is recorded as a failed trial of class `oom-predicted` that cost no GPU time.
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
+import multiprocessing
+import signal
 import statistics
 import sys
 import types
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -34,6 +39,8 @@ MUON_STEP_COPIES = 7          # fp32 copies of one stack of matrices alive at on
 MIN_CALIBRATION_POINTS = 3    # successful trials of the same code needed to calibrate
 CALIBRATION_POINTS = 10       # calibrate on this many of them, those with the largest estimates (nearest the cap)
 PROBE_MODULE = "hybrid_memory_probe"
+PROBE_START_SECONDS = 120.0   # for the probe process to start (spawn, import torch); then per build:
+PROBE_BUILD_SECONDS = 30.0    # a build on the meta device takes about 0.1 s
 BATCH_KNOBS = ("DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE")  # applied to the shapes of a built model (model_shapes)
 # The reference train.py's knobs that set no shape: learning rates, schedule, optimizer constants, attention windows
 # (a mask, no tensor kept). Configs that differ only in these and BATCH_KNOBS share one build of the model; any other
@@ -157,8 +164,14 @@ def model_shapes(source: str, config: dict[str, Any], profile: Profile) -> Model
 
 @functools.lru_cache(maxsize=4096)
 def _built_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile) -> ModelShapes | None:
-    """model_shapes with only `knobs` (an architecture) injected, the batch knobs train.py's own; cached, keyed on the
-    code itself (what its code_sha stands for), the architecture and the profile."""
+    """build_shapes in the probe process; cached, keyed on the code itself (what its code_sha stands for), the
+    architecture and the profile."""
+    return _PROBE.build(source, knobs, profile)
+
+
+def build_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile) -> ModelShapes | None:
+    """model_shapes with only `knobs` (an architecture) injected, the batch knobs train.py's own; run in this
+    process (ShapeProbe runs it in another)."""
     try:
         module = _load(inject_knobs(source, dict(knobs)))
         model = module.build_model(profile.vocab_size, profile.seq_len, device=torch.device("meta"))
@@ -169,7 +182,7 @@ def _built_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Prof
         batch = int(module.DEVICE_BATCH_SIZE)
         total = getattr(module, "TOTAL_BATCH_SIZE", None)
         model_dim = model.lm_head.in_features
-    except Exception:  # a train.py this model cannot read: no prediction, the trial runs
+    except BaseException:  # a train.py this model cannot read (or that exits): no prediction, the trial runs
         return None
     adam = muon = second_moment = largest = 0
     for opt in optimizers:
@@ -187,6 +200,81 @@ def _built_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Prof
         eval_rows=forward_rows(profile),
         params=sum(p.numel() for p in model.parameters()), adam_params=adam, muon_params=muon,
         muon_second_moment=second_moment, largest_muon_group=largest)
+
+
+class ShapeProbe:
+    """A child process that runs build_shapes, restarted after a build that hung or killed it; None then. Its
+    answers come back as JSON, never as pickles: the code it ran is untrusted."""
+
+    def __init__(self) -> None:
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Any = None
+
+    def build(self, source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile) -> ModelShapes | None:
+        if self._process is None and not self._start():
+            return None
+        try:
+            self._conn.send((source, knobs, profile))
+            if self._conn.poll(PROBE_BUILD_SECONDS):
+                return _shapes_from_json(self._conn.recv_bytes())
+        except (EOFError, OSError):  # the build killed the probe (the kernel's OOM killer, say)
+            pass
+        self.close()  # hung, or dead: the next build starts a fresh one
+        return None
+
+    def _start(self) -> bool:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds threads and connections
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, args=(child,), daemon=True, name="hybrid-memory-probe")
+        self._process.start()
+        child.close()
+        try:
+            if self._conn.poll(PROBE_START_SECONDS) and self._conn.recv_bytes() == b"ready":
+                return True
+        except (EOFError, OSError):
+            pass
+        self.close()
+        return False
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join()
+            self._conn.close()
+        self._process = self._conn = None
+
+
+def _serve(conn: Any) -> None:
+    """The probe process: build_shapes for each request until the run closes its end of the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the run handles it
+    conn.send_bytes(b"ready")
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        shapes = build_shapes(*request)
+        conn.send_bytes(json.dumps(asdict(shapes) if shapes is not None else None).encode())
+
+
+def _shapes_from_json(data: bytes) -> ModelShapes | None:
+    """ModelShapes from the probe's answer; None for no shapes, or for anything else it may have said."""
+    try:
+        fields = json.loads(data)
+        if fields is None:
+            return None
+        blocks = tuple(BlockShape(**block) for block in fields.pop("blocks"))
+        shapes = ModelShapes(blocks=blocks, **fields)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    numbers = [getattr(shapes, name) for name in fields if name != "total_batch_size"]
+    ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers) and all(
+        isinstance(b.model_dim, int) and isinstance(b.n_head, int) and isinstance(b.mlp_hidden, int)
+        for b in blocks)
+    return shapes if ok else None
+
+
+_PROBE = ShapeProbe()
 
 
 def analytic_peak_bytes(source: str, config: dict[str, Any], profile: Profile) -> float | None:

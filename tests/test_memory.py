@@ -1,6 +1,9 @@
 """The memory model: analytic peak estimate on the meta device, calibration on recorded peaks, the cap check."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import optuna
 import pytest
 import torch
@@ -59,20 +62,43 @@ def test_shapes_match_the_real_model(source):
 
 def test_the_model_is_built_once_per_architecture(source, monkeypatch):
     builds = []
-    load = hybrid.memory._load
-    monkeypatch.setattr(hybrid.memory, "_load", lambda code: builds.append(code) or load(code))
+    build = hybrid.memory._PROBE.build
+    monkeypatch.setattr(hybrid.memory._PROBE, "build", lambda *request: builds.append(request) or build(*request))
     hybrid.memory._built_shapes.cache_clear()
     first = analytic_peak_bytes(source, {"DEPTH": 6, "MATRIX_LR": 0.01}, GPU)
     assert analytic_peak_bytes(source, {"DEPTH": 6, "MATRIX_LR": 0.05, "WINDOW_PATTERN": "LLLL"}, GPU) == first
     assert len(builds) == 1
     # the batch knobs are applied to that build: the estimate of a build with the whole config injected
     config = {"DEPTH": 6, "EMBEDDING_LR": 0.3, "DEVICE_BATCH_SIZE": 64, "TOTAL_BATCH_SIZE": 300_000}
-    whole = hybrid.memory._built_shapes.__wrapped__(source, tuple(config.items()), GPU)
+    whole = hybrid.memory.build_shapes(source, tuple(config.items()), GPU)
     assert whole.grad_accum == 2 and analytic_peak_bytes(source, config, GPU) == peak_bytes(whole)
-    assert len(builds) == 2  # the build with the whole config, outside the cache
+    assert len(builds) == 1
     # any other knob may set shapes (VE_GATE_CHANNELS does): another build
     assert analytic_peak_bytes(source, {"DEPTH": 6, "VE_GATE_CHANNELS": 16}, GPU) < first
-    assert len(builds) == 3
+    assert len(builds) == 2
+
+
+@pytest.mark.parametrize("hostile", [
+    "raise SystemExit(3)\n",            # would end the run if it ran in the run's process
+    "import os\nos._exit(1)\n",        # kills the probe
+    "while True:\n    pass\n",         # hangs it
+])
+def test_a_hostile_train_py_costs_its_prediction_not_the_run(source, hostile, monkeypatch):
+    monkeypatch.setattr(hybrid.memory, "PROBE_BUILD_SECONDS", 3.0)
+    hybrid.memory._built_shapes.cache_clear()
+    code = source.replace("\ndef build_model(", f"\n{hostile}\ndef build_model(", 1)
+    assert MemoryModel(GPU).check(code, {"DEPTH": 6}, cap_gb=0.001) is None  # no prediction: the trial runs
+    assert model_shapes(source, {"DEPTH": 5}, GPU).params > 0  # and the next build works (a fresh probe)
+
+
+@pytest.mark.parametrize("answer", [b"[1, 2]", b'{"blocks": "x"}', b"not json", b'{"blocks": []}'])
+def test_an_answer_that_is_not_shapes_is_no_prediction(source, answer):
+    shapes = hybrid.memory.build_shapes(source, (("DEPTH", 4),), GPU)
+    assert hybrid.memory._shapes_from_json(json.dumps(dataclasses.asdict(shapes)).encode()) == shapes
+    assert hybrid.memory._shapes_from_json(answer) is None
+    fields = dataclasses.asdict(shapes)
+    fields["params"] = "1e30"
+    assert hybrid.memory._shapes_from_json(json.dumps(fields).encode()) is None
 
 
 def test_without_build_optimizers_every_parameter_has_adam_states(source):
@@ -149,6 +175,6 @@ def test_estimate_leaves_no_trace(source):
     import sys
 
     before = set(sys.modules)
-    analytic_peak_bytes(source, {"DEPTH": 5}, GPU)
+    hybrid.memory.build_shapes(source, (("DEPTH", 5),), GPU)  # as the probe process does, build after build
     assert set(sys.modules) - before <= {m for m in sys.modules if m.startswith("torch")}
     assert torch.get_default_device().type == "cpu"
