@@ -27,7 +27,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from harness.evaluate import forward_rows
-from harness.knobs import inject_knobs
+from harness.knobs import KnobError, find_knobs, inject_knobs
 from harness.profiles import PAPER_CAP_GB, Profile
 from harness.result import TrialResult
 from hybrid.store import code_sha
@@ -44,7 +44,7 @@ PROBE_BUILD_SECONDS = 30.0    # a build on the meta device takes about 0.1 s
 BATCH_KNOBS = ("DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE")  # applied to the shapes of a built model (model_shapes)
 # The reference train.py's knobs that set no shape: learning rates, schedule, optimizer constants, attention windows
 # (a mask, no tensor kept). Configs that differ only in these and BATCH_KNOBS share one build of the model; any other
-# knob, a new one included, is taken to set shapes.
+# knob, a new one included, is taken to set shapes. An edited train.py keeps them only if shapeless_knobs confirms it.
 SHAPELESS_KNOBS = frozenset({
     *BATCH_KNOBS, "EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "WARMUP_RATIO",
     "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WINDOW_PATTERN", "ADAM_EPS", "MUON_MOMENTUM_WARMUP_STEPS", "MUON_BETA2",
@@ -141,9 +141,35 @@ def _load(code: str) -> types.ModuleType:
     return module
 
 
-def architecture(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """The knobs of `config` that may set a shape of the model (all but SHAPELESS_KNOBS), sorted by name."""
-    return tuple(sorted((name, value) for name, value in config.items() if name not in SHAPELESS_KNOBS))
+def architecture(config: dict[str, Any], shapeless: frozenset[str] = SHAPELESS_KNOBS) -> tuple[tuple[str, Any], ...]:
+    """The knobs of `config` that may set a shape of the model (all but `shapeless`), sorted by name."""
+    return tuple(sorted((name, value) for name, value in config.items() if name not in shapeless))
+
+
+@functools.lru_cache(maxsize=256)
+def shapeless_knobs(source: str, profile: Profile) -> frozenset[str]:
+    """SHAPELESS_KNOBS, checked against this code: it keeps them if a build with every one of them changed has the
+    shapes of a build at its defaults. An edit that made one of them set a shape (or a code that cannot be built)
+    keeps only the batch knobs: every architecture then gets a build of its own, and no estimate goes wrong."""
+    try:
+        defaults = {name: knob.value for name, knob in find_knobs(source).items()}
+    except KnobError:
+        return frozenset(BATCH_KNOBS)
+    changed = {name: _changed(value) for name, value in defaults.items() if name in SHAPELESS_KNOBS - {*BATCH_KNOBS}}
+    if not changed:
+        return SHAPELESS_KNOBS
+    base = _built_shapes(source, (), profile)
+    same = base is not None and _built_shapes(source, tuple(sorted(changed.items())), profile) == base
+    return SHAPELESS_KNOBS if same else frozenset(BATCH_KNOBS)
+
+
+def _changed(value: Any) -> Any:
+    """Another value of a knob's kind, for shapeless_knobs: flipped, reversed, or moved by a little over half."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, str):
+        return value[::-1] + value[:1]
+    return value + max(1, abs(value) // 2) if isinstance(value, int) else value * 1.5 + 0.01
 
 
 def with_batch(shapes: ModelShapes, config: dict[str, Any]) -> ModelShapes:
@@ -158,7 +184,7 @@ def model_shapes(source: str, config: dict[str, Any], profile: Profile) -> Model
     """The shapes of the model and optimizers that `source` with `config` injected builds for `profile`,
     or None when they cannot be read (no build_model, a failure building it, another model structure).
     The model is built once per (code, architecture, profile); the batch knobs of `config` are applied to it."""
-    shapes = _built_shapes(source, architecture(config), profile)
+    shapes = _built_shapes(source, architecture(config, shapeless_knobs(source, profile)), profile)
     return with_batch(shapes, config) if shapes is not None else None
 
 

@@ -65,17 +65,29 @@ def test_the_model_is_built_once_per_architecture(source, monkeypatch):
     build = hybrid.memory._PROBE.build
     monkeypatch.setattr(hybrid.memory._PROBE, "build", lambda *request: builds.append(request) or build(*request))
     hybrid.memory._built_shapes.cache_clear()
+    hybrid.memory.shapeless_knobs.cache_clear()
     first = analytic_peak_bytes(source, {"DEPTH": 6, "MATRIX_LR": 0.01}, GPU)
+    assert len(builds) == 3  # the code's defaults and its shapeless knobs changed (shapeless_knobs), DEPTH=6
     assert analytic_peak_bytes(source, {"DEPTH": 6, "MATRIX_LR": 0.05, "WINDOW_PATTERN": "LLLL"}, GPU) == first
-    assert len(builds) == 1
+    assert len(builds) == 3
     # the batch knobs are applied to that build: the estimate of a build with the whole config injected
     config = {"DEPTH": 6, "EMBEDDING_LR": 0.3, "DEVICE_BATCH_SIZE": 64, "TOTAL_BATCH_SIZE": 300_000}
     whole = hybrid.memory.build_shapes(source, tuple(config.items()), GPU)
     assert whole.grad_accum == 2 and analytic_peak_bytes(source, config, GPU) == peak_bytes(whole)
-    assert len(builds) == 1
+    assert len(builds) == 3
     # any other knob may set shapes (VE_GATE_CHANNELS does): another build
     assert analytic_peak_bytes(source, {"DEPTH": 6, "VE_GATE_CHANNELS": 16}, GPU) < first
-    assert len(builds) == 2
+    assert len(builds) == 4
+
+
+def test_an_edit_that_makes_a_shapeless_knob_set_a_shape_loses_the_sharing(source):
+    line = "model_dim = math.ceil(DEPTH * ASPECT_RATIO / head_dim) * head_dim"
+    assert line in source
+    edited = source.replace(line, "model_dim = math.ceil(DEPTH * ASPECT_RATIO * (1 + (MATRIX_LR > 0.05)) / head_dim) "
+                                  "* head_dim")
+    assert hybrid.memory.shapeless_knobs(source, GPU) == hybrid.memory.SHAPELESS_KNOBS
+    assert hybrid.memory.shapeless_knobs(edited, GPU) == set(hybrid.memory.BATCH_KNOBS)
+    assert analytic_peak_bytes(edited, {"MATRIX_LR": 0.01}, GPU) < analytic_peak_bytes(edited, {"MATRIX_LR": 0.1}, GPU)
 
 
 @pytest.mark.parametrize("hostile", [

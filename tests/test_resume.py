@@ -207,22 +207,26 @@ def _alive(pid: int) -> bool:
 
 
 def test_workers_stop_when_their_run_is_killed(tmp_path: Path) -> None:
-    """`--workers 2`, the run SIGKILLed: its other worker stops too (its trial in flight failed, never counted)."""
+    """`--workers 2`, the run SIGKILLed: its other worker stops too (its trial in flight failed, never counted), and
+    so do the memory model's probe processes (one per worker)."""
     db = tmp_path / "runs" / "hybrid.db"
     proc = subprocess.Popen(hybrid_cmd("run", "--method", "random", "--study", "s", "--objective", "surrogate",
                                        "--budget-hours", "100000", "--workers", "2"),
                             cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: count(db, TRIALS) >= 30 and _spawned(proc.pid), proc)
-        worker, = _spawned(proc.pid)
+        assert wait_for(lambda: count(db, TRIALS) >= 30 and len(_spawned(proc.pid)) == 2, proc)
+        family = _spawned(proc.pid)  # the second worker and the run's probe
+        family += [probe for pid in family for probe in _spawned(pid)]  # the worker's probe
+        assert len(family) == 3
     finally:
         proc.kill()
         proc.wait()
     deadline = time.monotonic() + 15.0
-    while _alive(worker):
+    while any(map(_alive, family)):
         if time.monotonic() > deadline:
-            os.kill(worker, signal.SIGKILL)
-            pytest.fail("the second worker outlived its run")
+            for pid in filter(_alive, family):
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail("a worker or a probe outlived its run")
         time.sleep(0.1)
     assert count(db, RUNNING) <= 1  # the killed run's own trial, failed by the next run; the worker's is settled
     settled = count(db, TRIALS)
