@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import json
 import math
-import multiprocessing
-import signal
+import os
+import select
+import subprocess
 import statistics
 import sys
 import types
@@ -229,64 +230,76 @@ def build_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profi
 
 
 class ShapeProbe:
-    """A child process that runs build_shapes, restarted after a build that hung or killed it; None then. Its
-    answers come back as JSON, never as pickles: the code it ran is untrusted."""
+    """A child process (`python -m hybrid.memory`) that runs build_shapes, restarted after a build that hung or
+    killed it (None then). It talks JSON lines, never pickles (the code it runs is untrusted), in a session of
+    its own (Ctrl-C is the run's to handle), with the environment a trial gets (no secrets)."""
 
     def __init__(self) -> None:
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._conn: Any = None
+        self._process: subprocess.Popen | None = None
 
     def build(self, source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile) -> ModelShapes | None:
         if self._process is None and not self._start():
             return None
+        request = json.dumps({"source": source, "knobs": knobs, "profile": asdict(profile)})
         try:
-            self._conn.send((source, knobs, profile))
-            if self._conn.poll(PROBE_BUILD_SECONDS):
-                return _shapes_from_json(self._conn.recv_bytes())
-        except (EOFError, OSError):  # the build killed the probe (the kernel's OOM killer, say)
-            pass
-        self.close()  # hung, or dead: the next build starts a fresh one
-        return None
+            self._process.stdin.write(request + "\n")
+            self._process.stdin.flush()
+            answer = self._read_line(PROBE_BUILD_SECONDS)
+        except OSError:  # the build killed the probe (the kernel's OOM killer, say)
+            answer = None
+        if answer is None:
+            self.close()  # hung, or dead: the next build starts a fresh one
+            return None
+        return _shapes_from_json(answer)
 
     def _start(self) -> bool:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds threads and connections
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child,), daemon=True, name="hybrid-memory-probe")
-        self._process.start()
-        child.close()
-        try:
-            if self._conn.poll(PROBE_START_SECONDS) and self._conn.recv_bytes() == b"ready":
-                return True
-        except (EOFError, OSError):
-            pass
+        from harness.runner import clean_env
+
+        self._process = subprocess.Popen([sys.executable, "-m", "hybrid.memory"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=clean_env(),
+                                         text=True, start_new_session=True)
+        if self._read_line(PROBE_START_SECONDS) == "ready":
+            return True
+        code = self._process.poll()
         self.close()
+        why = f"exit status {code}" if code is not None else f"not ready in {PROBE_START_SECONDS:.0f} s"
+        print(f"hybrid: the memory model's probe process did not start ({why}): no predictions", file=sys.stderr)
         return False
+
+    def _read_line(self, timeout: float) -> str | None:
+        """The probe's next line, or None if it sent none within `timeout` seconds (or died)."""
+        ready, _, _ = select.select([self._process.stdout], [], [], timeout)
+        line = self._process.stdout.readline() if ready else ""
+        return line.strip() if line else None
 
     def close(self) -> None:
         if self._process is not None:
             self._process.kill()
-            self._process.join()
-            self._conn.close()
-        self._process = self._conn = None
+            self._process.wait()
+            self._process.stdin.close()
+            self._process.stdout.close()
+        self._process = None
 
 
-def _serve(conn: Any) -> None:
-    """The probe process: build_shapes for each request until the run closes its end of the pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the run handles it
-    conn.send_bytes(b"ready")
-    while True:
-        try:
-            request = conn.recv()
-        except EOFError:
-            return
-        shapes = build_shapes(*request)
-        conn.send_bytes(json.dumps(asdict(shapes) if shapes is not None else None).encode())
+def serve() -> None:
+    """The probe process: a JSON line in (source, knobs, profile), a JSON line out (ModelShapes or null), until EOF.
+    What train.py prints goes to stderr: stdout carries only the answers."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    answers.write("ready\n")
+    answers.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        knobs = tuple((name, value) for name, value in request["knobs"])
+        shapes = build_shapes(request["source"], knobs, Profile(**request["profile"]))
+        answers.write(json.dumps(asdict(shapes) if shapes is not None else None) + "\n")
+        answers.flush()
 
 
-def _shapes_from_json(data: bytes) -> ModelShapes | None:
+def _shapes_from_json(answer: str) -> ModelShapes | None:
     """ModelShapes from the probe's answer; None for no shapes, or for anything else it may have said."""
     try:
-        fields = json.loads(data)
+        fields = json.loads(answer)
         if fields is None:
             return None
         blocks = tuple(BlockShape(**block) for block in fields.pop("blocks"))
@@ -294,10 +307,9 @@ def _shapes_from_json(data: bytes) -> ModelShapes | None:
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     numbers = [getattr(shapes, name) for name in fields if name != "total_batch_size"]
-    ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers) and all(
-        isinstance(b.model_dim, int) and isinstance(b.n_head, int) and isinstance(b.mlp_hidden, int)
-        for b in blocks)
-    return shapes if ok else None
+    numbers += [n for b in blocks for n in (b.model_dim, b.n_head, b.mlp_hidden)]
+    ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+    return shapes if ok and isinstance(shapes.total_batch_size, (int, type(None))) else None
 
 
 _PROBE = ShapeProbe()
@@ -377,3 +389,7 @@ class MemoryModel:
             return None
         return TrialResult(status="oom-predicted", total_seconds=0.0, config=dict(config),
                            error=f"predicted peak {predicted * MIB / GIB:.1f} GB > cap {cap_gb:g} GB")
+
+
+if __name__ == "__main__":
+    serve()

@@ -103,14 +103,14 @@ def test_a_hostile_train_py_costs_its_prediction_not_the_run(source, hostile, mo
     assert model_shapes(source, {"DEPTH": 5}, GPU).params > 0  # and the next build works (a fresh probe)
 
 
-@pytest.mark.parametrize("answer", [b"[1, 2]", b'{"blocks": "x"}', b"not json", b'{"blocks": []}'])
+@pytest.mark.parametrize("answer", ["[1, 2]", '{"blocks": "x"}', "not json", '{"blocks": []}'])
 def test_an_answer_that_is_not_shapes_is_no_prediction(source, answer):
     shapes = hybrid.memory.build_shapes(source, (("DEPTH", 4),), GPU)
-    assert hybrid.memory._shapes_from_json(json.dumps(dataclasses.asdict(shapes)).encode()) == shapes
+    assert hybrid.memory._shapes_from_json(json.dumps(dataclasses.asdict(shapes))) == shapes
     assert hybrid.memory._shapes_from_json(answer) is None
     fields = dataclasses.asdict(shapes)
     fields["params"] = "1e30"
-    assert hybrid.memory._shapes_from_json(json.dumps(fields).encode()) is None
+    assert hybrid.memory._shapes_from_json(json.dumps(fields)) is None
 
 
 def test_without_build_optimizers_every_parameter_has_adam_states(source):

@@ -188,14 +188,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _spawned(pid: int) -> list[int]:
-    """The worker processes `pid` started with multiprocessing's spawn."""
-    spawned = []
+def _children_running(pid: int, marker: bytes) -> list[int]:
+    """The children of `pid` whose command line contains `marker`."""
+    found = []
     for child in _children(pid):
         with contextlib.suppress(OSError):  # gone meanwhile
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                spawned.append(child)
-    return spawned
+            if marker in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -214,9 +214,9 @@ def test_workers_stop_when_their_run_is_killed(tmp_path: Path) -> None:
                                        "--budget-hours", "100000", "--workers", "2"),
                             cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: count(db, TRIALS) >= 30 and len(_spawned(proc.pid)) == 2, proc)
-        family = _spawned(proc.pid)  # the second worker and the run's probe
-        family += [probe for pid in family for probe in _spawned(pid)]  # the worker's probe
+        assert wait_for(lambda: count(db, TRIALS) >= 30 and _children_running(proc.pid, b"spawn_main"), proc)
+        worker, = _children_running(proc.pid, b"spawn_main")  # multiprocessing's spawn
+        family = [worker, *(probe for pid in (proc.pid, worker) for probe in _children_running(pid, b"hybrid.memory"))]
         assert len(family) == 3
     finally:
         proc.kill()
