@@ -214,10 +214,14 @@ def test_workers_stop_when_their_run_is_killed(tmp_path: Path) -> None:
                                        "--budget-hours", "100000", "--workers", "2"),
                             cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: count(db, TRIALS) >= 30 and _children_running(proc.pid, b"spawn_main"), proc)
-        worker, = _children_running(proc.pid, b"spawn_main")  # multiprocessing's spawn
-        family = [worker, *(probe for pid in (proc.pid, worker) for probe in _children_running(pid, b"hybrid.memory"))]
-        assert len(family) == 3
+        def run_family() -> list[int]:
+            """The second worker (multiprocessing's spawn) and the probe process of each worker."""
+            workers = _children_running(proc.pid, b"spawn_main")
+            probes = [probe for pid in (proc.pid, *workers) for probe in _children_running(pid, b"hybrid.memory")]
+            return workers + probes
+
+        assert wait_for(lambda: count(db, TRIALS) >= 30 and len(run_family()) == 3, proc)
+        family = run_family()
     finally:
         proc.kill()
         proc.wait()
