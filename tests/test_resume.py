@@ -112,6 +112,34 @@ def test_ctrl_c_then_resume_continues_the_sampler_to_the_same_budget(tmp_path: P
     assert generation[16:] and min(generation[16:]) >= max(g for g in generation[:15] if g is not None) >= 1
 
 
+class SlowInProcessObjective:
+    """Trial `at` is a slow in-process evaluation that gets two SIGINTs (Ctrl-C twice); the others finish at once."""
+    name = "fake"
+
+    def __init__(self, at: int) -> None:
+        self.at, self.survived_first = at, False
+
+    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+        if trial_number == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the first Ctrl-C only asks: nothing is raised in here
+            self.survived_first = True
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the second one raises, at once
+            raise AssertionError("a second SIGINT did not interrupt the trial")
+        return TrialResult(val_bpb=1.0 + config["MATRIX_LR"], total_seconds=300.0, config=config)
+
+
+def test_the_first_ctrl_c_asks_and_the_second_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    objective = SlowInProcessObjective(at=3)
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: objective)
+    assert main(["run", "--method", "tpe", "--study", "s", "--trials", "10", "--profile", "test"]) == 130
+    assert objective.survived_first  # and the second one cut the 5 s sleep (or the AssertionError would fail the run)
+    trials = optuna.load_study(study_name="s", storage="sqlite:///runs/hybrid.db").get_trials()
+    assert len(trials) == 4 and trials[3].state == TrialState.FAIL and "status" not in trials[3].user_attrs
+
+
 def test_a_study_whose_creation_was_cut_short_is_completed_by_the_next_run(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
