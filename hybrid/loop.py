@@ -206,10 +206,10 @@ def _work_all(study_name: str, config: RunConfig) -> int:
         p.start()
     try:
         code = work(study_name, config, worker=0, show=True)
-        if code == 130:  # Ctrl-C reaches the whole process group; a `kill -INT` only this process
+        if code == 130:  # Ctrl-C reaches the whole process group; a `kill` only this process
             for p in others:
                 if p.is_alive():
-                    os.kill(p.pid, signal.SIGINT)
+                    os.kill(p.pid, signal.SIGTERM)
     finally:
         for p in others:
             p.join()
@@ -229,11 +229,11 @@ def _worker_process(study_name: str, config: dict[str, Any], index: int, parent:
 
 
 def _stop_with(parent: int) -> None:
-    """Interrupt this worker, as Ctrl-C would, once `parent` (the run that started it) is gone, killed included."""
+    """Stop this worker cleanly (SIGTERM) once `parent` (the run that started it) is gone, killed included."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True).start()
 
@@ -253,32 +253,37 @@ POLL_SECONDS = min(2.0, store.HEARTBEAT_SECONDS / 2)  # while waiting for the tr
 
 
 class _Interrupt:
-    """SIGINT (Ctrl-C) stops the run cleanly. The first one sets `stop`: a train.py trial in flight is killed at
-    once (its runner raises KeyboardInterrupt; the trial is failed, never counted), and whatever else is under way
-    (a proposal, an in-process evaluation, recording a result) finishes first. Nothing is raised inside library
-    code (the database's, torch's) unless a second Ctrl-C insists."""
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler, or the run stopping its workers) stop the run cleanly. They set
+    `stop`: a train.py trial in flight is killed at once (its runner raises KeyboardInterrupt; the trial is failed,
+    never counted), and whatever else is under way (a proposal, an in-process evaluation, recording a result)
+    finishes first. Nothing is raised inside library code (the database's, torch's) unless a second Ctrl-C insists."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
         return self.stop.is_set()
 
-    def _handle(self, signum: int, frame: object) -> None:
+    def _ctrl_c(self, signum: int, frame: object) -> None:
         if self.stop.is_set():
             raise KeyboardInterrupt
         self.stop.set()
 
+    def _term(self, signum: int, frame: object) -> None:
+        self.stop.set()
+
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._ctrl_c),
+                              signal.SIGTERM: signal.signal(signal.SIGTERM, self._term)}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler installed outside Python, which cannot be restored
+                signal.signal(signum, previous)
 
 
 def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = True) -> int:
