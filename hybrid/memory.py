@@ -11,13 +11,14 @@ over the VRAM cap is not run; it is recorded as a failed trial of class `oom-pre
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import select
-import subprocess
 import statistics
+import subprocess
 import sys
 import types
 from collections.abc import Iterable
@@ -40,7 +41,7 @@ MUON_STEP_COPIES = 7          # fp32 copies of one stack of matrices alive at on
 MIN_CALIBRATION_POINTS = 3    # successful trials of the same code needed to calibrate
 CALIBRATION_POINTS = 10       # calibrate on this many of them, those with the largest estimates (nearest the cap)
 PROBE_MODULE = "hybrid_memory_probe"
-PROBE_START_SECONDS = 120.0   # for the probe process to start (spawn, import torch); then per build:
+PROBE_START_SECONDS = 120.0   # for the probe process to start (import torch); then per build:
 PROBE_BUILD_SECONDS = 30.0    # a build on the meta device takes about 0.1 s
 BATCH_KNOBS = ("DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE")  # applied to the shapes of a built model (model_shapes)
 # The reference train.py's knobs that set no shape: learning rates, schedule, optimizer constants, attention windows
@@ -209,7 +210,7 @@ def build_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profi
         batch = int(module.DEVICE_BATCH_SIZE)
         total = getattr(module, "TOTAL_BATCH_SIZE", None)
         model_dim = model.lm_head.in_features
-    except BaseException:  # a train.py this model cannot read (or that exits): no prediction, the trial runs
+    except (Exception, SystemExit):  # a train.py this model cannot read (or that exits): no prediction, the trial runs
         return None
     adam = muon = second_moment = largest = 0
     for opt in optimizers:
@@ -276,7 +277,8 @@ class ShapeProbe:
         if self._process is not None:
             self._process.kill()
             self._process.wait()
-            self._process.stdin.close()
+            with contextlib.suppress(OSError):  # a request it never read
+                self._process.stdin.close()
             self._process.stdout.close()
         self._process = None
 
