@@ -215,6 +215,20 @@ def alive(pid: int) -> bool:
     return True
 
 
+def reported_pids(log: Path) -> list[int]:
+    """The pids ORPHAN_TRAIN_PY printed (its own and its child's), once it has."""
+    lines = [line for line in log.read_text().splitlines() if line.startswith("pids ")] if log.exists() else []
+    return [int(pid) for pid in lines[0].split()[1:]] if lines else []
+
+
+def gone_within(pids: list[int], seconds: float) -> bool:
+    """Whether every process in pids has ended within `seconds` (a SIGKILL takes effect asynchronously)."""
+    deadline = time.time() + seconds
+    while any(map(alive, pids)) and time.time() < deadline:
+        time.sleep(0.1)
+    return not any(map(alive, pids))
+
+
 def test_trial_ends_when_its_runner_is_killed(prepared_test, tmp_path):
     """SIGKILL of the process running a trial ends the trial's worker and what train.py started, not at the timeout."""
     (tmp_path / "orphan.py").write_text(ORPHAN_TRAIN_PY)
@@ -226,15 +240,11 @@ def test_trial_ends_when_its_runner_is_killed(prepared_test, tmp_path):
         deadline = time.time() + 60
         while not pids and time.time() < deadline and runner.poll() is None:
             time.sleep(0.1)
-            lines = [line for line in log.read_text().splitlines() if line.startswith("pids ")] if log.exists() else []
-            pids = [int(pid) for pid in lines[0].split()[1:]] if lines else []
+            pids = reported_pids(log)
         assert len(pids) == 2, log.read_text() if log.exists() else "no log"
         runner.kill()
         runner.wait()
-        deadline = time.time() + 5
-        while any(map(alive, pids)) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not any(map(alive, pids)), f"still running 5s after their runner was killed: {pids}"
+        assert gone_within(pids, 5.0), f"still running 5s after their runner was killed: {pids}"
     finally:
         runner.kill()
         for pid in pids:
@@ -250,9 +260,7 @@ def test_a_stopped_trial_is_killed_and_raises(prepared_test, tmp_path):
         deadline = time.time() + 60
         while not pids and time.time() < deadline:
             time.sleep(0.05)
-            lines = [line for line in log.read_text().splitlines() if line.startswith("pids ")] if log.exists() else []
-            if lines:
-                pids.extend(int(pid) for pid in lines[0].split()[1:])
+            pids.extend(reported_pids(log))
         stop.set()
 
     watcher = threading.Thread(target=stop_once_running)
@@ -261,7 +269,7 @@ def test_a_stopped_trial_is_killed_and_raises(prepared_test, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             run_trial(ORPHAN_TRAIN_PY, {}, TEST, tmp_path / "t", stop=stop)
         watcher.join()
-        assert len(pids) == 2 and not any(map(alive, pids)), log.read_text()
+        assert len(pids) == 2 and gone_within(pids, 5.0), log.read_text()
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
