@@ -8,7 +8,6 @@ made under the study's structural lease, one worker at a time; the others keep t
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +82,11 @@ class Snapshot:
                    default=-1)
 
     def parent_trials(self, generation: Generation) -> list[FrozenTrial]:
-        """The parent's trials that had finished when `generation` was created: what it is warm-started from."""
-        cut = int(generation.extra.get("created_after_trial", math.inf))
-        return [t for t in self.finished.get(generation.parent, []) if t.number <= cut]
+        """The parent's trials that had finished when `generation` was created: what it is warm-started from.
+
+        Recorded by number: with several workers, a parent trial older than the generation may finish after it."""
+        numbers = set(generation.extra.get("warm_start_trials", ()))
+        return [t for t in self.finished.get(generation.parent, []) if t.number in numbers]
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,9 @@ class HybridMethod:
                                                                                           proposal.removed)
         extra = {"mutation": proposal.name, "agent": self.agent.source, "trigger": due.reason,
                  "new_knobs": {k: v.to_dict() for k, v in proposal.added.items()}, "removed_knobs": proposal.removed,
-                 "created_after_trial": snap.last_trial, **proposal.attrs, **({"reason": rejected} if rejected else {})}
+                 "created_after_trial": snap.last_trial,
+                 "warm_start_trials": sorted(t.number for t in snap.finished[parent.number]),
+                 **proposal.attrs, **({"reason": rejected} if rejected else {})}
         if not self.lease.renew():
             return self._tune(parent)  # the agent took longer than the lease: another worker may be mutating
         gen = Generation(max(snap.generations) + 1, parent.number, proposal.description, proposal.source,

@@ -3,6 +3,7 @@ that generation's trials (plus its warm start), noise-aware verdicts, the struct
 SIGKILL in the middle of a generation, LLM mutations and a hostile one, and a real run on the test profile."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import multiprocessing
@@ -122,8 +123,10 @@ def check_invariants(study: optuna.Study) -> None:
                        and t.user_attrs["status"] != "rejected"), key=lambda t: t.number)
         if gen.parent is None or not mine:
             continue
-        cut = gen.extra["created_after_trial"]
-        parent_trials = [t for t in trials if t.user_attrs["generation"] == gen.parent and t.number <= cut]
+        cut, warm = gen.extra["created_after_trial"], set(gen.extra["warm_start_trials"])
+        parent_trials = [t for t in trials if t.number in warm]  # finished when the generation was created
+        assert len(parent_trials) == len(warm)
+        assert all(t.user_attrs["generation"] == gen.parent and t.number <= cut for t in parent_trials)
         first = mine[0]
         assert first.user_attrs["source"] in ("catalog", "llm-code") and first.user_attrs["mutation"] == gen.extra["mutation"]
         assert first.params == best_configs(parent_trials, gen.search_space(), 1)[0]  # the parent's incumbent
@@ -375,6 +378,43 @@ def test_workers_share_one_lineage(fake: None, capsys, monkeypatch: pytest.Monke
     trials = store.finished_trials(study)
     assert len(trials) == 40 and len(generations.load_all(study)) >= 3
     assert StructuralLease(study).current() is None  # released by whoever held it last
+
+
+class LateTrial(NewKnobObjective):
+    """Trial 2 finishes, with the best value of the run, only once another worker has created a child generation."""
+
+    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+        result = super().evaluate(source, config, seed=seed, trial_number=trial_number, trial_dir=trial_dir)
+        deadline = time.monotonic() + 120
+        while trial_number == 2 and len(generations.load_all(load())) < 2:
+            if time.monotonic() > deadline:
+                return TrialResult(status="crash", error="no child generation within 120 s")
+            time.sleep(0.05)
+        return dataclasses.replace(result, val_bpb=0.5) if trial_number == 2 else result
+
+
+def test_a_parent_trial_that_finishes_after_the_mutation_is_not_a_warm_start(fake: None, capsys,  # noqa: ANN001
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child starts from the parent's incumbent as it stood when the child was created: an older trial of
+    the parent still in flight then (another worker's) does not change it afterwards."""
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: LateTrial(pause=0.02))
+    run(capsys, "--trials", "1", "--mutate-every", "4", "--stagnation", "3")
+    config = hybrid.loop.RunConfig.from_dict({**store.run_info(load()), "trials": 16})
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=hybrid.loop.work, args=("s", config), kwargs={"worker": i, "show": False})
+               for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0]
+    study = load()
+    check_invariants(study)
+    late, child = study.trials[2], generations.load_all(study)[1]
+    assert late.value == 0.5 and late.user_attrs["generation"] == 0 and late.number <= child.extra["created_after_trial"]
+    assert late.number not in child.extra["warm_start_trials"]
+    first = min((t for t in store.finished_trials(study) if t.user_attrs["generation"] == 1), key=lambda t: t.number)
+    assert first.params != late.params
 
 
 def _hostile(current: str) -> str:
