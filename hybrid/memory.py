@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import resource
 import select
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ CALIBRATION_POINTS = 10       # calibrate on this many of them, those with the l
 PROBE_MODULE = "hybrid_memory_probe"
 PROBE_START_SECONDS = 120.0   # for the probe process to start (import torch); then per build:
 PROBE_BUILD_SECONDS = 30.0    # a build on the meta device takes about 0.1 s
+PROBE_MEMORY_BYTES = 2 * GIB  # what a build may allocate beyond the probe's own (one on the meta device needs MiBs)
 BATCH_KNOBS = ("DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE")  # applied to the shapes of a built model (model_shapes)
 # The reference train.py's knobs that set no shape: learning rates, schedule, optimizer constants, attention windows
 # (a mask, no tensor kept). Configs that differ only in these and BATCH_KNOBS share one build of the model; any other
@@ -288,6 +290,7 @@ def serve() -> None:
     What train.py prints goes to stderr: stdout carries only the answers."""
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    _limit_memory(PROBE_MEMORY_BYTES)
     answers.write("ready\n")
     answers.flush()
     for line in sys.stdin:
@@ -296,6 +299,17 @@ def serve() -> None:
         shapes = build_shapes(request["source"], knobs, Profile(**request["profile"]))
         answers.write(json.dumps(asdict(shapes) if shapes is not None else None) + "\n")
         answers.flush()
+
+
+def _limit_memory(extra: int) -> None:
+    """Cap this process's data memory (heap, private mappings) at what it uses now plus `extra` bytes: a train.py
+    that allocates more at import gets a MemoryError (no prediction), not the machine's memory. Linux only."""
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/self/status") as status:
+            used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+        hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+        resource.setrlimit(resource.RLIMIT_DATA, (used + extra if hard == resource.RLIM_INFINITY
+                                                  else min(used + extra, hard), hard))
 
 
 def _shapes_from_json(answer: str) -> ModelShapes | None:

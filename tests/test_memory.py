@@ -90,17 +90,21 @@ def test_an_edit_that_makes_a_shapeless_knob_set_a_shape_loses_the_sharing(sourc
     assert analytic_peak_bytes(edited, {"MATRIX_LR": 0.01}, GPU) < analytic_peak_bytes(edited, {"MATRIX_LR": 0.1}, GPU)
 
 
-@pytest.mark.parametrize("hostile", [
-    "raise SystemExit(3)\n",            # would end the run if it ran in the run's process
-    "import os\nos._exit(1)\n",        # kills the probe
-    "while True:\n    pass\n",         # hangs it
+@pytest.mark.parametrize("hostile, survives", [
+    ("raise SystemExit(3)\n", True),            # would end the run if it ran in the run's process
+    ("import os\nos._exit(1)\n", False),        # kills the probe
+    ("while True:\n    pass\n", False),         # hangs it: killed after PROBE_BUILD_SECONDS
+    ("_hog = b'x' * (6 << 30)\n", True),         # 6 GiB, touched: a MemoryError at the probe's memory limit
 ])
-def test_a_hostile_train_py_costs_its_prediction_not_the_run(source, hostile, monkeypatch):
+def test_a_hostile_train_py_costs_its_prediction_not_the_run(source, hostile, survives, monkeypatch):
     monkeypatch.setattr(hybrid.memory, "PROBE_BUILD_SECONDS", 3.0)
     hybrid.memory._built_shapes.cache_clear()
+    assert model_shapes(source, {"DEPTH": 4}, GPU).params > 0
+    probe = hybrid.memory._PROBE._process.pid
     code = source.replace("\ndef build_model(", f"\n{hostile}\ndef build_model(", 1)
     assert MemoryModel(GPU).check(code, {"DEPTH": 6}, cap_gb=0.001) is None  # no prediction: the trial runs
-    assert model_shapes(source, {"DEPTH": 5}, GPU).params > 0  # and the next build works (a fresh probe)
+    assert (hybrid.memory._PROBE._process is not None and hybrid.memory._PROBE._process.pid == probe) == survives
+    assert model_shapes(source, {"DEPTH": 5}, GPU).params > 0  # and the next build works (a fresh probe if need be)
 
 
 @pytest.mark.parametrize("answer", ["[1, 2]", '{"blocks": "x"}', "not json", '{"blocks": []}'])
