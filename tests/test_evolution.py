@@ -358,21 +358,26 @@ def test_a_run_killed_in_the_middle_of_a_generation_resumes_it(fake: None, capsy
     assert len(gens) >= candidate + 1
 
 
-def test_workers_share_one_lineage(fake: None, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    """Three worker processes on one study (as `--workers 3` runs them; forked here so that they keep the fake
-    objective): one structural move at a time, the others tune meanwhile."""
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: NewKnobObjective(pause=0.05))
-    run(capsys, "--trials", "1", "--mutate-every", "4", "--stagnation", "3")  # creates the study
-    study = load()
-    config = hybrid.loop.RunConfig.from_dict({**store.run_info(study), "trials": 40})
+def run_forked_workers(study: optuna.Study, n: int, *, trials: int) -> list[int | None]:
+    """n workers on the study's run, to `trials` in all, as `--workers n` runs them (forked here, so that they keep
+    the test's objective); their exit codes."""
+    config = hybrid.loop.RunConfig.from_dict({**store.run_info(study), "trials": trials})
     ctx = multiprocessing.get_context("fork")
     workers = [ctx.Process(target=hybrid.loop.work, args=("s", config), kwargs={"worker": i, "show": False})
-               for i in range(3)]
+               for i in range(n)]
     for w in workers:
         w.start()
     for w in workers:
         w.join(timeout=300)
-    assert [w.exitcode for w in workers] == [0, 0, 0]
+    return [w.exitcode for w in workers]
+
+
+def test_workers_share_one_lineage(fake: None, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Three worker processes on one study: one structural move at a time, the others tune meanwhile."""
+    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: NewKnobObjective(pause=0.05))
+    run(capsys, "--trials", "1", "--mutate-every", "4", "--stagnation", "3")  # creates the study
+    study = load()
+    assert run_forked_workers(study, 3, trials=40) == [0, 0, 0]
     study = load()
     check_invariants(study)
     trials = store.finished_trials(study)
@@ -399,15 +404,7 @@ def test_a_parent_trial_that_finishes_after_the_mutation_is_not_a_warm_start(fak
     the parent still in flight then (another worker's) does not change it afterwards."""
     monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: LateTrial(pause=0.02))
     run(capsys, "--trials", "1", "--mutate-every", "4", "--stagnation", "3")
-    config = hybrid.loop.RunConfig.from_dict({**store.run_info(load()), "trials": 16})
-    ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=hybrid.loop.work, args=("s", config), kwargs={"worker": i, "show": False})
-               for i in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=300)
-    assert [w.exitcode for w in workers] == [0, 0]
+    assert run_forked_workers(load(), 2, trials=16) == [0, 0]
     study = load()
     check_invariants(study)
     late, child = study.trials[2], generations.load_all(study)[1]
