@@ -54,7 +54,8 @@ class RunProgress:
         hours = store.seconds_used(finished) / 3600
         done = len(finished) if self.budget.trials is not None else hours
         per_trial = store.seconds_used(finished) / max(1, len(finished))
-        left = (f"{max(0, self.budget.trials - len(finished))} trials left" if self.budget.trials is not None
+        remaining = max(0, self.budget.trials - len(finished)) if self.budget.trials is not None else None
+        left = (f"{remaining} trial{'' if remaining == 1 else 's'} left" if remaining is not None
                 else f"{max(0.0, self.budget.seconds / 3600 - hours):.3f} h left")
         best = f"{min(ok):.4f}" if ok else "-"
         text = (f"trials {len(finished)} ({len(failed)} failed)  best val_bpb {best}  "

@@ -287,7 +287,8 @@ def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid 
     runs = frame.drop_duplicates("study")
     setups = ", ".join(sorted({f"{r.objective} objective, {r.profile} profile" for r in runs.itertuples()}))
     parts = [f"# {title}",
-             f"Storage `{url}`, {len(studies)} studies ({setups}), {int(frame['finished'].sum())} finished trials; "
+             f"Storage `{url}`, {len(studies)} {'study' if len(studies) == 1 else 'studies'} ({setups}), "
+             f"{int(frame['finished'].sum())} finished trials; "
              f"written {datetime.datetime.now().isoformat(timespec='seconds')}. Every number below is recomputed from "
              "`results.parquet` (one row per trial) by `hybrid.report`; `summary.json` holds them as data.",
              "## Per method", methods_markdown(table),
