@@ -253,14 +253,14 @@ def test_a_generations_sampler_sees_only_that_generations_trials(sampler: str, t
 def test_the_lease_is_exclusive_expires_and_survives_races(tmp_path: Path) -> None:
     storage = store.open_storage(f"sqlite:///{tmp_path / 'lease.db'}")
     study = optuna.create_study(storage=storage, study_name="l")
-    a, b = StructuralLease(study, seconds=60), StructuralLease(study, seconds=0.3)
+    a, b = StructuralLease(study, seconds=60), StructuralLease(study, seconds=1.0)
     assert a.try_acquire() and a.try_acquire()  # re-entrant for its holder
     assert not b.try_acquire()
     a.release()
     assert a.current() is None
     assert b.try_acquire() and b.renew()  # and b dies holding it
     assert not a.try_acquire() and not a.renew()
-    time.sleep(0.4)
+    time.sleep(1.1)
     assert a.try_acquire()
     assert not b.renew()  # b, back from a long LLM call, learns it lost the lease before writing anything
     b.release()  # a late release of an expired lease leaves the new holder alone

@@ -67,11 +67,13 @@ def test_session_clock(prepared_test):
     next(batches_)
     s.tick(5.0)
     time.sleep(0.2)
-    s.tick(5.0)  # the second warm-up step: still off the clock
+    before_clock = time.perf_counter()
+    s.tick(5.0)  # the second warm-up step: still off the clock, which starts now
     assert s.training_seconds == 0 and s.tokens == 0 and not s.done
     next(batches_)
     time.sleep(0.2)
-    assert 0.6 < s.tick(4.0) < 0.8
+    fraction = s.tick(4.0)
+    assert 0.2 / 0.3 <= fraction <= (time.perf_counter() - before_clock) / 0.3
     assert s.tokens == 4 * 64
     time.sleep(0.15)
     assert s.tick(4.0) == 1.0 and s.done
