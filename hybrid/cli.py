@@ -148,13 +148,14 @@ def cmd_space(args: argparse.Namespace) -> int:
                           "knobs": {k.name: {"type": k.type, "value": k.value, "line": k.line} for k in knobs.values()},
                           "constants": constants}, indent=1))
         return 0
+    width = max(map(len, [*knobs, *constants]), default=0)
     print(f"{len(knobs)} knobs in {path}:")
     for k in knobs.values():
-        print(f"  {k.name:<24} {k.type:<6} {k.value!r}")
+        print(f"  {k.name:<{width}}  {k.type:<6} {k.value!r}")
     if constants:
         print("other constants (not tuned):")
         for name, text in constants.items():
-            print(f"  {name:<24} {text}")
+            print(f"  {name:<{width}}  {text}")
     return 0
 
 
