@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from harness.knobs import KnobError
 from hybrid.errors import UserError
@@ -170,8 +171,19 @@ def cmd_trial(args: argparse.Namespace) -> int:
         shown = {k: v for k, v in result.to_dict().items() if k != "config"}
         width = max(map(len, shown))
         for k, v in shown.items():
-            print(f"{k:<{width}}  {v}")
+            print(f"{k:<{width}}  {_readable(v)}")
     return 0 if result.ok else 1
+
+
+def _readable(value: Any) -> str:
+    """A result field for people: floats rounded, phases as seconds, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in value.items())
+    return str(value)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`hybrid trial`: one trial of train.py on a profile, with knob values set from the command line."""
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,5 +41,11 @@ def run_single_trial(*, profile: str | None, assignments: list[str], train_py: P
     space = load_space(space_path or project_file("search_space.yaml"), prof.name)
     check_against_source(space, source)
     config = space.complete(parse_assignments(assignments, space))
-    trial_dir = out or Path("runs") / "trials" / time.strftime("%Y%m%d-%H%M%S")
-    return run_trial(source, config, prof, trial_dir, seed=seed, vram_cap_gb=vram_cap_gb)
+    return run_trial(source, config, prof, out or _new_trial_dir(Path("runs") / "trials"), seed=seed,
+                     vram_cap_gb=vram_cap_gb)
+
+
+def _new_trial_dir(root: Path) -> Path:
+    """A fresh folder under root named by the time: two trials started in the same second get one each."""
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root))

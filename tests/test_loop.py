@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -111,6 +113,35 @@ def test_progress_is_shown_while_running(fake: None, capsys: pytest.CaptureFixtu
     assert lines[1].startswith("trial 0 [baseline]") and "4 trials left" in lines[1]
     assert "trial 3 [tpe] oom" in err and "trials 5 (1 failed)" in lines[-2]
     assert "hybrid resume --study s" in lines[-1]
+
+
+def test_hybrid_trial_runs_one_real_trial_and_prints_it(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["trial", "--profile", "test", "--set", "DEPTH=2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "ok" and 0 < result["val_bpb"] < 20 and result["config"]["DEPTH"] == 2
+    assert main(["trial", "--profile", "test", "--set", "DEPTH=2", "--set", "MATRIX_LR=0.02"]) == 0
+    fields = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert fields["status"] == "ok" and re.fullmatch(r"\d+\.\d{4}", fields["val_bpb"]) and fields["error"] == "-"
+    assert fields["phases"].startswith("imports ") and fields["phases"].endswith(" s")
+    logs = [Path(result["log_path"]), Path(fields["log_path"])]
+    assert logs[0].parent != logs[1].parent and all(log.exists() for log in logs)  # a folder each
+    assert "MATRIX_LR = 0.02" in (logs[1].parent / "train.py").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "NOPE=1"], "unknown knob 'NOPE'"),
+    (["--set", "DEPTH"], "--set expects KNOB=VALUE"),
+    (["--set", "DEPTH=abc"], "DEPTH"),
+    (["--set", "DEPTH=1000"], "DEPTH"),
+])
+def test_hybrid_trial_refuses_a_bad_assignment_in_one_line(argv: list[str], message: str, data_dir: Path,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "trial", "--profile", "test", *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err and not Path("runs").exists()
 
 
 # -- bad input: one line, exit 2, the database untouched ----------------------------------------------------
