@@ -308,8 +308,8 @@ def _limit_memory(extra: int) -> None:
         with open("/proc/self/status") as status:
             used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
         hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
-        resource.setrlimit(resource.RLIMIT_DATA, (used + extra if hard == resource.RLIM_INFINITY
-                                                  else min(used + extra, hard), hard))
+        limit = used + extra if hard == resource.RLIM_INFINITY else min(used + extra, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
 def _shapes_from_json(answer: str) -> ModelShapes | None:

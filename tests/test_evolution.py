@@ -390,8 +390,8 @@ class LateTrial(NewKnobObjective):
 
     def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
         result = super().evaluate(source, config, seed=seed, trial_number=trial_number, trial_dir=trial_dir)
-        deadline = time.monotonic() + 120
-        while trial_number == 2 and len(generations.load_all(load())) < 2:
+        deadline, study = time.monotonic() + 120, load()
+        while trial_number == 2 and len(generations.load_all(study)) < 2:
             if time.monotonic() > deadline:
                 return TrialResult(status="crash", error="no child generation within 120 s")
             time.sleep(0.05)

@@ -18,6 +18,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 import hybrid.loop
+import hybrid.trial
 from harness.result import PENALTY, TrialResult
 from hybrid import store
 from hybrid.cli import main
@@ -118,6 +119,7 @@ def test_progress_is_shown_while_running(fake: None, capsys: pytest.CaptureFixtu
 def test_hybrid_trial_runs_one_real_trial_and_prints_it(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hybrid.trial.time, "strftime", lambda fmt: "20260101-000000")  # both in the same second
     assert main(["trial", "--profile", "test", "--set", "DEPTH=2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok" and 0 < result["val_bpb"] < 20 and result["config"]["DEPTH"] == 2
