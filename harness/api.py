@@ -8,13 +8,17 @@ CONTRACT (implemented by the harness; train.py relies on exactly this):
     session.autocast()                     # context manager: bf16 autocast on CUDA, nothing on CPU/MPS
     batches = session.train_batches(B)     # iterator of (inputs, targets), int64 (B, seq_len) on device
     progress = session.tick(loss)          # once per optimizer step, loss a float; returns the fraction of
-                                           # the training budget spent (0..1); raises Diverged on nan/inf/>100
+                                           # the training budget spent (0..1); the trial fails as `nan` on nan/inf/>100
     session.done                           # True once the budget is spent
     session.finish(model)                  # hand the model over; the harness scores it (model(idx) -> logits)
 
-The first `profile.warmup_steps` steps are kept off the clock (compilation); time before the clock runs is
-bounded by `profile.max_startup_seconds`. The model's forward `model(idx)` must return logits (B, T, vocab).
-Once running, the clock counts all wall time until finish(): work after the last tick is not free.
+In a trial, this process runs in the sandbox and holds neither data files nor the metric: batches come from the
+trusted harness through a pipe, the clock is the harness's (it starts at tick number `warmup_steps`; batches
+before it are random tokens, so that compilation steps off the clock learn nothing), and finish() saves the
+model for a fresh evaluation process whose logits the trusted scorer turns into val_bpb. The model's forward
+`model(idx)` must return logits (B, T, vocab) and must be picklable (torch.save of the whole module).
+Outside the harness (`python train.py`), a local session reads the prepared data itself and prints a val_bpb
+that is not recorded.
 """
 from __future__ import annotations
 
@@ -23,13 +27,12 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
 
-from harness import loader
-from harness.data import Prepared, prepared
-from harness.profiles import Profile, get_profile
-from harness.tokenizer import Tokenizer
+from harness.channel import Channel
 
 
 class Diverged(RuntimeError):
@@ -37,82 +40,114 @@ class Diverged(RuntimeError):
 
 
 class Session:
-    def __init__(self, profile: Profile, data: Prepared, device: torch.device | str, seed: int = 0):
-        self.profile, self.data, self.seed = profile, data, seed
-        self.device = torch.device(device)
-        self.seq_len, self.time_budget = profile.seq_len, profile.time_budget
-        tokenizer = Tokenizer.load(data.tokenizer)
-        self.vocab_size, self.bos_id = tokenizer.vocab_size, tokenizer.bos_id
-        self.steps = 0
-        self.tokens = 0                       # tokens handed out while the clock ran
-        self.clock_start: float | None = None  # perf_counter when the clock started
-        self.clock_wall: float | None = None   # the same moment as time.time(), for startup_seconds
-        self.training_seconds = 0.0
-        self.model: torch.nn.Module | None = None
-        self.finished_at: float | None = None  # perf_counter at finish()
+    """train.py's side of a trial: constants from the harness, batches and the clock over a channel."""
 
-    def _start_clock(self) -> None:
-        self.clock_start, self.clock_wall = time.perf_counter(), time.time()
+    def __init__(self, spec: dict[str, Any], channel: Channel):
+        self._channel, self._model_path = channel, spec["model_path"]
+        self.device = torch.device(spec["device"])
+        self.seq_len, self.time_budget = spec["seq_len"], spec["time_budget"]
+        self.vocab_size, self.bos_id = spec["vocab_size"], spec["bos_id"]
+        self.progress, self.done = 0.0, False
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _ask(self, header: dict[str, Any], max_payload: int = 0) -> tuple[dict[str, Any], bytes]:
+        self._channel.send(header)
+        return self._channel.receive(max_payload)
+
     def train_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches forever (epoch after epoch), shuffled by the trial's seed."""
-        for x, y in loader.batches(self.data, "train", batch_size, self.seq_len, self.device, seed=self.seed, loop=True):
-            if self.clock_start is None and self.profile.warmup_steps == 0:
-                self._start_clock()
-            if self.clock_start is not None:
-                self.tokens += x.numel()
-            yield x, y
+        cuda = self.device.type == "cuda"
+        row = self.seq_len + 1
+        while True:
+            _, payload = self._ask({"op": "batch", "rows": int(batch_size)}, max_payload=batch_size * row * 2)
+            tokens = torch.from_numpy(np.frombuffer(payload, dtype=np.uint16).reshape(-1, row).astype(np.int64))
+            if cuda:
+                tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+            yield tokens[:, :-1], tokens[:, 1:]
 
     def tick(self, loss: float) -> float:
         """Count one optimizer step; returns the fraction of the budget spent."""
-        loss = float(loss)
-        self.steps += 1
-        if not math.isfinite(loss) or loss > 100:
-            raise Diverged(f"training loss is {loss} at step {self.steps}")
-        if self.clock_start is None:
-            if self.steps >= self.profile.warmup_steps:
-                self._start_clock()
-        else:
-            self.training_seconds = time.perf_counter() - self.clock_start
+        answer, _ = self._ask({"op": "tick", "loss": float(loss)})
+        if "diverged" in answer:
+            raise Diverged(answer["diverged"])
+        self.progress, self.done = float(answer["progress"]), bool(answer["done"])
         return self.progress
 
-    @property
-    def progress(self) -> float:
-        return min(1.0, self.training_seconds / self.time_budget)
-
-    @property
-    def done(self) -> bool:
-        return self.training_seconds >= self.time_budget
-
     def finish(self, model: torch.nn.Module) -> None:
-        """Hand the trained model to the harness, which scores it after train.py returns."""
+        """Hand the trained model to the harness (saved whole for the evaluation process); the trial ends here."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.finished_at = time.perf_counter()
-        if self.clock_start is not None:
-            self.training_seconds = self.finished_at - self.clock_start
-        self.model = model
-        if _standalone:
-            from harness.evaluate import evaluate_bpb
-
-            print(f"val_bpb {evaluate_bpb(model, self.profile, self.data, self.device):.4f} (standalone run, not recorded)")
+        torch.save(model, self._model_path)
+        report = {"op": "finish", "num_params": sum(p.numel() for p in model.parameters()),
+                  "flops_per_token": model.estimate_flops() if hasattr(model, "estimate_flops") else None,
+                  "peak_memory_mb": peak_memory_mb(self.device)}
+        self._ask(report)  # the harness ends this process when it has the model
 
 
-_session: Session | None = None  # set by harness.worker before it runs train.py
-_standalone = False
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA's peak allocation, or this process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def start() -> Session:
-    """The trial's session; outside the harness (`python train.py`), one for $HYBRID_PROFILE on the best device."""
-    global _session, _standalone
-    if _session is None:
-        profile = get_profile(os.environ.get("HYBRID_PROFILE"))
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+class LocalSession:
+    """`python train.py` outside the harness: the prepared data of $HYBRID_PROFILE read here, the clock kept here,
+    and the model scored in this process at finish() (printed, not recorded: nothing here is sandboxed)."""
+
+    def __init__(self) -> None:
+        from harness.data import prepared
+        from harness.profiles import get_profile
+        from harness.tokenizer import Tokenizer
+
+        self.profile = get_profile(os.environ.get("HYBRID_PROFILE"))
+        self.data = prepared(self.profile)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else
+                                   "mps" if torch.backends.mps.is_available() else "cpu")
+        self.seq_len, self.time_budget = self.profile.seq_len, self.profile.time_budget
+        tokenizer = Tokenizer.load(self.data.tokenizer)
+        self.vocab_size, self.bos_id = tokenizer.vocab_size, tokenizer.bos_id
+        self.steps, self.start, self.progress, self.done = 0, None, 0.0, False
         torch.manual_seed(0)
-        _session, _standalone = Session(profile, prepared(profile), device), True
+
+    autocast = Session.autocast
+
+    def train_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from harness.loader import batches
+
+        yield from batches(self.data, "train", batch_size, self.seq_len, self.device, seed=0, loop=True)
+
+    def tick(self, loss: float) -> float:
+        self.steps += 1
+        if not math.isfinite(float(loss)) or float(loss) > 100:
+            raise Diverged(f"training loss is {float(loss)} at step {self.steps}")
+        if self.start is None and self.steps >= self.profile.warmup_steps:
+            self.start = time.perf_counter()
+        elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
+        self.progress, self.done = min(1.0, elapsed / self.time_budget), elapsed >= self.time_budget
+        return self.progress
+
+    def finish(self, model: torch.nn.Module) -> None:
+        from harness.scorer import score_in_process
+
+        bpb = score_in_process(model, self.profile, self.data, self.device)
+        print(f"val_bpb {bpb:.4f} (standalone run, not recorded)")
+
+
+_session: Session | LocalSession | None = None  # set by harness.trainer in a trial
+
+
+def start() -> Session | LocalSession:
+    """The trial's session; outside the harness (`python train.py`), a local one for $HYBRID_PROFILE."""
+    global _session
+    if _session is None:
+        _session = LocalSession()
     return _session

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from harness.loader import pack_rows
 from harness.profiles import Profile, data_dir
 from harness.tokenizer import Tokenizer, train_tokenizer
-from hybrid.errors import UserError
+from harness.errors import UserError
 
 BUILTIN_CORPUS = Path(__file__).with_name("corpus") / "shakespeare.jsonl.gz"
 BUILTIN_VAL_PLAYS = ("julius-caesar", "the-tempest")  # held out whole: about 73k tokens at vocab 2048

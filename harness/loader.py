@@ -61,28 +61,28 @@ def pack_rows(starts: np.ndarray, row_len: int, *, seed: int | None = None, loop
         yield row
 
 
+def token_rows(data: Prepared, split: str, seq_len: int, *, seed: int | None = None,
+               loop: bool = False) -> Iterator[np.ndarray]:
+    """Rows of seq_len + 1 token ids (uint16), packed as pack_rows does: inputs and, shifted by one, targets."""
+    tokens, starts = load_split(data, split)
+    for row in pack_rows(starts, seq_len + 1, seed=seed, loop=loop):
+        yield np.concatenate([tokens[start:start + length] for start, length in row])
+
+
 def batches(data: Prepared, split: str, batch_size: int, seq_len: int, device: torch.device | str, *,
             seed: int | None = None, loop: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) int64 (batch_size, seq_len) on device, targets shifted by one; the last batch may be short."""
-    tokens, starts = load_split(data, split)
-    rows = pack_rows(starts, seq_len + 1, seed=seed, loop=loop)
+    rows = token_rows(data, split, seq_len, seed=seed, loop=loop)
     device = torch.device(device)
     cuda = device.type == "cuda"
     while True:
-        batch = np.empty((batch_size, seq_len + 1), dtype=np.int64)
-        n = 0
-        for row in itertools.islice(rows, batch_size):
-            pos = 0
-            for start, length in row:
-                batch[n, pos:pos + length] = tokens[start:start + length]
-                pos += length
-            n += 1
-        if n == 0:
+        batch = list(itertools.islice(rows, batch_size))
+        if not batch:
             return
-        pair = torch.empty((2, n, seq_len), dtype=torch.int64, pin_memory=cuda)
-        pair[0].copy_(torch.from_numpy(batch[:n, :-1]))
-        pair[1].copy_(torch.from_numpy(batch[:n, 1:]))
+        pair = torch.from_numpy(np.stack(batch).astype(np.int64))
+        if cuda:
+            pair = pair.pin_memory()
         pair = pair.to(device, non_blocking=cuda)
-        yield pair[0], pair[1]
-        if n < batch_size:
+        yield pair[:, :-1], pair[:, 1:]
+        if len(batch) < batch_size:
             return

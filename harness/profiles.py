@@ -21,7 +21,7 @@ class Profile:
     warmup_steps: int        # first steps kept off the clock (compilation), at most this many
     max_startup_seconds: float  # wall time allowed before the clock must be running
     timeout_seconds: float   # hard wall-clock cap of a whole trial
-    eval_batch_tokens: int   # tokens per forward pass of the evaluation (capped: harness.evaluate.MAX_LOGIT_TOKENS)
+    eval_batch_tokens: int   # tokens per forward pass of the evaluation (capped: harness.scorer.MAX_LOGIT_TOKENS)
 
 
 PROFILES: dict[str, Profile] = {

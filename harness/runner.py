@@ -1,36 +1,52 @@
-"""Run one trial: materialize its directory, run harness.worker in a clean subprocess, return its TrialResult."""
+"""Run one trial: materialize its folder, train in one sandboxed process, score in two fresh ones, return the result.
+
+    trial_dir/train.py       the generation's code with the trial's knob values written in (read-only to the trial)
+    trial_dir/spec.json      what the trial processes are told: constants, seed, device
+    trial_dir/scratch/       the training process's only writable folder (its saved model ends here)
+    trial_dir/eval-*/        each evaluation process's own writable folder and its shared logits file
+    trial_dir/log.txt        everything the processes printed (bounded, scrubbed of secrets)
+    trial_dir/result.json    the TrialResult, written by this trusted side only
+
+This process never runs agent code: it feeds batches, keeps the clock (harness.training) and turns logits into
+val_bpb (harness.scorer). The processes that do run agent code live in harness.sandbox's jail.
+"""
 from __future__ import annotations
 
 import ast
-import contextlib
+import hashlib
 import json
 import math
 import os
-import secrets
-import signal
-import subprocess
-import sys
+import shutil
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from harness.agent_process import AgentProcess, TrialLog
 from harness.data import prepared
 from harness.knobs import find_knobs, inject_knobs
 from harness.profiles import Profile, data_dir
 from harness.result import TrialResult, is_oom
+from harness.sandbox import Jail, Limits, default_memory_bytes
+from harness.scorer import RESCORE_TOLERANCE, Evaluation, forward_rows, score
+from harness.scrub import scrub
+from harness.tokenizer import Tokenizer
+from harness.training import Feed, supervise
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")  # env names never passed to a trial
-STOP_POLL_SECONDS = 0.1  # how soon a stop request (Ctrl-C) ends a running trial
+IMPLAUSIBLE_GAIN = 0.03  # bits per byte below the best so far that earn a rescore on another order before they count
+ERROR_CHARS = 500        # of a failure's message, stored and shown to agents
+PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12}
 
 
-def snap_batch_size(source: str, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
+def snap_batch_size(code: str, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
     """The config with TOTAL_BATCH_SIZE moved to the nearest multiple (ties up, at least one) of
     DEVICE_BATCH_SIZE * seq_len, so that gradient accumulation is a whole number of micro-batches.
     Knobs missing from config take train.py's values; a train.py without both knobs is left alone."""
-    knobs = find_knobs(source)
+    knobs = find_knobs(code)
     if "TOTAL_BATCH_SIZE" not in knobs or "DEVICE_BATCH_SIZE" not in knobs:
         return dict(config)
     total = config.get("TOTAL_BATCH_SIZE", knobs["TOTAL_BATCH_SIZE"].value)
@@ -39,106 +55,189 @@ def snap_batch_size(source: str, config: dict[str, Any], seq_len: int) -> dict[s
     return dict(config) if snapped == total else {**config, "TOTAL_BATCH_SIZE": snapped}
 
 
-def compile_caches() -> dict[str, str]:
-    """Where torch.compile keeps its caches (inductor's FX graphs and kernels, Triton's binaries): under the data
-    directory, so that every trial of the same code, and later runs, start from the kernels compiled before.
-    They override the environment's (torch itself writes its default into os.environ when it first looks)."""
-    root = data_dir() / "compile-cache"
-    return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton"),
-            "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+def compile_cache(code: str) -> Path:
+    """torch.compile's caches for one code (inductor, Triton): shared by its trials and kept between runs, never
+    by other code (a trial can spoil only its own generation's kernels)."""
+    path = data_dir() / "compile-cache" / hashlib.sha256(code.encode()).hexdigest()[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
-def clean_env() -> dict[str, str]:
-    """os.environ without anything that looks like a secret, with the project importable, output unbuffered,
-    and the compilation caches shared between trials."""
-    env = {k: v for k, v in os.environ.items() if not any(m in k.upper() for m in SECRET_MARKERS)}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env | compile_caches()
+def trial_device(device: str | None) -> tuple[torch.device, int | None]:
+    """The device the trusted side scores on, and the GPU index the trial's jail is given (it sees it as cuda:0)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    d = torch.device(device)
+    if d.type != "cuda":
+        return d, None
+    index = d.index if d.index is not None else 0
+    return torch.device("cuda", index), index
 
 
-def _missing_result(returncode: int, log_path: Path) -> TrialResult:
-    """Classify a worker that died without writing its result."""
-    tail = log_path.read_text(errors="replace")[-4000:]
-    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")[:300]
-    if returncode == -signal.SIGKILL:
-        return TrialResult(status="oom", error="killed by SIGKILL (most likely the kernel's out-of-memory killer)")
-    if is_oom(tail):
-        return TrialResult(status="oom", error=last)
-    how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
-    return TrialResult(status="crash", error=f"trial process {how}" + (f": {last}" if last else ""))
+def peak_flops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def _wait(proc: subprocess.Popen, limit: float, stop: threading.Event | None) -> None:
-    """Wait for a trial's worker: TimeoutExpired past `limit` seconds, KeyboardInterrupt soon after `stop` is set."""
-    deadline = time.monotonic() + limit
-    while True:
-        try:
-            proc.wait(timeout=min(STOP_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-            return
-        except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline:
-                raise
-        if stop is not None and stop.is_set():
-            raise KeyboardInterrupt
+def _fresh(folder: Path) -> Path:
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
-def run_trial(source: str, config: dict[str, Any], profile: Profile, trial_dir: Path, *, seed: int = 0,
+def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Path, *, seed: int = 0,
               device: str | None = None, vram_cap_gb: float | None = None, timeout: float | None = None,
-              stop: threading.Event | None = None) -> TrialResult:
-    """Run train.py `source` with `config` injected in trial_dir; every failure of train.py is a result, never raised.
+              stop: threading.Event | None = None, sandbox: str = "auto", startup_limit: float | None = None,
+              rescore_below: float | None = None) -> TrialResult:
+    """Run train.py `code` with `config` injected in trial_dir; every failure of the trial is a result, never raised.
 
     TOTAL_BATCH_SIZE is snapped first (see snap_batch_size); result.config is the snapped config that ran.
-    Setting `stop` (Ctrl-C) kills the trial and raises KeyboardInterrupt here, at a point where that is safe.
-    Raises UserError when the profile's data is not prepared, KnobError for knobs train.py does not define.
+    `startup_limit` bounds the seconds before the clock runs (default profile.max_startup_seconds); a val_bpb
+    below `rescore_below` is scored again on another row order and must agree. Setting `stop` (Ctrl-C) kills
+    the trial and raises KeyboardInterrupt. Raises UserError when the profile's data is not prepared or the
+    sandbox is required and missing, KnobError for knobs train.py does not define.
     """
+    t0 = time.perf_counter()
     data = prepared(profile)
     trial_dir = Path(trial_dir).resolve()
     trial_dir.mkdir(parents=True, exist_ok=True)
-    log_path = trial_dir / "log.txt"
+    log = TrialLog(trial_dir / "log.txt")
     try:
-        ast.parse(source)
+        ast.parse(code)
     except SyntaxError as e:
-        log_path.write_text(f"train.py does not parse: line {e.lineno}: {e.msg}\n")
-        return TrialResult(status="crash", error=f"SyntaxError: {e.msg} (train.py:{e.lineno})", config=dict(config),
-                           log_path=str(log_path))
-    config = snap_batch_size(source, config, profile.seq_len)
-    (trial_dir / "train.py").write_text(inject_knobs(source, config))
-    spec = {"profile": asdict(profile), "data": data.to_dict(), "seed": seed, "device": device,
-            "vram_cap_gb": vram_cap_gb, "launched_at": time.time(), "runner_pid": os.getpid()}
+        log.note(f"train.py does not parse: line {e.lineno}: {e.msg}")
+        return _finish(TrialResult(status="crash", error=f"SyntaxError: {e.msg} (train.py:{e.lineno})"),
+                       config, log, trial_dir, t0)
+    config = snap_batch_size(code, config, profile.seq_len)
+    source_code = inject_knobs(code, config)
+    scoring_device, gpu = trial_device(device)
+    tokenizer = Tokenizer.load(data.tokenizer)
+    threads = int(os.environ["HYBRID_TRIAL_THREADS"]) if os.environ.get("HYBRID_TRIAL_THREADS") else None
+    try:
+        (trial_dir / "train.py").write_text(source_code)
+        scratch = _fresh(trial_dir / "scratch")
+    except OSError as e:
+        return _finish(TrialResult(status="crash", error=f"cannot write the trial's folder: {e}"), config, log,
+                       trial_dir, t0)
+    spec = {"seed": seed, "threads": threads, "device": "cpu" if gpu is None and scoring_device.type == "cpu"
+            else ("cuda:0" if gpu is not None else scoring_device.type), "vram_cap_gb": vram_cap_gb,
+            "seq_len": profile.seq_len, "time_budget": profile.time_budget, "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id, "eval_rows": forward_rows(profile)}
+    limits = Limits(memory_bytes=default_memory_bytes())
+    cache = compile_cache(code)
+
+    def jail(folder: Path, handed: dict[str, Path], writable: tuple[str, ...] = ()) -> Jail:
+        return Jail(sandbox, folder, handed={"train.py": trial_dir / "train.py", "spec.json": trial_dir / "spec.json",
+                                             **handed}, writable=writable, gpu=gpu, limits=limits)
+
+    train_jail = jail(scratch, {"compile-cache": cache}, ("compile-cache",))
+    spec["model_path"] = f"{train_jail.home}/model.pt"
     (trial_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-    for stale in list(trial_dir.glob("result*.json")):
-        stale.unlink()
-    nonce = secrets.token_hex(16)
+    caches = {"TORCHINDUCTOR_CACHE_DIR": f"{train_jail.path('compile-cache')}/inductor",
+              "TRITON_CACHE_DIR": f"{train_jail.path('compile-cache')}/triton",
+              "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+
+    def start_evaluation(logits: Path) -> AgentProcess:
+        folder = logits.parent
+        j = jail(folder / "scratch", {"model.pt": scratch / "model.pt", "logits.bin": logits}, ("logits.bin",))
+        args = [j.path("spec.json"), j.path("train.py"), j.path("model.pt"), j.path("logits.bin")]
+        return AgentProcess(j, "harness.evaluator", args, log, folder.name)
+
+    def new_evaluations() -> list[Evaluation]:
+        return [Evaluation(start_evaluation, _fresh(trial_dir / f"eval-{name}") / "logits.bin", spec["eval_rows"],
+                           profile.seq_len, tokenizer.vocab_size) for name in ("main", "check")]
+
     limit = timeout or profile.timeout_seconds
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(trial_dir)], cwd=trial_dir,
-                                env=clean_env(), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(f"{nonce}\n".encode())
-            proc.stdin.close()
-        timed_out = False
-        try:
-            _wait(proc, limit, stop)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:  # the worker and anything train.py started, also when we are interrupted
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    total = time.perf_counter() - t0
-    out = trial_dir / f"result-{nonce}.json"
-    if out.exists():
-        result = TrialResult.read(out)
-        out.unlink()
-        if result.phases:  # writing the result, process exit, and the runner's own work around the launch
-            result.phases["teardown"] = max(0.0, total - sum(result.phases.values()))
-    elif timed_out:
-        result = TrialResult(status="timeout", error=f"killed at the {limit:.0f}s wall-clock limit of a trial")
-    else:
-        result = _missing_result(proc.returncode, log_path)
-    result.total_seconds, result.config, result.log_path = total, config, str(log_path)
-    result.write(trial_dir / "result.json")
+    deadline = t0 + limit
+    launched = time.perf_counter()
+    trainer = AgentProcess(train_jail, "harness.trainer", [train_jail.path("spec.json"), train_jail.path("train.py")],
+                           log, "train", env=caches)
+    feed = Feed(data, profile, seed, tokenizer.bos_id)
+    evaluations = new_evaluations() if gpu is not None else None  # on a GPU, they start while it trains
+    try:
+        training = supervise(trainer, feed, profile, startup_limit=startup_limit or profile.max_startup_seconds,
+                             deadline=deadline, model_bytes=lambda: _size(scratch / "model.pt"), stop=stop)
+    except BaseException:
+        for evaluation in evaluations or ():
+            evaluation.process.kill()
+        raise
+    finally:
+        exit_code = trainer.kill()
+        feed.close()
+    result = TrialResult(status=training.status, error=training.error)
+    if training.status == "crash" and training.error.startswith("the training process ended"):
+        result = _died(exit_code, log.text(), training.error)
+    if result.ok:
+        scored = score(evaluations or new_evaluations(), profile, data, scoring_device, deadline, stop=stop)
+        if scored.status == "ok" and rescore_below is not None and scored.val_bpb < rescore_below:
+            log.note(f"val_bpb {scored.val_bpb:.4f} beats the best so far by over {IMPLAUSIBLE_GAIN}: scored again")
+            again = score(new_evaluations(), profile, data, scoring_device, deadline, reorder=True, stop=stop)
+            if again.status != "ok" or abs(again.val_bpb - scored.val_bpb) > RESCORE_TOLERANCE:
+                got = f"{again.val_bpb:.6f}" if again.val_bpb is not None else again.error
+                scored.status, scored.error = "invalid", (f"not reproducible: val_bpb {scored.val_bpb:.6f} in one "
+                                                          f"order of the rows, {got} in another")
+            scored.eval_seconds += again.eval_seconds
+        result = TrialResult(status=scored.status, error=scored.error, val_bpb=scored.val_bpb if
+                             scored.status == "ok" else None, eval_seconds=scored.eval_seconds)
+    elif evaluations:
+        for evaluation in evaluations:
+            evaluation.process.kill()
+    _measure(result, training, launched - t0, scoring_device)
+    return _finish(result, config, log, trial_dir, t0)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _died(exit_code: int | None, log_text: str, error: str) -> TrialResult:
+    """Classify a training process that ended without a word: the OOM killer's SIGKILL, an allocation failure."""
+    if exit_code in (-9, 137):
+        return TrialResult(status="oom", error="killed by SIGKILL (most likely the kernel's out-of-memory killer)")
+    tail = log_text[-4000:]
+    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")[:300]
+    status = "oom" if is_oom(tail) else "crash"
+    how = f" (exit status {exit_code})" if exit_code not in (None, 0) else ""
+    return TrialResult(status=status, error=f"{error}{how}" + (f": {last}" if last else ""))
+
+
+def _measure(result: TrialResult, training, before_launch: float, device: torch.device) -> None:  # noqa: ANN001
+    """Seconds, steps and tokens from the trusted clock; size and memory as the trial reported them."""
+    result.training_seconds = training.training_seconds
+    result.num_steps, result.total_tokens = training.steps, training.tokens
+    ready = training.ready or training.launched
+    clock = training.clock_start or training.finished or time.perf_counter()
+    result.startup_seconds = before_launch + clock - training.launched
+    result.phases = {"imports": ready - training.launched, "data": before_launch, "setup": max(0.0, clock - ready),
+                     "training": result.training_seconds, "eval": result.eval_seconds}
+    if result.training_seconds > 0:
+        result.tokens_per_second = training.tokens / result.training_seconds
+    reported = training.reported
+    result.peak_memory_mb = reported.get("peak_memory_mb")
+    params = reported.get("num_params")
+    result.num_params = int(params) if params is not None else None
+    flops = reported.get("flops_per_token") or (6 * params if params else None)
+    if device.type == "cuda" and result.tokens_per_second and flops and peak_flops(device):
+        result.mfu = flops * result.tokens_per_second / peak_flops(device)
+
+
+def _finish(result: TrialResult, config: dict[str, Any], log: TrialLog, trial_dir: Path, t0: float) -> TrialResult:
+    """Scrub and bound the error, write the log and result.json (a trial that spoiled its folder fails, alone)."""
+    result.total_seconds = time.perf_counter() - t0
+    if result.phases:
+        result.phases["teardown"] = max(0.0, result.total_seconds - sum(result.phases.values()))
+    result.config, result.log_path = config, str(trial_dir / "log.txt")
+    if result.error:
+        result.error = scrub(result.error, ERROR_CHARS)
+    try:
+        log.close()
+        result.write(trial_dir / "result.json")
+    except OSError as e:
+        result.status, result.val_bpb = "crash", None
+        result.error = scrub(f"cannot write the trial's log or result: {e}", ERROR_CHARS)
     return result

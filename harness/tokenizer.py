@@ -10,7 +10,7 @@ import numpy as np
 import rustbpe
 import tiktoken
 
-from hybrid.errors import UserError
+from harness.errors import UserError
 
 BOS = "<|bos|>"
 SPECIAL_TOKENS = (BOS,)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from optuna.trial import FrozenTrial
 
-from harness.evaluate import forward_rows
+from harness.scorer import forward_rows
 from harness.knobs import KnobError, find_knobs, inject_knobs
 from harness.profiles import PAPER_CAP_GB, Profile
 from harness.result import TrialResult

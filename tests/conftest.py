@@ -45,7 +45,9 @@ model = Tiny(session.vocab_size, DIM).to(session.device)
 opt = torch.optim.AdamW(model.parameters(), lr=LR)
 accum = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * session.seq_len)
 batches = session.train_batches(DEVICE_BATCH_SIZE)
+step = 0
 while not session.done and MODE != "no-finish":
+    step += 1
     for _ in range(accum):
         x, y = next(batches)
         with session.autocast():
@@ -53,7 +55,7 @@ while not session.done and MODE != "no-finish":
         (loss / accum).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if MODE == "nan" and session.steps >= 2:
+    if MODE == "nan" and step >= 2:
         loss = loss * float("nan")
     session.tick(loss.item())
 if MODE == "exit":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hybrid.memory
-from harness.evaluate import MAX_LOGIT_TOKENS
+from harness.scorer import MAX_LOGIT_TOKENS
 from harness.profiles import get_profile
 from hybrid.memory import (GIB, MIB, PAPER_CAP_GB, MemoryModel, analytic_peak_bytes, default_cap_gb, model_shapes,
                           peak_bytes)

@@ -1,0 +1,182 @@
+"""The trusted side of a trial's training: the data feed, the clock and the watchdog of the training process.
+
+The training process (harness.trainer, agent code) asks for batches and reports each optimizer step; this side
+answers from the prepared training split, keeps the clock and decides when the budget is spent:
+
+- The clock starts at step number `profile.warmup_steps` (compilation, warm-up) or, without warm-up steps, at
+  the first batch. Until then every batch is random tokens: work done off the clock, at import or in warm-up
+  steps, cannot learn from the data. Time before the clock is bounded (`startup_limit`).
+- Once running, the clock counts all wall time until the model is handed over (saving it included). A trial
+  that keeps training after `done` is told, for longer than its own longest step allows, is `invalid`.
+- Tokens, steps and seconds are counted here; the process's own reports (size, peak memory) are informational.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from harness.agent_process import CLOSED, AgentProcess
+from harness.data import Prepared
+from harness.loader import token_rows
+from harness.profiles import Profile
+
+MAX_BATCH_ROWS = 1 << 16   # rows in one batch request, at most
+PREFETCH_ROWS = 4096       # packed rows kept ready
+LATE_STEPS = 2             # finish() may come this many of the trial's longest steps after `done` ...
+LATE_SECONDS = 0.5         # ... plus this, plus the time to save the model at SAVE_BYTES_PER_SECOND
+SAVE_BYTES_PER_SECOND = 100e6
+OVERRUN = 30.0             # seconds past the budget (plus a quarter of it) before the watchdog gives up
+POLL = 0.1                 # seconds between looks at the watchdog and the stop event
+
+
+class Feed:
+    """Training rows of the trial's seed, packed ahead on a thread; random tokens until the clock runs."""
+
+    def __init__(self, data: Prepared, profile: Profile, seed: int, bos_id: int):
+        self.seq_len, self.bos_id = profile.seq_len, bos_id
+        self.noise = np.random.default_rng([seed, 0x5EED])
+        self.rows: queue.Queue[np.ndarray] = queue.Queue(PREFETCH_ROWS)
+        self._stop = threading.Event()
+        source = token_rows(data, "train", profile.seq_len, seed=seed, loop=True)
+        threading.Thread(target=self._fill, args=(source,), daemon=True).start()
+
+    def _fill(self, source) -> None:  # noqa: ANN001
+        for row in source:
+            while not self._stop.is_set():
+                try:
+                    self.rows.put(row, timeout=POLL)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set():
+                return
+
+    def batch(self, rows: int, real: bool) -> np.ndarray:
+        """(rows, seq_len + 1) uint16: the next rows of the split, or random tokens (each row starts with BOS)."""
+        if real:
+            return np.stack([self.rows.get() for _ in range(rows)])
+        batch = self.noise.integers(0, self.bos_id, size=(rows, self.seq_len + 1), dtype=np.uint16)
+        batch[:, 0] = self.bos_id
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class Training:
+    """What the trusted side saw of one training process."""
+    status: str = "ok"                    # ok, or the failure class
+    error: str | None = None
+    launched: float = field(default_factory=time.perf_counter)
+    ready: float | None = None            # the harness's imports in the process were done
+    clock_start: float | None = None
+    finished: float | None = None         # perf_counter when the model was handed over
+    steps: int = 0
+    tokens: int = 0                       # tokens handed out while the clock ran
+    longest_step: float = 0.0
+    reported: dict[str, Any] = field(default_factory=dict)  # num_params, flops_per_token, peak_memory_mb
+
+    @property
+    def training_seconds(self) -> float:
+        if self.clock_start is None:
+            return 0.0
+        return (self.finished or time.perf_counter()) - self.clock_start
+
+    def fail(self, status: str, error: str) -> None:
+        if self.status == "ok":
+            self.status, self.error = status, error
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else None
+
+
+def supervise(process: AgentProcess, feed: Feed, profile: Profile, *, startup_limit: float, deadline: float,
+              model_bytes: Callable[[], int], stop: threading.Event | None = None) -> Training:
+    """Serve the training process until it hands over its model, fails, or a limit ends it (`deadline`: the trial's
+    wall-clock limit, perf_counter); never raises for what the process does. `model_bytes()` is the size of the
+    saved model; setting `stop` raises KeyboardInterrupt."""
+    t = Training()
+    budget, last_tick, done_at, done_steps = profile.time_budget, None, None, 0
+    while t.status == "ok" and t.finished is None:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
+        now = time.perf_counter()
+        if now > deadline:
+            t.fail("timeout", "killed at the wall-clock limit of a trial")
+            break
+        if t.clock_start is None and now - t.launched > startup_limit:
+            t.fail("timeout", f"the training clock did not start within {startup_limit:.0f}s (startup: imports, model, "
+                              f"compilation and {profile.warmup_steps} warm-up step(s))")
+            break
+        if t.clock_start is not None and now - t.clock_start > budget * 1.25 + OVERRUN:
+            t.fail("timeout", f"training ran past {budget * 1.25 + OVERRUN:.0f}s on the clock without finish() "
+                              f"(budget {budget:.0f}s: stop when session.done)")
+            break
+        message = process.receive(POLL)
+        if message is None:
+            continue
+        op = message.get("op")
+        if message is CLOSED:
+            t.fail("crash", "the training process ended without handing over a model")
+        elif op == "ready" and t.ready is None:
+            t.ready = time.perf_counter()
+        elif op == "batch":
+            rows = message.get("rows")
+            if not isinstance(rows, int) or isinstance(rows, bool) or not 0 < rows <= MAX_BATCH_ROWS:
+                t.fail("crash", f"train_batches({rows!r}): the batch size must be between 1 and {MAX_BATCH_ROWS}")
+                break
+            if t.clock_start is None and profile.warmup_steps == 0:
+                t.clock_start = time.perf_counter()
+            real = t.clock_start is not None
+            batch = feed.batch(rows, real)
+            t.tokens += rows * profile.seq_len if real else 0
+            process.send({"rows": rows}, batch)
+        elif op == "tick":
+            now = time.perf_counter()
+            loss = message.get("loss")
+            t.steps += 1
+            if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss > 100:
+                t.fail("nan", f"training loss is {loss} at step {t.steps}")
+                process.send({"diverged": f"training loss is {loss} at step {t.steps}"})
+                break
+            if last_tick is not None and t.clock_start is not None:
+                t.longest_step = max(t.longest_step, now - last_tick)
+            last_tick = now
+            if t.clock_start is None and t.steps >= profile.warmup_steps:
+                t.clock_start = now
+            if done_at is not None:
+                t.fail("invalid", f"trained {t.steps - done_steps} step(s) past session.done")
+                break
+            spent = t.training_seconds
+            if spent >= budget:
+                done_at, done_steps = now, t.steps
+            process.send({"progress": min(1.0, spent / budget), "done": spent >= budget})
+        elif op == "finish":
+            t.finished = time.perf_counter()
+            t.reported = {k: _number(message.get(k)) for k in ("num_params", "flops_per_token", "peak_memory_mb")}
+            if t.clock_start is None:
+                t.fail("invalid", "the training clock never ran: call session.tick(loss) once per optimizer step")
+            elif done_at is not None:
+                late = t.finished - done_at
+                allowed = LATE_STEPS * t.longest_step + LATE_SECONDS + model_bytes() / SAVE_BYTES_PER_SECOND
+                if late > allowed:
+                    t.fail("invalid", f"finish() came {late:.1f}s after session.done (allowed {allowed:.1f}s): "
+                                      "training past the budget")
+        elif op == "returned":
+            t.fail("invalid", "train.py never called session.finish(model)")
+        elif op == "error":
+            status = message.get("status") if message.get("status") in ("oom", "nan", "crash") else "crash"
+            t.fail(status, str(message.get("error"))[:500])
+        else:
+            t.fail("crash", f"the training process sent an unknown message ({str(op)[:40]})")
+    return t
