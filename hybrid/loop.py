@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from harness.profiles import get_profile
 from harness.result import TrialResult
+from harness.seal import seal as seal_harness
 from hybrid import generations, store
 from hybrid.errors import UserError
 from hybrid.generations import Generation
@@ -306,6 +307,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
     refused = 0
+    harness_seal = seal_harness(get_profile(config.profile) if config.objective == "train" else None)
     with progress, interrupt:
         while not interrupt.requested:
             trials = reaper.sweep()
@@ -316,6 +318,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
             if budget.spent(finished) or (budget.trials is not None and len(finished) + running >= budget.trials):
                 time.sleep(POLL_SECONDS)  # the last trials are in flight elsewhere (or their worker died)
                 continue
+            harness_seal.verify()  # HarnessChanged: a one-line UserError naming the file
             try:
                 frozen = _one_trial(study, method, objective, config, budget, interrupt)
             except KeyboardInterrupt:  # the trial in flight was failed
