@@ -141,8 +141,9 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
 
     def start_evaluation(logits: Path) -> AgentProcess:
         folder = logits.parent
-        j = jail(folder / "scratch", {"model.pt": scratch / "model.pt", "logits.bin": logits}, ("logits.bin",))
-        args = [j.path("spec.json"), j.path("train.py"), j.path("model.pt"), j.path("logits.bin")]
+        # the training scratch folder, not its model.pt: a symlink there resolves inside the jail, never on the host
+        j = jail(_fresh(folder / "scratch"), {"trained": scratch, "logits.bin": logits}, ("logits.bin",))
+        args = [j.path("spec.json"), j.path("train.py"), f"{j.path('trained')}/model.pt", j.path("logits.bin")]
         return AgentProcess(j, "harness.evaluator", args, log, folder.name)
 
     def new_evaluations() -> list[Evaluation]:

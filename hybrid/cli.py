@@ -54,6 +54,13 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on
     p.add_argument("--mutate-every", type=_positive(int), default=None, help="hybrid: trials per generation before a structural move")
     p.add_argument("--stagnation", type=_positive(int), default=None, help="hybrid: trials without improvement that trigger a structural move")
     p.add_argument("--llm-fraction", type=float, default=0.3, help="centaur: share of trials proposed by the LLM")
+    _add_sandbox_flag(p)
+
+
+def _add_sandbox_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sandbox", choices=("auto", "required", "off"), default="auto",
+                   help="the OS sandbox (bubblewrap) of the processes that run train.py: auto uses it where the kernel "
+                        "allows and warns where not, required refuses to run without it (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram-cap-gb", type=_positive(float))
     p.add_argument("--out", type=Path, help="trial directory (default: runs/trials/<time>)")
     p.add_argument("--json", action="store_true")
+    _add_sandbox_flag(p)
 
     p = sub.add_parser("run", help="run a study: one method against the objective, to a budget")
     p.add_argument("--method", required=True, choices=METHODS)
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", choices=("anthropic", "openai", "none"), default="none")
     p.add_argument("--llm-model")
     p.add_argument("--llm-base-url")
+    _add_sandbox_flag(p)
 
     p = sub.add_parser("surrogate", help="the surrogate model of the paper's trials")
     ssub = p.add_subparsers(dest="surrogate_command", required=True, parser_class=Parser)
@@ -164,7 +173,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from hybrid.trial import run_single_trial
 
     result = run_single_trial(profile=args.profile, assignments=args.set, train_py=args.train_py, space_path=args.space,
-                              seed=args.seed, vram_cap_gb=args.vram_cap_gb, out=args.out)
+                              seed=args.seed, vram_cap_gb=args.vram_cap_gb, out=args.out, sandbox=args.sandbox)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

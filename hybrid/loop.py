@@ -17,6 +17,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from harness import scrub
 from harness.profiles import get_profile
 from harness.result import TrialResult
 from harness.seal import seal as seal_harness
@@ -58,6 +59,7 @@ class RunConfig:
     stagnation: int | None = None
     llm_fraction: float = 0.3
     artifacts: str | None = None
+    sandbox: str = "auto"         # the OS sandbox of agent code: auto | required | off (harness.sandbox)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -301,9 +303,10 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     method = build_method(config, study, space, base.source, seed)
     study.sampler = method.sampler
     interrupt = _Interrupt()
+    scrub.register(config.storage, config.llm_base_url)  # never shown back by a trial's text
     objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
                                memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False),
-                               stop=interrupt.stop)
+                               stop=interrupt.stop, sandbox=config.sandbox)
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
     refused = 0

@@ -24,13 +24,37 @@ class Objective(Protocol):
         """The trial's result; KeyboardInterrupt if it was stopped (Ctrl-C) before it had one."""
 
 
+STARTUP_FACTOR, STARTUP_SLACK = 4.0, 30.0  # a trial may start this many times slower than the baseline, plus this
+
+
+def startup_limit(profile: Profile, history: Iterable[FrozenTrial]) -> float:
+    """Seconds a trial may take before its clock runs: relative to what the baseline needed in this study (a loaded
+    machine starts every config slowly, and that is no failure of the config), the profile's bound at least."""
+    measured = [t.user_attrs.get("startup_seconds") or 0.0 for t in history
+                if t.user_attrs.get("source") == "baseline" and t.user_attrs.get("status") == "ok"]
+    if not measured:
+        return profile.max_startup_seconds
+    return max(profile.max_startup_seconds, STARTUP_FACTOR * max(measured) + STARTUP_SLACK)
+
+
+def rescore_below(history: Iterable[FrozenTrial]) -> float | None:
+    """A val_bpb this far below the study's best so far is scored a second time, on another order, before it counts."""
+    from harness.runner import IMPLAUSIBLE_GAIN
+
+    values = [t.user_attrs["val_bpb"] for t in history
+              if t.user_attrs.get("status") == "ok" and isinstance(t.user_attrs.get("val_bpb"), float)]
+    return min(values) - IMPLAUSIBLE_GAIN if values else None
+
+
 @dataclass
 class TrainObjective:
-    """A real trial: the generation's train.py with the config injected, run by the harness."""
+    """A real trial: the generation's train.py with the config injected, run by the harness in its sandbox."""
     profile: Profile
     vram_cap_gb: float | None = None
     device: str | None = None
     stop: threading.Event | None = None  # set on Ctrl-C: the trial in flight is killed
+    sandbox: str = "auto"
+    history: Callable[[], Iterable[FrozenTrial]] = tuple  # the study's trials: startup bound, rescoring
     name: str = "train"
 
     def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -47,8 +71,10 @@ class TrainObjective:
                  trial_dir: Path) -> TrialResult:
         from harness.runner import run_trial
 
+        history = list(self.history())
         return run_trial(source, config, self.profile, trial_dir, seed=seed, device=self.device,
-                         vram_cap_gb=self.vram_cap_gb, stop=self.stop)
+                         vram_cap_gb=self.vram_cap_gb, stop=self.stop, sandbox=self.sandbox,
+                         startup_limit=startup_limit(self.profile, history), rescore_below=rescore_below(history))
 
 
 class SurrogateObjective:
@@ -107,11 +133,11 @@ class MemoryGuarded:
 
 def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None, memory_model: bool = False,
                    history: Callable[[], Iterable[FrozenTrial]] = tuple,
-                   stop: threading.Event | None = None) -> Objective:
+                   stop: threading.Event | None = None, sandbox: str = "auto") -> Objective:
     """The objective `name`, behind the memory model when it is on and a VRAM cap applies. Setting `stop` ends
-    a train.py trial in flight (a surrogate trial takes milliseconds: it finishes)."""
+    a train.py trial in flight (a surrogate trial takes milliseconds: it finishes). `sandbox`: harness.sandbox's mode."""
     objective = (SurrogateObjective() if name == "surrogate"
-                 else TrainObjective(profile, vram_cap_gb=vram_cap_gb, stop=stop))
+                 else TrainObjective(profile, vram_cap_gb=vram_cap_gb, stop=stop, sandbox=sandbox, history=history))
     if not memory_model:
         return objective
     from hybrid.memory import MemoryModel, default_cap_gb

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from harness.result import TrialResult
+from harness.scrub import scrub
 from hybrid.errors import UserError
 
 HEARTBEAT_SECONDS = float(os.environ.get("HYBRID_HEARTBEAT_SECONDS", 10))
@@ -136,7 +137,7 @@ def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
     values["status"] = result.status
     for key, value in values.items():
         if value not in (None, {}):
-            trial.set_user_attr(key, value)
+            trial.set_user_attr(key, scrub(value) if isinstance(value, str) else value)  # no secret into the database
     state, told = _outcome(result)
     return study.tell(trial, told, state=state)
 

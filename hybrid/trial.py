@@ -26,7 +26,7 @@ def parse_assignments(assignments: list[str], space) -> dict:  # noqa: ANN001
 
 
 def run_single_trial(*, profile: str | None, assignments: list[str], train_py: Path | None, space_path: Path | None,
-                     seed: int, vram_cap_gb: float | None, out: Path | None) -> TrialResult:
+                     seed: int, vram_cap_gb: float | None, out: Path | None, sandbox: str = "auto") -> TrialResult:
     from harness.runner import run_trial
 
     from hybrid.objectives import ensure_prepared
@@ -42,7 +42,7 @@ def run_single_trial(*, profile: str | None, assignments: list[str], train_py: P
     check_against_source(space, source)
     config = space.complete(parse_assignments(assignments, space))
     return run_trial(source, config, prof, out or _new_trial_dir(Path("runs") / "trials"), seed=seed,
-                     vram_cap_gb=vram_cap_gb)
+                     vram_cap_gb=vram_cap_gb, sandbox=sandbox)
 
 
 def _new_trial_dir(root: Path) -> Path:
