@@ -22,7 +22,7 @@ from harness import profiles
 from harness.knobs import inject_knobs
 from harness.result import TrialResult
 from hybrid import cli, generations, loop, store
-from hybrid.llm import centaur, guard
+from hybrid.llm import centaur
 from hybrid.llm.centaur import CentaurMethod, UnitCube
 from hybrid.llm.code_agent import generation_space
 from hybrid.llm.edits import read_edit
@@ -50,7 +50,7 @@ class QuickObjective:
 
 @pytest.fixture
 def llm_env(monkeypatch, tmp_path):
-    """A key in the environment, short retries, no other provider settings; the harness sealed as it is now."""
+    """A key in the environment, short retries, no other provider settings."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     monkeypatch.setenv("HYBRID_LLM_BACKOFF_SECONDS", "0.01")
     monkeypatch.setenv("HYBRID_LLM_TIMEOUT_SECONDS", "1")
@@ -58,7 +58,6 @@ def llm_env(monkeypatch, tmp_path):
     monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "anthropic-config"))
     for name in ("ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(guard, "SEAL", guard.HarnessSeal())
 
 
 @pytest.fixture
