@@ -5,27 +5,19 @@ from pathlib import Path
 
 import pytest
 
-# A 1-layer model on harness.api. MODE picks a behaviour for the failure-class tests.
+# A 1-layer model on harness.api. MODE picks a behaviour for the failure-class and causality tests. The training
+# runs in main() (the evaluation process runs train.py as a module to find the model's class, not its main()).
 TINY_TRAIN_PY = '''
 import os, time
 import torch
 import torch.nn.functional as F
 from harness import api
 
-MODE = "ok"  # ok | raise | nan | sleep | no-finish | bad-shape | oom | exit
+MODE = "ok"  # ok | raise | nan | sleep | no-finish | bad-shape | oom | exit | reads-ahead | mixes-rows | stateful
 DEVICE_BATCH_SIZE = 8
 TOTAL_BATCH_SIZE = 512
 LR = 0.01
 DIM = 32
-
-session = api.start()
-print("environment:", " ".join(sorted(os.environ)))
-if MODE == "sleep":
-    time.sleep(600)
-if MODE == "raise":
-    raise ValueError("boom from the tiny script")
-if MODE == "oom":
-    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
 
 class Tiny(torch.nn.Module):
@@ -34,34 +26,55 @@ class Tiny(torch.nn.Module):
         self.emb = torch.nn.Embedding(vocab, dim)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
         self.head = torch.nn.Linear(dim, vocab)
+        self.calls = 0
 
     def forward(self, idx):
+        if MODE == "reads-ahead":  # sees the token it is asked to predict
+            idx = torch.roll(idx, -1, dims=1)
         h = self.emb(idx)
+        if MODE == "mixes-rows":  # every row sees the others of its batch
+            h = h + h.mean(0, keepdim=True)
         logits = self.head(h + self.mlp(h))
+        if MODE == "stateful" and not self.training:  # answers differently in each call
+            self.calls += 1
+            logits = logits * (1 + 0.5 * self.calls)
         return logits[:, :, :-1] if MODE == "bad-shape" and not self.training else logits
 
 
-model = Tiny(session.vocab_size, DIM).to(session.device)
-opt = torch.optim.AdamW(model.parameters(), lr=LR)
-accum = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * session.seq_len)
-batches = session.train_batches(DEVICE_BATCH_SIZE)
-step = 0
-while not session.done and MODE != "no-finish":
-    step += 1
-    for _ in range(accum):
-        x, y = next(batches)
-        with session.autocast():
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        (loss / accum).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if MODE == "nan" and step >= 2:
-        loss = loss * float("nan")
-    session.tick(loss.item())
-if MODE == "exit":
-    raise SystemExit(3)
-if MODE != "no-finish":
-    session.finish(model)
+def main():
+    session = api.start()
+    print("environment:", " ".join(sorted(os.environ)), flush=True)
+    if MODE == "sleep":
+        time.sleep(600)
+    if MODE == "raise":
+        raise ValueError("boom from the tiny script")
+    if MODE == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+    model = Tiny(session.vocab_size, DIM).to(session.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    accum = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * session.seq_len)
+    batches = session.train_batches(DEVICE_BATCH_SIZE)
+    step = 0
+    while not session.done and MODE != "no-finish":
+        step += 1
+        for _ in range(accum):
+            x, y = next(batches)
+            with session.autocast():
+                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            (loss / accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if MODE == "nan" and step >= 2:
+            loss = loss * float("nan")
+        session.tick(loss.item())
+    if MODE == "exit":
+        raise SystemExit(3)
+    if MODE != "no-finish":
+        session.finish(model)
+
+
+if __name__ == "__main__":
+    main()
 '''
 
 

@@ -1,11 +1,17 @@
+"""Whole trials through harness.runner.run_trial: a sandboxed training process, fresh evaluation processes, the
+trusted scorer. Each failure class, the trial's folder, what the trial sees of the environment, the rescore, and
+that no process of a trial outlives it (Ctrl-C, or its runner killed)."""
+from __future__ import annotations
+
 import contextlib
-import math
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,73 +19,133 @@ import pytest
 import torch
 
 from harness import api
-from harness.evaluate import InvalidOutput, evaluate_bpb
-from harness.loader import batches
-from harness.profiles import data_dir, get_profile
-from harness.runner import PROJECT_ROOT, _missing_result, clean_env, run_trial, snap_batch_size
-from harness.tokenizer import Tokenizer
-from harness.worker import classify
+from harness.errors import UserError
+from harness.profiles import get_profile
+from harness.result import TrialResult
+from harness.runner import _died, run_trial, snap_batch_size, trial_device
+from harness.sandbox import ENV_ALLOWED, PROJECT_ROOT, bwrap_problem
+from harness.scorer import forward_rows
+from harness.trainer import classify, one_line
 
 TEST = get_profile("test")
+SHORT = replace(TEST, time_budget=0.5)  # for trials whose outcome does not depend on how long they train
+PLANTED_URL = "postgresql://optimizer:planted-pw-4242@db.internal/trials"
+
+needs_bwrap = pytest.mark.skipif(bwrap_problem() is not None, reason=f"no sandbox here: {bwrap_problem()}")
 
 
-class Uniform(torch.nn.Module):
-    def __init__(self, vocab: int, shape_error: bool = False):
-        super().__init__()
-        self.vocab, self.shape_error = vocab, shape_error
-
-    def forward(self, idx):
-        return torch.zeros(*idx.shape, self.vocab - self.shape_error)
+def environment_names(log: str) -> set[str]:
+    """The names TINY_TRAIN_PY printed as its environment."""
+    line = next(line for line in log.splitlines() if line.startswith("environment:"))
+    return set(line.split()[1:])
 
 
-def test_uniform_model_bpb(prepared_test):
-    bpb = evaluate_bpb(Uniform(2048), TEST, prepared_test, "cpu")
-    lengths = torch.from_numpy(Tokenizer.load(prepared_test.tokenizer).token_bytes())
-    x, y = next(batches(prepared_test, "val", TEST.eval_tokens // TEST.seq_len, TEST.seq_len, "cpu"))
-    counted = lengths[y]
-    assert y.numel() == TEST.eval_tokens
-    assert bpb == pytest.approx(math.log2(2048) * (counted > 0).sum().item() / counted.sum().item(), rel=1e-6)
+def test_a_trial(prepared_test, tiny_train_py, tmp_path, monkeypatch):
+    """An honest trial: scored (twice: below rescore_below, on another order, and it agrees), its folder laid out,
+    its clock and counts from the trusted side, and an environment built from the allow-list."""
+    monkeypatch.setenv("DATABASE_URL", PLANTED_URL)
+    folder = tmp_path / "t"
+    r = run_trial(tiny_train_py.read_text(), {"TOTAL_BATCH_SIZE": 700}, TEST, folder, rescore_below=100.0)
+    assert r.ok, r.error
+    assert 1 < r.val_bpb < 5  # a uniform model scores 3.9 here
+    assert r.config == {"TOTAL_BATCH_SIZE": 512}
+    assert "TOTAL_BATCH_SIZE = 512" in (folder / "train.py").read_text()
+
+    log = (folder / "log.txt").read_text()
+    assert "scored again" in log  # the honest model passes the rescore
+    names = environment_names(log)
+    assert "DATABASE_URL" not in names
+    fixed = {"PATH", "HOME", "TMPDIR", "USER", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+             "PYTHONNOUSERSITE", "CUDA_VISIBLE_DEVICES", "PWD", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+             "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"}
+    assert names <= set(ENV_ALLOWED) | fixed, names - set(ENV_ALLOWED) - fixed
+    assert "planted-pw-4242" not in log
+
+    assert {p.name for p in folder.iterdir()} >= {"train.py", "spec.json", "log.txt", "result.json", "scratch"}
+    assert (folder / "scratch" / "model.pt").exists()
+    assert TrialResult.read(folder / "result.json").to_dict() == r.to_dict() and r.log_path == str(folder / "log.txt")
+    spec = json.loads((folder / "spec.json").read_text())
+    assert spec["eval_rows"] == forward_rows(TEST) and spec["seq_len"] == TEST.seq_len and spec["device"] == "cpu"
+    assert "planted-pw-4242" not in (folder / "spec.json").read_text()
+
+    assert r.training_seconds >= TEST.time_budget
+    assert r.total_seconds > r.training_seconds + r.startup_seconds > 0 and r.eval_seconds > 0
+    assert list(r.phases) == ["imports", "data", "setup", "training", "eval", "teardown"]
+    assert min(r.phases.values()) >= 0 and r.phases["imports"] > 0.1  # at least the interpreter and torch
+    assert sum(r.phases.values()) == pytest.approx(r.total_seconds, abs=1e-6)
+    assert r.phases["imports"] + r.phases["data"] + r.phases["setup"] == pytest.approx(r.startup_seconds, abs=1e-6)
+    # one micro-batch of 8 x 64 per step; the batches of the warm-up steps are random tokens and not counted
+    assert r.num_steps > 1 and r.total_tokens == (r.num_steps - TEST.warmup_steps) * 512 and r.tokens_per_second > 0
+    assert r.num_params == 2048 * 32 + (32 * 128 + 128) + (128 * 32 + 32) + (32 * 2048 + 2048)
+    assert r.peak_memory_mb > 0 and r.mfu is None
 
 
-def test_wrong_logits_shape(prepared_test):
-    with pytest.raises(InvalidOutput, match=r"\(64, 64, 2048\).*got \(64, 64, 2047\)"):
-        evaluate_bpb(Uniform(2048, shape_error=True), TEST, prepared_test, "cpu")
+FAILURES = [
+    ("raise", "crash", "ValueError: boom from the tiny script (train.py:"),
+    ("nan", "nan", "training loss is nan"),
+    ("no-finish", "invalid", "never called session.finish"),
+    ("bad-shape", "invalid", "must return logits of shape (64, 64, 2048) (B, T, vocab), got (64, 64, 2047)"),
+    ("oom", "oom", "out of memory"),
+    ("exit", "crash", "train.py exited with status 3"),
+]
 
 
-class ReadsAhead(torch.nn.Module):
-    """Predicts each next token by looking at it: a perfect score the metric must refuse."""
-
-    def forward(self, idx):
-        ahead = torch.roll(idx, -1, dims=1)
-        return 15.0 * torch.nn.functional.one_hot(ahead, 2048).float()
-
-
-def test_a_model_that_reads_ahead_is_invalid(prepared_test):
-    with pytest.raises(InvalidOutput, match="not causal"):
-        evaluate_bpb(ReadsAhead(), TEST, prepared_test, "cpu")
+@pytest.mark.parametrize("mode, status, error", FAILURES, ids=[mode for mode, _, _ in FAILURES])
+def test_trial_failures(prepared_test, tiny_train_py, tmp_path, mode, status, error):
+    r = run_trial(tiny_train_py.read_text(), {"MODE": mode}, SHORT, tmp_path / mode)
+    assert (r.status, r.val_bpb) == (status, None), r.error
+    assert error in r.error and "\n" not in r.error
+    assert TrialResult.read(tmp_path / mode / "result.json").status == status
+    if mode == "raise":
+        assert "Traceback" in (tmp_path / mode / "log.txt").read_text()
 
 
-def test_session_clock(prepared_test):
-    profile = replace(TEST, warmup_steps=2, time_budget=0.3)
-    s = api.Session(profile, prepared_test, "cpu")
-    assert (s.vocab_size, s.bos_id, s.seq_len) == (2048, 2047, 64)
-    batches_ = s.train_batches(4)
-    next(batches_)
-    s.tick(5.0)
-    time.sleep(0.2)
-    before_clock = time.perf_counter()
-    s.tick(5.0)  # the second warm-up step: still off the clock, which starts now
-    assert s.training_seconds == 0 and s.tokens == 0 and not s.done
-    next(batches_)
-    time.sleep(0.2)
-    fraction = s.tick(4.0)
-    assert 0.2 / 0.3 <= fraction <= (time.perf_counter() - before_clock) / 0.3
-    assert s.tokens == 4 * 64
-    time.sleep(0.15)
-    assert s.tick(4.0) == 1.0 and s.done
-    for bad in (float("nan"), float("inf"), 101.0):
-        with pytest.raises(api.Diverged):
-            s.tick(bad)
+def test_an_error_and_the_log_are_scrubbed(prepared_test, tiny_train_py, tmp_path, monkeypatch):
+    """A value of the trusted side's environment never comes back in an error or the log, even when the trial
+    says it (here it cannot know it: the same words happen to be its error message)."""
+    monkeypatch.setenv("INNOCENT_LOOKING_SETTING", "boom from the tiny script")
+    r = run_trial(tiny_train_py.read_text(), {"MODE": "raise"}, SHORT, tmp_path / "t")
+    assert r.status == "crash" and r.error.startswith("ValueError: [redacted] (train.py:")
+    assert "boom from" not in (tmp_path / "t" / "log.txt").read_text()
+    assert "boom from" not in (tmp_path / "t" / "result.json").read_text()
+
+
+def test_trial_timeouts(prepared_test, tiny_train_py, tmp_path):
+    """Both limits end a train.py that would sleep 600 s: the wall-clock one, and the start-up limit."""
+    r = run_trial(tiny_train_py.read_text(), {"MODE": "sleep"}, TEST, tmp_path / "hard", timeout=3)
+    assert (r.status, r.val_bpb) == ("timeout", None) and "wall-clock limit" in r.error
+    r = run_trial(tiny_train_py.read_text(), {"MODE": "sleep"}, TEST, tmp_path / "startup", startup_limit=2)
+    assert r.status == "timeout" and "clock did not start within 2s" in r.error
+
+
+def test_trial_syntax_error(prepared_test, tmp_path):
+    r = run_trial("x = (\n", {}, TEST, tmp_path / "s")
+    assert r.status == "crash" and "SyntaxError" in r.error and "(train.py:1)" in r.error
+    assert "does not parse" in (tmp_path / "s" / "log.txt").read_text()
+    assert TrialResult.read(tmp_path / "s" / "result.json").status == "crash"
+
+
+@pytest.mark.parametrize("name", ["result.json", "log.txt"])
+def test_a_spoiled_folder_fails_the_trial_alone(prepared_test, tmp_path, name):
+    """A directory where the trusted side writes a file: that trial fails, nothing is raised."""
+    (tmp_path / "s" / name).mkdir(parents=True)
+    r = run_trial("x = (\n", {}, TEST, tmp_path / "s")
+    assert r.status == "crash" and "cannot write the trial's log or result" in r.error
+
+
+def test_without_the_sandbox_a_trial_runs_too(prepared_test, tiny_train_py, tmp_path, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", PLANTED_URL)
+    r = run_trial(tiny_train_py.read_text(), {}, SHORT, tmp_path / "off", sandbox="off")
+    assert r.ok and 1 < r.val_bpb < 5, r.error
+    assert "DATABASE_URL" not in environment_names((tmp_path / "off" / "log.txt").read_text())
+
+
+def test_bad_sandbox_mode_and_missing_data(prepared_test, tiny_train_py, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="unknown sandbox mode"):
+        run_trial(tiny_train_py.read_text(), {}, TEST, tmp_path / "mode", sandbox="maybe")
+    monkeypatch.setenv("HYBRID_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="no prepared data"):
+        run_trial(tiny_train_py.read_text(), {}, TEST, tmp_path / "data")
 
 
 def test_snap_batch_size():
@@ -92,27 +158,19 @@ def test_snap_batch_size():
     assert snap_batch_size("LR = 0.1\n", {"LR": 0.2}, 64) == {"LR": 0.2}
 
 
-def test_clean_env(monkeypatch):
-    for name in ("MY_API_KEY", "hf_token", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"):
-        monkeypatch.setenv(name, "x")
-    monkeypatch.setenv("HYBRID_PROFILE", "test")
-    env = clean_env()
-    assert not {"MY_API_KEY", "hf_token", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"} & set(env)
-    assert env["HYBRID_PROFILE"] == "test" and env["PYTHONUNBUFFERED"] == "1"
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_someone")  # what torch writes on first use
-    env = clean_env()
-    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(data_dir() / "compile-cache" / "inductor")
-    assert env["TRITON_CACHE_DIR"].startswith(str(data_dir())) and env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+def test_trial_device():
+    assert trial_device("cpu") == (torch.device("cpu"), None)
+    assert trial_device("cuda:1") == (torch.device("cuda", 1), 1)  # the jail sees it as cuda:0
+    assert trial_device("cuda") == (torch.device("cuda", 0), 0)
 
 
-def test_missing_result(tmp_path):
-    log = tmp_path / "log.txt"
-    log.write_text("step 3\n")
-    assert _missing_result(-signal.SIGKILL, log).status == "oom"
-    r = _missing_result(-signal.SIGSEGV, log)
-    assert r.status == "crash" and "SIGSEGV" in r.error and "step 3" in r.error
-    log.write_text("terminate called after throwing an instance of 'std::bad_alloc'\n")
-    assert _missing_result(-signal.SIGABRT, log).status == "oom"
+def test_a_process_that_died_silently():
+    r = _died(-signal.SIGKILL, "step 3\n", "the training process ended without handing over a model")
+    assert r.status == "oom" and "SIGKILL" in r.error
+    r = _died(-signal.SIGSEGV, "step 3\n\n", "the training process ended")
+    assert r.status == "crash" and r.error == "the training process ended (exit status -11): step 3"
+    r = _died(-signal.SIGABRT, "terminate called after throwing an instance of 'std::bad_alloc'\n", "ended")
+    assert r.status == "oom"
 
 
 @pytest.mark.parametrize("error", [
@@ -135,67 +193,35 @@ def test_other_failures_are_not_oom():
     assert classify(RuntimeError("CUDA error: an illegal memory access was encountered")) == "crash"
     assert classify(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")) == "crash"
     assert classify(api.Diverged("training loss is nan")) == "nan"
-    assert classify(InvalidOutput("bad shape")) == "invalid"
 
 
-def test_trial_ok(prepared_test, tiny_train_py, tmp_path, monkeypatch):
-    monkeypatch.setenv("MY_API_KEY", "sk-secret-value")
-    r = run_trial(tiny_train_py.read_text(), {"TOTAL_BATCH_SIZE": 700}, TEST, tmp_path / "t")
-    assert r.ok, r.error
-    assert 1 < r.val_bpb < 5  # a uniform model scores 3.9 here
-    assert r.config == {"TOTAL_BATCH_SIZE": 512}
-    assert "TOTAL_BATCH_SIZE = 512" in (tmp_path / "t" / "train.py").read_text()
-    assert TEST.time_budget <= r.training_seconds < TEST.time_budget + 2
-    assert r.total_seconds > r.training_seconds + r.startup_seconds > 0 and r.eval_seconds > 0
-    assert list(r.phases) == ["imports", "data", "setup", "training", "eval", "teardown"]
-    assert min(r.phases.values()) >= 0 and r.phases["imports"] > 0.1  # at least the interpreter and torch
-    assert sum(r.phases.values()) == pytest.approx(r.total_seconds, abs=1e-6)
-    assert r.phases["imports"] + r.phases["data"] + r.phases["setup"] == pytest.approx(r.startup_seconds, abs=1e-6)
-    assert r.num_steps > 1 and r.total_tokens > 0 and r.tokens_per_second > 0
-    assert r.num_params > 0 and r.peak_memory_mb > 0 and r.mfu is None
-    log = (tmp_path / "t" / "log.txt").read_text()
-    assert "environment:" in log and "MY_API_KEY" not in log and "sk-secret-value" not in log
-    assert (tmp_path / "t" / "result.json").exists() and r.log_path == str(tmp_path / "t" / "log.txt")
+def test_one_line():
+    try:
+        exec(compile("\n\nraise KeyError('first line\\nsecond line')", "/trial/train.py", "exec"))
+    except KeyError as e:
+        assert one_line(e) == "KeyError: 'first line\\nsecond line' (train.py:3)"
+    try:
+        raise ValueError("first\nsecond")
+    except ValueError as e:
+        assert one_line(e) == "ValueError: first"
 
 
-@pytest.mark.parametrize("mode, status, error", [
-    ("raise", "crash", "ValueError: boom from the tiny script (train.py:"),
-    ("nan", "nan", "training loss is nan"),
-    ("no-finish", "invalid", "never called session.finish"),
-    ("bad-shape", "invalid", "must return logits of shape"),
-    ("oom", "oom", "out of memory"),
-])
-def test_trial_failures(prepared_test, tiny_train_py, tmp_path, mode, status, error):
-    r = run_trial(tiny_train_py.read_text(), {"MODE": mode}, TEST, tmp_path / mode)
-    assert (r.status, r.val_bpb) == (status, None)
-    assert error in r.error and "\n" not in r.error
-    if mode == "raise":
-        assert "Traceback" in (tmp_path / mode / "log.txt").read_text()
-
-
-def test_trial_timeouts(prepared_test, tiny_train_py, tmp_path):
-    """Both limits end a train.py that would sleep 600 s: the wall-clock one, and the start-up watchdog."""
-    t0 = time.time()
-    r = run_trial(tiny_train_py.read_text(), {"MODE": "sleep"}, TEST, tmp_path / "hard", timeout=3)
-    assert r.status == "timeout" and "3s wall-clock limit" in r.error and r.total_seconds < 30
-    r = run_trial(tiny_train_py.read_text(), {"MODE": "sleep"}, replace(TEST, max_startup_seconds=2), tmp_path / "watchdog")
-    assert r.status == "timeout" and "did not start within 2s" in r.error
-    assert time.time() - t0 < 120
-
-
-def test_trial_syntax_error(prepared_test, tmp_path):
-    r = run_trial("x = (\n", {}, TEST, tmp_path / "s")
-    assert r.status == "crash" and "SyntaxError" in r.error
-
-
+# Starts a child that leaves its session and process group, then waits: what must still end with the trial.
 ORPHAN_TRAIN_PY = """
-import os, subprocess, sys, time
+import subprocess, sys, time
 from harness import api
 
-session = api.start()
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-print("pids", os.getpid(), child.pid, flush=True)
-time.sleep(600)
+MARKER = "{marker}"
+
+
+def main():
+    session = api.start()
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", MARKER], start_new_session=True)
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    main()
 """
 RUNNER_PY = """
 import sys
@@ -203,77 +229,98 @@ from pathlib import Path
 from harness.profiles import get_profile
 from harness.runner import run_trial
 
-run_trial(Path(sys.argv[1]).read_text(), {}, get_profile("test"), Path(sys.argv[2]))
+run_trial(Path(sys.argv[1]).read_text(), {}, get_profile("test"), Path(sys.argv[2]), sandbox="required")
 """
 
 
-def alive(pid: int) -> bool:
-    """Whether process pid exists and is not a zombie (an orphan waits for init to reap it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live process (zombies aside)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                if state != "Z":
+                    found[int(entry.name)] = (int(ppid), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
 
 
-def reported_pids(log: Path) -> list[int]:
-    """The pids ORPHAN_TRAIN_PY printed (its own and its child's), once it has."""
-    lines = [line for line in log.read_text().splitlines() if line.startswith("pids ")] if log.exists() else []
-    return [int(pid) for pid in lines[0].split()[1:]] if lines else []
+def of_trial(folder: Path, marker: str) -> set[int]:
+    """The trial's processes: those whose command line holds its folder or the marker, and all they started."""
+    table = processes()
+    found = {pid for pid, (_, cmdline) in table.items() if str(folder) in cmdline or marker in cmdline}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    return found
 
 
-def gone_within(pids: list[int], seconds: float) -> bool:
-    """Whether every process in pids has ended within `seconds` (a SIGKILL takes effect asynchronously)."""
-    deadline = time.time() + seconds
-    while any(map(alive, pids)) and time.time() < deadline:
+def wait_for(condition, seconds: float = 60.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not any(map(alive, pids))
+    return bool(condition())
 
 
-def test_trial_ends_when_its_runner_is_killed(prepared_test, tmp_path):
-    """SIGKILL of the process running a trial ends the trial's worker and what train.py started, not at the timeout."""
-    (tmp_path / "orphan.py").write_text(ORPHAN_TRAIN_PY)
-    log = tmp_path / "t" / "log.txt"
-    runner = subprocess.Popen([sys.executable, "-c", RUNNER_PY, str(tmp_path / "orphan.py"), str(tmp_path / "t")],
-                              cwd=PROJECT_ROOT)
-    pids: list[int] = []
-    try:
-        deadline = time.time() + 60
-        while not pids and time.time() < deadline and runner.poll() is None:
-            time.sleep(0.1)
-            pids = reported_pids(log)
-        assert len(pids) == 2, log.read_text() if log.exists() else "no log"
-        runner.kill()
-        runner.wait()
-        assert gone_within(pids, 5.0), f"still running 5s after their runner was killed: {pids}"
-    finally:
-        runner.kill()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def still_alive(pids: set[int]) -> set[int]:
+    return pids & set(processes())
 
 
-def test_a_stopped_trial_is_killed_and_raises(prepared_test, tmp_path):
-    """Setting `stop` (Ctrl-C) ends the trial's worker and what train.py started, and raises KeyboardInterrupt."""
-    log, stop, pids = tmp_path / "t" / "log.txt", threading.Event(), []
+@pytest.fixture
+def orphan(tmp_path):
+    """(train.py source, trial folder, marker), and any process of it SIGKILLed afterwards, whatever happened."""
+    marker = f"orphan-{uuid.uuid4().hex}"
+    folder = tmp_path / "t"
+    yield ORPHAN_TRAIN_PY.replace("{marker}", marker), folder, marker
+    for pid in of_trial(folder, marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@needs_bwrap
+def test_a_stopped_trial_is_killed_and_raises(prepared_test, orphan):
+    """Setting `stop` (Ctrl-C) ends the trial's processes, the escaped child included, and raises KeyboardInterrupt."""
+    code, folder, marker = orphan
+    stop, seen = threading.Event(), {}
 
     def stop_once_running() -> None:
-        deadline = time.time() + 60
-        while not pids and time.time() < deadline:
-            time.sleep(0.05)
-            pids.extend(reported_pids(log))
+        wait_for(lambda: any(marker in cmdline for _, cmdline in processes().values()), 120)
+        seen.update({pid: processes().get(pid, (0, ""))[1] for pid in of_trial(folder, marker)})
         stop.set()
 
     watcher = threading.Thread(target=stop_once_running)
     watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_trial(ORPHAN_TRAIN_PY, {}, TEST, tmp_path / "t", stop=stop)
-        watcher.join()
-        assert len(pids) == 2 and gone_within(pids, 5.0), log.read_text()
+            run_trial(code, {}, TEST, folder, stop=stop, sandbox="required")
     finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop.set()
+        watcher.join()
+    assert any(marker in cmdline for cmdline in seen.values()), "the trial's child never started"
+    assert wait_for(lambda: not still_alive(set(seen)) and not of_trial(folder, marker)), \
+        {pid: processes().get(pid) for pid in still_alive(set(seen)) | of_trial(folder, marker)}
+
+
+@needs_bwrap
+def test_a_trial_ends_when_its_runner_is_killed(prepared_test, orphan):
+    """SIGKILL of the process running a trial ends every process of the trial (bubblewrap dies with its parent
+    and takes its PID namespace along), not at the timeout."""
+    code, folder, marker = orphan
+    (folder.parent / "orphan.py").write_text(code)
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER_PY, str(folder.parent / "orphan.py"), str(folder)],
+                              cwd=PROJECT_ROOT)
+    try:
+        assert wait_for(lambda: runner.poll() is not None or any(
+            marker in cmdline for _, cmdline in processes().values()), 120), "the trial's child never started"
+        assert runner.poll() is None
+        trial = of_trial(folder, marker)
+        assert len(trial) >= 3  # bubblewrap, the training process and its child at least
+        runner.kill()
+        runner.wait()
+        assert wait_for(lambda: not still_alive(trial) and not of_trial(folder, marker)), \
+            {pid: processes().get(pid) for pid in still_alive(trial) | of_trial(folder, marker)}
+    finally:
+        runner.kill()
+        runner.wait()
