@@ -86,7 +86,7 @@ class AgentProcess:
                     self.log.note(f"{self.name}: {e}")
                 self.messages.put(CLOSED)
                 return
-            self.messages.put(header if isinstance(header, dict) else {"op": "garbled"})
+            self.messages.put(header)
 
     def _copy_output(self, fd: int) -> None:
         with os.fdopen(fd, "rb", buffering=0) as out:

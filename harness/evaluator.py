@@ -17,14 +17,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness import api
 from harness.channel import Channel, ChannelError
 from harness.trainer import classify, one_line, set_up
+
+
+class NoTraining:
+    """The session train.py finds when the evaluation imports it: training belongs in main()."""
+
+    def __getattr__(self, name: str) -> None:
+        raise RuntimeError("train.py uses its session at import time: put training in main(), run under "
+                           "`if __name__ == \"__main__\":`, so that the evaluation can import the model's classes")
 
 
 def load_model(train_py: str, model_path: str, device: torch.device) -> torch.nn.Module:
     """The saved model, its classes taken from train.py run as a module (the pickle names them __main__.*)."""
     module = types.ModuleType("__trial__")
     module.__file__ = train_py
+    api._session = NoTraining()
     sys.modules["__trial__"] = sys.modules["__main__"] = module
     exec(compile(Path(train_py).read_text(), train_py, "exec"), module.__dict__)
     return torch.load(model_path, map_location=device, weights_only=False)

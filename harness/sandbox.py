@@ -14,11 +14,13 @@ and limits only: the process split still keeps the metric out of its reach, but 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import resource
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ OPEN_FILES = 4096                  # file descriptors per process
 FILE_BYTES = 16 * 2**30            # largest file it may write (a model, a log)
 PROCESSES = 1024                   # processes and threads (pids cgroup; RLIMIT_NPROC where not root)
 PROBE_SECONDS = 20.0
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ def _limit(limits: Limits, cgroups: list[Path], cpu_only: bool) -> None:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(which, (value, value))
 
+    _die_with_parent()
     cap(resource.RLIMIT_CORE, 0)
     cap(resource.RLIMIT_NOFILE, limits.open_files)
     cap(resource.RLIMIT_FSIZE, limits.file_bytes)
@@ -222,6 +226,12 @@ def _limit(limits: Limits, cgroups: list[Path], cpu_only: bool) -> None:
     for group in cgroups:
         with contextlib.suppress(OSError):
             (group / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the thread that started it ends (bubblewrap does the same inside)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _cgroups(limits: Limits) -> list[Path]:
