@@ -16,7 +16,8 @@ Bytecode: trusted processes (the runner, the scorer, the memory probe) write har
 they first import a module after the seal was taken, or rewrite a stale one. So a .pyc in a __pycache__ folder
 that is new, changed or gone since the seal is not a change when it is exactly what this interpreter compiles
 from its .py (its magic number, and a code object equal to compile() of the source at the optimization level
-its name says); it is then taken into the seal, and a later change to it counts. The .py itself is sealed,
+its name says); it is then taken into the seal, and a later change to it counts. (The temporary file the
+interpreter writes a cache to before renaming it, <name>.pyc.<digits>, is skipped.) The .py itself is sealed,
 so a changed source is reported on its own. A .pyc for another interpreter, without its .py, or with other
 code is a change. (Reading a .pyc's code uses marshal, which trusts its input; the sandbox keeps agent code
 from writing there, so a forged one can come only from outside the run.)
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 HARNESS_DIR = Path(__file__).resolve().parent
 EDGE_BYTES = 2**20  # of a token .bin file: its first and last MiB are hashed, the rest by size and mtime
 GONE = "gone"
+# importlib writes a cache as <name>.pyc.<id> and renames it to <name>.pyc: never loaded, and gone a moment later
+IMPORTLIB_TEMPORARY = re.compile(r"\.pyc\.\d+$")
 
 
 class HarnessChanged(UserError):
@@ -57,7 +60,7 @@ class Seal:
     def _files(self) -> dict[str, Path]:
         """Display name -> path: harness/... for the harness, the full path for data."""
         files = {f"{self.harness.name}/{p.relative_to(self.harness).as_posix()}": p
-                 for p in self.harness.rglob("*") if p.is_file()}
+                 for p in self.harness.rglob("*") if p.is_file() and not _being_written(p)}
         for root in self.data:
             for p in (root.rglob("*") if root.is_dir() else [root]):
                 if p.is_file():
@@ -69,13 +72,13 @@ class Seal:
 
     def check(self) -> list[str]:
         """The files changed, added or removed since the seal was taken (sorted; [] when none)."""
-        now, files = self._now(), self._files()
+        now = self._now()
         changed = []
         for name in sorted(self.digests.keys() | now.keys()):
             if self.digests.get(name, GONE) == now.get(name, GONE):
                 continue
-            path = files.get(name) or self._path(name)
-            if _is_bytecode_of_harness(path) and _compiled_from_its_source(path):
+            in_harness = name.startswith(f"{self.harness.name}/")
+            if in_harness and _compiled_from_its_source(self.harness / name.split("/", 1)[1]):
                 if name in now:  # the interpreter's own cache: sealed from now on
                     self.digests[name] = now[name]
                 else:
@@ -92,10 +95,6 @@ class Seal:
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             raise HarnessChanged(f"the harness changed since the run started: {shown}{more}; "
                                  "restore it, or start a new run")
-
-    def _path(self, name: str) -> Path:
-        prefix = f"{self.harness.name}/"
-        return self.harness / name[len(prefix):] if name.startswith(prefix) else Path(name)
 
 
 def seal(profile: Profile | None = None, harness: Path | None = None) -> Seal:
@@ -133,12 +132,15 @@ def _digest(path: Path) -> str:
         return "unreadable"
 
 
-def _is_bytecode_of_harness(path: Path) -> bool:
-    return path.suffix == ".pyc" and path.parent.name == "__pycache__"
+def _being_written(path: Path) -> bool:
+    return path.parent.name == "__pycache__" and IMPORTLIB_TEMPORARY.search(path.name) is not None
 
 
 def _compiled_from_its_source(pyc: Path) -> bool:
-    """Whether `pyc` (gone counts) is what this interpreter compiles from its .py, which exists."""
+    """Whether `pyc`, a bytecode cache in a __pycache__ folder, is what this interpreter compiles from its .py,
+    which exists (a cache that is gone counts: the interpreter compiles the sealed source again)."""
+    if pyc.suffix != ".pyc" or pyc.parent.name != "__pycache__":
+        return False
     try:
         source = Path(importlib.util.source_from_cache(str(pyc)))
     except ValueError:  # another interpreter's cache tag, or not a cache name

@@ -71,6 +71,7 @@ def test_a_planted_pyc_is_a_change_the_interpreters_own_is_not(tree: Path) -> No
     pyc = tree / PYC
     pyc.parent.mkdir()
     py_compile.compile(str(tree / "scorer.py"), cfile=str(pyc), doraise=True)  # what an import writes
+    (tree / f"{PYC}.140211").write_bytes(b"half")  # importlib's temporary file, renamed to the .pyc a moment later
     assert s.check() == []
     forged = tree / "forged.py"
     forged.write_text((tree / "scorer.py").read_text().replace("def ", "def _forged_", 1))
@@ -85,7 +86,7 @@ def test_a_pyc_without_its_source_or_for_another_interpreter_is_a_change(tree: P
     orphan = f"__pycache__/gone.{sys.implementation.cache_tag}.pyc"
     py_compile.compile(str(tree / "scorer.py"), cfile=str(tree / orphan), doraise=True)
     (tree / "__pycache__/scorer.cpython-399.pyc").write_bytes(b"\0" * 32)
-    py_compile.compile(str(tree / "scorer.py"), cfile=str(tree / "scorer.pyc"), doraise=True)  # sourceless: loaded as is
+    py_compile.compile(str(tree / "scorer.py"), cfile=str(tree / "scorer.pyc"), doraise=True)  # sourceless: loaded
     assert s.check() == [f"harness/{orphan}", "harness/__pycache__/scorer.cpython-399.pyc", "harness/scorer.pyc"]
 
 

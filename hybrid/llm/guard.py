@@ -53,7 +53,8 @@ DENIED_ATTRIBUTES = frozenset({
 # Module state train.py may set: compiler and kernel switches. Any other assignment into a module is a patch.
 SETTABLE = ("torch.backends.", "torch._dynamo.config.", "torch._inductor.config.", "torch._functorch.config.")
 METRIC = re.compile(r"val[_ ]?bpb|bits[_ ]per[_ ]byte|val[_ ]?loss", re.IGNORECASE)
-HARNESS_FILES = re.compile(r"val\.bin|val\.idx|tokens-\d|\.cache/hybrid|HYBRID_DATA_DIR|harness/|\.parquet|result[-.\w]*\.json")
+HARNESS_FILES = re.compile(r"val\.bin|val\.idx|tokens-\d|\.cache/hybrid|HYBRID_DATA_DIR|harness/|\.parquet|"
+                           r"result[-.\w]*\.json")
 OFF_LIMITS = "files, processes, the network, the environment and the interpreter's internals are off limits"
 
 
@@ -93,7 +94,7 @@ def check_source(source: str) -> None:
     nodes = list(ast.walk(tree))
     if not any(_imports_api(node) for node in nodes):
         raise PatchRejected("train.py no longer imports harness.api: it must train through the harness's session")
-    if not any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "finish" for n in nodes):
+    if not any(isinstance(n, ast.Call) and _called_name(n) == "finish" for n in nodes):
         raise PatchRejected("train.py never calls session.finish(model): the harness must be handed the model")
 
 
@@ -174,10 +175,16 @@ def _call_problems(node: ast.Call) -> Iterator[str]:
             yield 'getattr is allowed only as getattr(obj, "literal_name"[, default])'
         elif name.value in DENIED_ATTRIBUTES or name.value.startswith("__"):
             yield f"getattr(..., {name.value!r}) is not allowed in train.py ({OFF_LIMITS})"
-    printing = (isinstance(func, ast.Name) and func.id == "print") or (isinstance(func, ast.Attribute) and func.attr == "write")
+    printing = _called_name(node) in ("print", "write")  # print(...), sys.stdout.write(...), log.write(...)
     strings = "".join(n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str))
     if printing and METRIC.search(strings):
         yield "train.py may not print metric lines, nor write them (val_bpb is computed and reported by the harness)"
+
+
+def _called_name(call: ast.Call) -> str | None:
+    """`print` for print(...), `finish` for session.finish(...), None for anything else."""
+    func = call.func
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
 
 
 def _imported_modules(nodes: list[ast.AST]) -> dict[str, str]:
@@ -186,7 +193,8 @@ def _imported_modules(nodes: list[ast.AST]) -> dict[str, str]:
     for node in nodes:
         if isinstance(node, ast.Import):
             for alias in node.names:
-                modules[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+                top = alias.name.split(".")[0]
+                modules[alias.asname or top] = alias.name if alias.asname else top
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             for alias in node.names:
                 modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
