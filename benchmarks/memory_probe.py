@@ -1,19 +1,20 @@
-"""What the memory model's probe process costs: its start, a build per new architecture, a cached estimate.
+"""What the memory model's probe costs: a build per new architecture, each in a fresh sandboxed process; a cached estimate.
 
-    python benchmarks/memory_probe.py [--repeats 5] [--architectures 20] [--many 384]
+    python benchmarks/memory_probe.py [--repeats 5] [--architectures 20]
 
-The memory model builds train.py's model on the meta device in a child process (hybrid.memory.ShapeProbe),
-because an agent's train.py is untrusted. This measures, on the gpu profile and the reference train.py:
-- start: the first estimate of a fresh process (probe start and torch import, the check of the shapeless
-  knobs, one build), `--repeats` times, each in a fresh probe;
-- build: an estimate of an architecture not seen before (one request to the probe), over `--architectures`
-  distinct DEPTH x ASPECT_RATIO x HEAD_DIM configs;
-- in process: the same builds run in this process (hybrid.memory.build_shapes), the cost without the probe;
-- cached: an estimate of a config whose architecture was built already (only learning rates differ);
-- memory: the probe's data memory (what its limit, hybrid.memory.PROBE_MEMORY_BYTES above its size at start,
-  counts), resident and peak resident memory, after its first build and after `--many` more architectures (a
-  long run's worth: a probe that grew with every build would reach its limit and stop predicting).
-Writes benchmarks/results/memory_probe.{json,md,log}. Run it on a quiet machine.
+The memory model builds train.py's model on the meta device in a fresh process per build, in the OS sandbox
+(hybrid.memory.ShapeProbe; bubblewrap in the `auto` mode where the kernel allows it), because an agent's train.py is
+untrusted. This measures, on the gpu profile and the reference train.py:
+- first estimate of a code: a new run's first estimate (the shapeless-knob check's two builds and the config's
+  own, side by side: one round of processes), `--repeats` times, from an empty cache;
+- new architecture, sandboxed: an estimate of an architecture not seen before (one process in bubblewrap), over
+  `--architectures` distinct DEPTH x ASPECT_RATIO x HEAD_DIM configs;
+- new architecture, `--sandbox off`: the same through a plain child process (allow-listed environment and limits,
+  no bubblewrap): what bubblewrap itself adds; and the CPU time of that process;
+- in process: the same builds run in this process (hybrid.memory.build_shapes): the build alone, no process;
+- cached: an estimate of a config whose architecture was built already (only learning rates differ): no process;
+- memory: the peak resident memory of a probe process (`off`, its own rusage), and its data-memory limit.
+Writes benchmarks/results/memory_probe.{json,md,log}. Run it on a quiet machine: the load average is logged.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -30,12 +32,15 @@ import torch
 
 import hybrid.memory
 from harness.profiles import get_profile
-from hybrid.memory import analytic_peak_bytes, build_shapes
+from harness.sandbox import bwrap_problem
+from hybrid.memory import ShapeProbe, build_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "memory_probe"
 GPU = get_profile("gpu")
+# The last run with one long-lived probe process for every build (commit f540411, same machine type, load 0.21).
+BEFORE = {"start_ms": 2151.6, "build_ms": 17.95, "in_process_ms": 17.99, "cached_ms": 0.023, "probe_data_mib": 327}
 
 
 def timed(fn) -> float:  # noqa: ANN001
@@ -44,11 +49,11 @@ def timed(fn) -> float:  # noqa: ANN001
     return time.perf_counter() - t0
 
 
-def fresh() -> None:
-    """A new probe process and empty caches, as in a new run."""
-    hybrid.memory._PROBE.close()
-    hybrid.memory._built_shapes.cache_clear()
-    hybrid.memory.shapeless_knobs.cache_clear()
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's children that ended (the `off` probes; bubblewrap's are
+    grandchildren, not all counted)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -56,79 +61,96 @@ def summary(seconds: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "n": len(ms)}
 
 
-def probe_memory_mib() -> dict[str, int]:
-    """VmData, VmRSS and VmHWM of the probe process, in MiB (Linux)."""
-    fields = {}
-    with open(f"/proc/{hybrid.memory._PROBE._process.pid}/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmData", "VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) // 1024
-    return fields
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--architectures", type=int, default=20)
-    parser.add_argument("--many", type=int, default=384)
     args = parser.parse_args()
     source = (ROOT / "train.py").read_text()
-    log_lines = [f"load average before: {os.getloadavg()[0]:.2f}"]
+    sandboxed, plain = ShapeProbe("auto"), ShapeProbe("off")
+    contained = bwrap_problem() is None
+    log_lines = [f"load average before: {os.getloadavg()[0]:.2f}", f"bubblewrap: {bwrap_problem() or 'yes'}"]
     architectures = [{"DEPTH": d, "ASPECT_RATIO": a, "HEAD_DIM": h}
                      for d, a, h in itertools.product((4, 6, 8, 10, 12), (48, 64, 96, 128), (64, 128))]
     architectures = architectures[:args.architectures]
 
-    start = []
+    first = []
     for i in range(args.repeats):
-        fresh()
-        start.append(timed(lambda: analytic_peak_bytes(source, {}, GPU)))
-        log_lines.append(f"start {i}: {start[-1]:.3f} s")
-    build, cached, in_process = [], [], []
+        sandboxed.clear()
+        before = sandboxed.processes
+        first.append(timed(lambda: sandboxed.model_shapes(source, {"DEPTH": 7}, GPU)))
+        log_lines.append(f"first estimate {i}: {first[-1]:.3f} s, {sandboxed.processes - before} processes at once")
+    build, build_off, cpu_off, cached, in_process = [], [], [], [], []
+    plain.model_shapes(source, {}, GPU)  # its shapeless check, as `sandboxed` has done
+    build_shapes(source, (), GPU)  # this process's first build imports torch._dynamo (a probe's, before "ready")
     for config in architectures:
-        build.append(timed(lambda: analytic_peak_bytes(source, config, GPU)))
-        cached.append(timed(lambda: analytic_peak_bytes(source, {**config, "MATRIX_LR": 0.02}, GPU)))
+        before = sandboxed.processes, plain.processes
+        build.append(timed(lambda: sandboxed.model_shapes(source, config, GPU)))
+        children = children_cpu()
+        build_off.append(timed(lambda: plain.model_shapes(source, config, GPU)))
+        cpu_off.append(children_cpu() - children)
+        assert (sandboxed.processes, plain.processes) == (before[0] + 1, before[1] + 1)
+        cached.append(timed(lambda: sandboxed.model_shapes(source, {**config, "MATRIX_LR": 0.02}, GPU)))
+        assert sandboxed.processes == before[0] + 1
         knobs = tuple(sorted(config.items()))
         in_process.append(timed(lambda: build_shapes(source, knobs, GPU)))
-        log_lines.append(f"{config}: probe {build[-1] * 1000:.1f} ms, cached {cached[-1] * 1000:.3f} ms, "
-                         f"in process {in_process[-1] * 1000:.1f} ms")
-    fresh()
-    analytic_peak_bytes(source, {}, GPU)
-    memory = {"after_first_build": probe_memory_mib()}
-    many = list(itertools.product(range(2, 26), range(32, 96, 4)))[:args.many]
-    for i, (depth, ratio) in enumerate(many):
-        analytic_peak_bytes(source, {"DEPTH": depth, "ASPECT_RATIO": ratio}, GPU)
-        if (i + 1) % 64 == 0:
-            log_lines.append(f"probe memory after {i + 1} more architectures: {probe_memory_mib()}")
-    memory[f"after_{len(many)}_more"] = probe_memory_mib()
-    fresh()
+        log_lines.append(f"{config}: sandboxed {build[-1] * 1000:.1f} ms, off {build_off[-1] * 1000:.1f} ms "
+                         f"(its CPU {cpu_off[-1] * 1000:.0f} ms), "
+                         f"cached {cached[-1] * 1000:.3f} ms, in process {in_process[-1] * 1000:.1f} ms")
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024  # the largest `off` probe
+    log_lines.append(f"largest probe process (off): {peak_rss_mib} MiB resident at its peak")
+    log_lines.append(f"load average after: {os.getloadavg()[0]:.2f}")
 
     report = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-        "start": summary(start), "build": summary(build), "in_process": summary(in_process),
-        "cached": summary(cached), "architectures": architectures, "probe_memory_mib": memory,
-        "probe_memory_limit_mib": memory["after_first_build"]["VmData"] + hybrid.memory.PROBE_MEMORY_BYTES // 2**20,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "bubblewrap": contained, "load_average_before": float(log_lines[0].split()[-1]),
+                    "load_average_after": os.getloadavg()[0]},
+        "first_estimate": summary(first), "build_sandboxed": summary(build), "build_off": summary(build_off),
+        "build_off_cpu": summary(cpu_off),
+        "in_process": summary(in_process), "cached": summary(cached), "architectures": architectures,
+        "probe_peak_rss_mib": peak_rss_mib, "probe_memory_limit_mib": hybrid.memory.PROBE_MEMORY_BYTES // 2**20,
     }
-    memory_rows = [f"| {when.replace('_', ' ')} | {m['VmData']} | {m['VmRSS']} | {m['VmHWM']} |"
-                   for when, m in memory.items()]
     rows = [f"| {label} | {report[key]['median_ms']:.3f} | {report[key]['min_ms']:.3f} | {report[key]['max_ms']:.3f} "
-            f"| {report[key]['n']} |" for key, label in (("start", "first estimate of a run (probe start)"),
-                                                          ("build", "new architecture, through the probe"),
-                                                          ("in_process", "new architecture, in process"),
-                                                          ("cached", "architecture built before"))]
+            f"| {report[key]['n']} |" for key, label in (
+                ("first_estimate", "first estimate of a code (3 processes at once)"),
+                ("build_sandboxed", "new architecture, a process in bubblewrap" if contained
+                 else "new architecture, sandbox `auto` (no bubblewrap here)"),
+                ("build_off", "new architecture, a plain process (`--sandbox off`)"),
+                ("build_off_cpu", "the same, CPU time of its process (user + system)"),
+                ("in_process", "new architecture, in process (no probe: unsafe)"),
+                ("cached", "architecture built before"))]
+    per_build = report["build_sandboxed"]["median_ms"]
+    busy = max(report["machine"]["load_average_before"], report["machine"]["load_average_after"]) > 0.5 * os.cpu_count()
+    load_note = (f"This machine was not quiet for this run (load average above half its cores; the in-process build "
+                 f"took {report['in_process']['median_ms']:.0f} ms against {BEFORE['in_process_ms']:.0f} ms then). "
+                 if busy else "")
     md = "\n".join([
-        "# The memory model's probe process", "",
+        "# The memory model's probe: one sandboxed process per build", "",
         f"Command: `python benchmarks/memory_probe.py --repeats {args.repeats} --architectures {args.architectures}`; "
-        f"{report['machine']['cpus']} cores, torch {report['machine']['torch']}, measured {report['measured_at']}. "
-        f"Raw output: {NAME}.log, data: {NAME}.json. Reference train.py, gpu profile (estimates only: no GPU).", "",
+        f"{report['machine']['cpus']} cores, torch {report['machine']['torch']}, measured {report['measured_at']}, "
+        f"load average {report['machine']['load_average_before']:.2f} before and "
+        f"{report['machine']['load_average_after']:.2f} after. Raw output: {NAME}.log, data: {NAME}.json. "
+        "Reference train.py, gpu profile (estimates only: no GPU).", "",
         "| estimate | median ms | min ms | max ms | n |", "|---|---|---|---|---|", *rows, "",
-        "A run pays the start once per worker; a new architecture costs one request to the probe, next to a trial of "
-        "300 s on the gpu profile.", "",
-        "| probe memory | data MiB | resident MiB | peak resident MiB |", "|---|---|---|---|", *memory_rows, "",
-        f"Its data-memory limit: about {report['probe_memory_limit_mib']} MiB (its size when it started serving, plus "
-        f"{hybrid.memory.PROBE_MEMORY_BYTES // 2**20} MiB). Builds on the meta device allocate almost nothing: the "
-        "probe does not grow toward it.", ""])
+        f"What changed: the last run with one long-lived probe (commit f540411, load 0.21) measured a run's first "
+        f"estimate at {BEFORE['start_ms'] / 1000:.2f} s (probe start, then its builds), a new architecture at "
+        f"{BEFORE['build_ms']:.1f} ms through the probe ({BEFORE['in_process_ms']:.1f} ms in process), a cached one at "
+        f"{BEFORE['cached_ms']:.3f} ms; its probe held {BEFORE['probe_data_mib']} MiB of data memory for the whole run. "
+        f"{load_note}A probe process is busy on a core for almost all of its life (CPU time "
+        f"{report['build_off_cpu']['median_ms'] / 1000:.1f} s of {report['build_off']['median_ms'] / 1000:.1f} s).", "",
+        "Each build now runs in a fresh process that lives for that one build (train.py's module-level code, a patch "
+        "of torch included, dies with it), where one long-lived probe served every build before. A new architecture "
+        f"therefore pays a process start (sandbox, Python, torch and torch._dynamo imports: {per_build / 1000:.1f} s "
+        f"here) instead of one request to a warm probe ({report['in_process']['median_ms']:.0f} ms, the build alone); "
+        "next to a trial of 300 s on the gpu profile, and once per architecture (the cache serves every other "
+        "estimate, without a process). A new code's shapeless-knob check runs its two builds and the first "
+        "config's at once (on a machine with fewer free cores than that, they queue: the first estimate above).", "",
+        f"A probe process peaks at {peak_rss_mib} MiB resident; a build may allocate "
+        f"{hybrid.memory.PROBE_MEMORY_BYTES // 2**20} MiB beyond what the process holds once torch is imported "
+        "(RLIMIT_DATA, soft and hard), inside the sandbox's own cap "
+        f"({hybrid.memory.PROBE_SANDBOX_BYTES // 2**30} GiB of address space and memory cgroup). Nothing accumulates "
+        "across builds: no process outlives its build.", ""])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{NAME}.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / f"{NAME}.md").write_text(md)

@@ -4,8 +4,9 @@ The estimate is analytic: train.py, with the config injected, builds its model o
 shapes, no memory, no GPU), and the peak follows from those shapes, the micro-batch and what training keeps
 alive (weights, gradients, optimizer states, activations saved for the backward pass, logits). The model is
 built once per architecture (the code and the knobs that may set a shape); the micro-batch is applied after.
-It is built in a child process (ShapeProbe): an agent's train.py is untrusted, and one that hangs, exits or
-hogs memory at import costs its prediction, never the run.
+An agent's train.py is untrusted: each build runs in a fresh process of its own in the OS sandbox (ShapeProbe),
+that lives for that one build. One that hangs, exits or hogs memory costs its prediction, never the run, and one
+that patches torch (or anything else) at import changes no other build's shapes.
 Earlier trials of the same code calibrate it: their recorded peaks against their estimates. A config predicted
 over the VRAM cap is not run; it is recorded as a failed trial of class `oom-predicted` that cost no GPU time.
 """
@@ -21,19 +22,23 @@ import select
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 import types
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from optuna.trial import FrozenTrial
 
-from harness.scorer import forward_rows
 from harness.knobs import KnobError, find_knobs, inject_knobs
 from harness.profiles import PAPER_CAP_GB, Profile
-from harness.result import TrialResult
-from hybrid.store import code_sha
+
+if TYPE_CHECKING:  # the rest is imported where it is used: the probe's process imports no more than a build needs
+    from optuna.trial import FrozenTrial
+
+    from harness.result import TrialResult
 
 MIB, GIB = 2**20, 2**30
 FP32, BF16 = 4, 2             # bytes per element
@@ -42,9 +47,12 @@ MUON_STEP_COPIES = 7          # fp32 copies of one stack of matrices alive at on
 MIN_CALIBRATION_POINTS = 3    # successful trials of the same code needed to calibrate
 CALIBRATION_POINTS = 10       # calibrate on this many of them, those with the largest estimates (nearest the cap)
 PROBE_MODULE = "hybrid_memory_probe"
-PROBE_START_SECONDS = 120.0   # for the probe process to start (import torch); then per build:
+PROBE_START_SECONDS = 120.0   # for a probe process to start (sandbox, import torch: about 2 s); then for its build:
 PROBE_BUILD_SECONDS = 30.0    # a build on the meta device takes about 0.1 s
 PROBE_MEMORY_BYTES = 2 * GIB  # what a build may allocate beyond the probe's own (one on the meta device needs MiBs)
+PROBE_SANDBOX_BYTES = 16 * GIB  # the sandbox's cap (address space, memory cgroup): torch maps GiBs of libraries
+PROBE_ANSWER_BYTES = 2**20    # the most read from a probe's stdout (an answer is a few KiB)
+PROBE_CACHE = 4096            # builds kept per ShapeProbe (a few hundred bytes each)
 BATCH_KNOBS = ("DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE")  # applied to the shapes of a built model (model_shapes)
 # The reference train.py's knobs that set no shape: learning rates, schedule, optimizer constants, attention windows
 # (a mask, no tensor kept). Configs that differ only in these and BATCH_KNOBS share one build of the model; any other
@@ -150,21 +158,12 @@ def architecture(config: dict[str, Any], shapeless: frozenset[str] = SHAPELESS_K
     return tuple(sorted((name, value) for name, value in config.items() if name not in shapeless))
 
 
-@functools.lru_cache(maxsize=256)
-def shapeless_knobs(source: str, profile: Profile) -> frozenset[str]:
+def shapeless_knobs(source: str, profile: Profile, sandbox: str = "auto") -> frozenset[str]:
     """SHAPELESS_KNOBS, checked against this code: it keeps them if a build with every one of them changed has the
     shapes of a build at its defaults. An edit that made one of them set a shape (or a code that cannot be built)
-    keeps only the batch knobs: every architecture then gets a build of its own, and no estimate goes wrong."""
-    try:
-        defaults = {name: knob.value for name, knob in find_knobs(source).items()}
-    except KnobError:
-        return frozenset(BATCH_KNOBS)
-    changed = {name: _changed(value) for name, value in defaults.items() if name in SHAPELESS_KNOBS - {*BATCH_KNOBS}}
-    if not changed:
-        return SHAPELESS_KNOBS
-    base = _built_shapes(source, (), profile)
-    same = base is not None and _built_shapes(source, tuple(sorted(changed.items())), profile) == base
-    return SHAPELESS_KNOBS if same else frozenset(BATCH_KNOBS)
+    keeps only the batch knobs: every architecture then gets a build of its own, and no estimate goes wrong.
+    Cached per code and profile (shape_probe(sandbox).shapeless_knobs)."""
+    return shape_probe(sandbox).shapeless_knobs(source, profile)
 
 
 def _changed(value: Any) -> Any:
@@ -184,24 +183,23 @@ def with_batch(shapes: ModelShapes, config: dict[str, Any]) -> ModelShapes:
                    grad_accum=grad_accum(total, batch * shapes.seq_len))
 
 
-def model_shapes(source: str, config: dict[str, Any], profile: Profile) -> ModelShapes | None:
+def model_shapes(source: str, config: dict[str, Any], profile: Profile, sandbox: str = "auto") -> ModelShapes | None:
     """The shapes of the model and optimizers that `source` with `config` injected builds for `profile`,
     or None when they cannot be read (no build_model, a failure building it, another model structure).
-    The model is built once per (code, architecture, profile); the batch knobs of `config` are applied to it."""
-    shapes = _built_shapes(source, architecture(config, shapeless_knobs(source, profile)), profile)
-    return with_batch(shapes, config) if shapes is not None else None
+    The model is built once per (code, architecture, profile), in a sandboxed process of its own (`sandbox`: a
+    harness.sandbox mode); the batch knobs of `config` are applied to it."""
+    return shape_probe(sandbox).model_shapes(source, config, profile)
 
 
-@functools.lru_cache(maxsize=4096)
-def _built_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile) -> ModelShapes | None:
-    """build_shapes in the probe process; cached, keyed on the code itself (what its code_sha stands for), the
-    architecture and the profile."""
-    return _PROBE.build(source, knobs, profile)
-
-
-def build_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile) -> ModelShapes | None:
+def build_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile,
+                 eval_rows: int | None = None) -> ModelShapes | None:
     """model_shapes with only `knobs` (an architecture) injected, the batch knobs train.py's own; run in this
-    process (ShapeProbe runs it in another)."""
+    process: the untrusted code runs here (ShapeProbe runs it in a sandboxed process of its own).
+    `eval_rows`: harness.scorer.forward_rows(profile), given (the probe's process does not import the scorer)."""
+    if eval_rows is None:
+        from harness.scorer import forward_rows
+
+        eval_rows = forward_rows(profile)
     try:
         module = _load(inject_knobs(source, dict(knobs)))
         model = module.build_model(profile.vocab_size, profile.seq_len, device=torch.device("meta"))
@@ -227,89 +225,223 @@ def build_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profi
     return ModelShapes(
         blocks=blocks, model_dim=model_dim, vocab_size=profile.vocab_size, seq_len=profile.seq_len,
         device_batch_size=batch, total_batch_size=total, grad_accum=grad_accum(total, batch * profile.seq_len),
-        eval_rows=forward_rows(profile),
+        eval_rows=eval_rows,
         params=sum(p.numel() for p in model.parameters()), adam_params=adam, muon_params=muon,
         muon_second_moment=second_moment, largest_muon_group=largest)
 
 
+Knobs = tuple[tuple[str, Any], ...]
+
+
 class ShapeProbe:
-    """A child process (`python -m hybrid.memory`) that runs build_shapes, restarted after a build that hung or
-    killed it (None then). It talks JSON lines, never pickles (the code it runs is untrusted), in a session of
-    its own (Ctrl-C is the run's to handle), with the environment a trial gets (no secrets)."""
+    """Builds of train.py's model, each in a fresh process of its own (`python -m hybrid.memory REQUEST`) that
+    lives for that one build, in the OS sandbox (harness.sandbox, mode `sandbox`): the project's code and the
+    Python environment read-only, the request (source, knobs, profile) a read-only file handed in, nothing of
+    the trusted side's environment, capped memory (PROBE_SANDBOX_BYTES; inside, PROBE_MEMORY_BYTES above its
+    size once torch is imported) and wall time (PROBE_START_SECONDS to start, PROBE_BUILD_SECONDS to build). The
+    answer is a JSON line on its stdout, never a pickle; what train.py prints goes nowhere. A build that hangs,
+    exits, dies or says something that is not shapes gives None. Whatever its code does at import dies with it.
 
-    def __init__(self) -> None:
-        self._process: subprocess.Popen | None = None
+    Builds are cached per (code, architecture, profile): a repeat costs no process, a hung or failed build
+    included. `processes` counts those started."""
 
-    def build(self, source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile) -> ModelShapes | None:
-        if self._process is None and not self._start():
-            return None
-        request = json.dumps({"source": source, "knobs": knobs, "profile": asdict(profile)})
+    def __init__(self, sandbox: str = "auto") -> None:
+        from harness.sandbox import resolve
+
+        resolve(sandbox)  # now: an unknown mode, or `required` where bubblewrap cannot run, is the caller's error
+        self.sandbox = sandbox
+        self.processes = 0
+        self._builds: dict[tuple[str, Knobs, Profile], ModelShapes | None] = {}
+        self._shapeless: dict[tuple[str, Profile], frozenset[str]] = {}
+        self._warned: set[str] = set()
+
+    def clear(self) -> None:
+        """Forget every build (as a new run would)."""
+        self._builds.clear()
+        self._shapeless.clear()
+
+    def model_shapes(self, source: str, config: dict[str, Any], profile: Profile) -> ModelShapes | None:
+        """hybrid.memory.model_shapes, through this probe. The first config of a code is built alongside the
+        shapeless check's two builds, as if the check will pass (it does unless an edit made a knob set a shape)."""
+        shapeless = self.shapeless_knobs(source, profile, also=architecture(config))
+        shapes = self.built(source, architecture(config, shapeless), profile)
+        return with_batch(shapes, config) if shapes is not None else None
+
+    def shapeless_knobs(self, source: str, profile: Profile, also: Knobs | None = None) -> frozenset[str]:
+        """hybrid.memory.shapeless_knobs, through this probe: its two builds run side by side (and the build of
+        the architecture `also` with them, if the check is not cached yet)."""
+        key = (source, profile)
+        if key not in self._shapeless:
+            self._shapeless[key] = self._check_shapeless(source, profile, [] if also is None else [also])
+        return self._shapeless[key]
+
+    def _check_shapeless(self, source: str, profile: Profile, also: list[Knobs]) -> frozenset[str]:
         try:
-            self._process.stdin.write(request + "\n")
-            self._process.stdin.flush()
-            answer = self._read_line(PROBE_BUILD_SECONDS)
-        except OSError:  # the build killed the probe (the kernel's OOM killer, say)
-            answer = None
-        if answer is None:
-            self.close()  # hung, or dead: the next build starts a fresh one
-            return None
-        return _shapes_from_json(answer)
+            defaults = {name: knob.value for name, knob in find_knobs(source).items()}
+        except KnobError:
+            return frozenset(BATCH_KNOBS)
+        changed = {name: _changed(v) for name, v in defaults.items() if name in SHAPELESS_KNOBS - {*BATCH_KNOBS}}
+        if not changed:
+            return SHAPELESS_KNOBS
+        base, other, *_ = self.built_all(source, [(), tuple(sorted(changed.items())), *also], profile)
+        return SHAPELESS_KNOBS if base is not None and other == base else frozenset(BATCH_KNOBS)
 
-    def _start(self) -> bool:
-        from harness.runner import clean_env
+    def built(self, source: str, knobs: Knobs, profile: Profile) -> ModelShapes | None:
+        """The shapes `source` with `knobs` builds for `profile`: cached, else one sandboxed process."""
+        return self.built_all(source, [knobs], profile)[0]
 
-        self._process = subprocess.Popen([sys.executable, "-m", "hybrid.memory"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=clean_env(),
-                                         text=True, start_new_session=True)
-        if self._read_line(PROBE_START_SECONDS) == "ready":
-            return True
-        code = self._process.poll()
-        self.close()
+    def built_all(self, source: str, architectures: list[Knobs], profile: Profile) -> list[ModelShapes | None]:
+        """built() for each architecture; those not cached yet are built at once, a process each."""
+        new = list(dict.fromkeys(k for k in architectures if (source, k, profile) not in self._builds))
+        for knobs, shapes in zip(new, self.build(source, new, profile)):
+            if len(self._builds) >= PROBE_CACHE:
+                del self._builds[next(iter(self._builds))]  # the oldest
+            self._builds[(source, knobs, profile)] = shapes
+        return [self._builds.get((source, k, profile)) for k in architectures]
+
+    def build(self, source: str, architectures: list[Knobs], profile: Profile) -> list[ModelShapes | None]:
+        """build_shapes of each architecture, each in a fresh sandboxed process, all started at once (no cache)."""
+        from harness.sandbox import Jail, Limits, kill
+        from harness.scorer import forward_rows
+
+        eval_rows = forward_rows(profile)
+        with contextlib.ExitStack() as stack:
+            started = []
+            for knobs in architectures:
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-probe-",
+                                                                              ignore_cleanup_errors=True)))
+                request = folder / "request.json"
+                request.write_text(json.dumps({"source": source, "knobs": knobs, "profile": asdict(profile),
+                                               "eval_rows": eval_rows}))
+                jail = Jail(self.sandbox, folder / "scratch", handed={"request.json": request},
+                            code=("harness", "hybrid"), limits=Limits(memory_bytes=PROBE_SANDBOX_BYTES))
+                errors = stack.enter_context(open(folder / "stderr", "w+b"))  # read only if it does not start
+                try:
+                    proc = jail.popen([sys.executable, "-m", "hybrid.memory", jail.path("request.json")],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+                except OSError as e:
+                    self._warn(f"{type(e).__name__}: {e}")
+                    started.append(None)
+                    continue
+                self.processes += 1
+                stack.callback(proc.stdout.close)
+                stack.callback(kill, proc)  # when all are read, before their folders go: each lives for one build
+                started.append((proc, time.monotonic(), errors))
+            answers = self._answers(started)
+        return [replace(shapes, eval_rows=eval_rows) if shapes is not None else None for shapes in answers]
+
+    def _answers(self, started: list) -> list[ModelShapes | None]:
+        """The answers of probes started at once, (process, start time, stderr file) each or None, read side by side:
+        "ready" within PROBE_START_SECONDS of its start, then shapes (or null) within PROBE_BUILD_SECONDS of that;
+        None for anything else (silence, an exit, a line that is not shapes, PROBE_ANSWER_BYTES without a line)."""
+        answers: list[ModelShapes | None] = [None] * len(started)
+        waiting = {i: (one[1] + PROBE_START_SECONDS, False, bytearray()) for i, one in enumerate(started) if one}
+        while waiting:
+            now = time.monotonic()
+            for i, (deadline, ready, _) in list(waiting.items()):
+                if deadline <= now:
+                    del waiting[i]
+                    if not ready:
+                        self._not_started(*started[i])
+            streams = {started[i][0].stdout.fileno(): i for i in waiting}
+            if not streams:
+                break
+            readable, _, _ = select.select(list(streams), [], [], min(d for d, _, _ in waiting.values()) - now)
+            for fd in readable:
+                i = streams[fd]
+                deadline, ready, pending = waiting[i]
+                chunk = os.read(fd, 65536)
+                pending += chunk
+                while i in waiting and b"\n" in pending:
+                    line, _, rest = bytes(pending).partition(b"\n")
+                    pending[:] = rest
+                    if ready:
+                        answers[i] = _shapes_from_json(line.decode(errors="replace"))
+                        del waiting[i]
+                    elif line.strip() == b"ready":
+                        ready = True
+                        waiting[i] = (time.monotonic() + PROBE_BUILD_SECONDS, True, pending)
+                    else:  # before "ready", only this module's own code ran: it prints nothing else
+                        del waiting[i]
+                if i in waiting and (not chunk or len(pending) > PROBE_ANSWER_BYTES):  # it closed, or floods
+                    del waiting[i]
+                    if not ready:
+                        self._not_started(*started[i])
+        return answers
+
+    def _not_started(self, proc: subprocess.Popen, started: float, errors) -> None:  # noqa: ANN001
+        """Say once per reason (on stderr) why a probe process did not start: its exit status or its silence, and the
+        last line it wrote on stderr (before "ready", no agent code has run in it)."""
+        code, last = proc.poll(), ""
+        with contextlib.suppress(OSError):
+            errors.seek(max(0, os.fstat(errors.fileno()).st_size - 2000))
+            last = (errors.read().decode(errors="replace").strip().splitlines() or [""])[-1]
         why = f"exit status {code}" if code is not None else f"not ready in {PROBE_START_SECONDS:.0f} s"
-        print(f"hybrid: the memory model's probe process did not start ({why}): no predictions", file=sys.stderr)
-        return False
+        self._warn(f"{why}{': ' + last if last else ''}")
 
-    def _read_line(self, timeout: float) -> str | None:
-        """The probe's next line, or None if it sent none within `timeout` seconds (or died)."""
-        ready, _, _ = select.select([self._process.stdout], [], [], timeout)
-        line = self._process.stdout.readline() if ready else ""
-        return line.strip() if line else None
-
-    def close(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            with contextlib.suppress(OSError):  # a request it never read
-                self._process.stdin.close()
-            self._process.stdout.close()
-        self._process = None
+    def _warn(self, why: str) -> None:
+        if why not in self._warned:
+            self._warned.add(why)
+            print(f"hybrid: a memory model probe process did not start ({why}): no prediction",
+                  file=sys.stderr, flush=True)
 
 
-def serve() -> None:
-    """The probe process: a JSON line in (source, knobs, profile), a JSON line out (ModelShapes or null), until EOF.
-    What train.py prints goes to stderr: stdout carries only the answers."""
+@functools.cache
+def shape_probe(sandbox: str = "auto") -> ShapeProbe:
+    """The process's ShapeProbe for a sandbox mode: its cache is shared by every MemoryModel of that mode."""
+    return ShapeProbe(sandbox)
+
+
+def serve(request: str) -> None:
+    """A probe process (`python -m hybrid.memory REQUEST`): one build, of the request in the JSON file REQUEST
+    (source, knobs, profile, eval_rows). It says "ready" once torch is imported and its limits are set, then the
+    build's ModelShapes (or null), JSON lines on stdout; what train.py prints goes to /dev/null. Then it exits."""
+    import torch._dynamo  # noqa: F401  (what a build on the meta device imports anyway, through torch._refs: 1-3 s)
+
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    _die_with_parent()
+    _limit_cpu(PROBE_START_SECONDS + PROBE_BUILD_SECONDS)
     _limit_memory(PROBE_MEMORY_BYTES)
+    fields = json.loads(Path(request).read_text())
+    knobs = tuple((name, value) for name, value in fields["knobs"])
+    profile = Profile(**fields["profile"])
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, sys.stdout.fileno())
+    os.dup2(quiet, sys.stderr.fileno())
     answers.write("ready\n")
     answers.flush()
-    for line in sys.stdin:
-        request = json.loads(line)
-        knobs = tuple((name, value) for name, value in request["knobs"])
-        shapes = build_shapes(request["source"], knobs, Profile(**request["profile"]))
-        answers.write(json.dumps(asdict(shapes) if shapes is not None else None) + "\n")
-        answers.flush()
+    shapes = build_shapes(fields["source"], knobs, profile, eval_rows=int(fields["eval_rows"]))
+    answers.write(json.dumps(asdict(shapes) if shapes is not None else None) + "\n")
+    answers.flush()
 
 
 def _limit_memory(extra: int) -> None:
-    """Cap this process's data memory (heap, private mappings) at what it uses now plus `extra` bytes: a train.py
-    that allocates more at import gets a MemoryError (no prediction), not the machine's memory. Linux only."""
-    with contextlib.suppress(OSError, StopIteration):
+    """Cap this process's data memory (heap, private mappings) at what it uses now plus `extra` bytes, soft and hard
+    (the code that runs next cannot lift it): a train.py that allocates more at import gets a MemoryError (no
+    prediction), not the machine's memory. Linux only."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
         with open("/proc/self/status") as status:
             used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
         hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
         limit = used + extra if hard == resource.RLIM_INFINITY else min(used + extra, hard)
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _limit_cpu(seconds: float) -> None:
+    """Cap this process's CPU time, soft and hard: a build that spins ends even if nothing is left to kill it."""
+    with contextlib.suppress(OSError, ValueError):
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        limit = math.ceil(seconds + used.ru_utime + used.ru_stime)
+        resource.setrlimit(resource.RLIMIT_CPU, (limit, limit))
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the one that started it ends (Linux; in bubblewrap, --die-with-parent does it)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _shapes_from_json(answer: str) -> ModelShapes | None:
@@ -328,12 +460,9 @@ def _shapes_from_json(answer: str) -> ModelShapes | None:
     return shapes if ok and isinstance(shapes.total_batch_size, (int, type(None))) else None
 
 
-_PROBE = ShapeProbe()
-
-
-def analytic_peak_bytes(source: str, config: dict[str, Any], profile: Profile) -> float | None:
+def analytic_peak_bytes(source: str, config: dict[str, Any], profile: Profile, sandbox: str = "auto") -> float | None:
     """Predicted peak GPU memory of a trial of `source` with `config` on `profile`, in bytes; None if unknown."""
-    shapes = model_shapes(source, config, profile)
+    shapes = model_shapes(source, config, profile, sandbox)
     return peak_bytes(shapes) if shapes is not None else None
 
 
@@ -359,22 +488,31 @@ class MemoryModel:
     estimate alone, with no margin added: it is conservative already (the reference baseline: 46.2 GiB estimated,
     44.0 GiB measured on an H100), and the two errors do not cost the same: a config refused wrongly is never
     tried, a real out-of-memory error costs the seconds before it. Estimates are cached per (code, config).
+
+    `sandbox`: the harness.sandbox mode of the processes that build the models (auto, required, off), the run's
+    --sandbox; a UserError here for an unknown mode, or `required` where bubblewrap cannot run.
     """
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, sandbox: str = "auto") -> None:
         self.profile = profile
+        self.probe = shape_probe(sandbox)
         self._estimates: dict[tuple[str, str], float | None] = {}
 
     def estimate_mb(self, source: str, config: dict[str, Any]) -> float | None:
+        from hybrid.store import code_sha
+
         key = (code_sha(source), repr(sorted(config.items())))
         if key not in self._estimates:
-            peak = analytic_peak_bytes(source, config, self.profile)
+            shapes = self.probe.model_shapes(source, config, self.profile)
+            peak = peak_bytes(shapes) if shapes is not None else None
             self._estimates[key] = peak / MIB if peak is not None else None
         return self._estimates[key]
 
     def calibration(self, source: str, history: Iterable[FrozenTrial]) -> float | None:
         """Median recorded / estimated peak over the largest successful trials of `source` in history (see the
         class); None if too few."""
+        from hybrid.store import code_sha
+
         sha = code_sha(source)
         points = []  # (estimate, recorded) in MiB
         for trial in history:
@@ -400,6 +538,8 @@ class MemoryModel:
     def check(self, source: str, config: dict[str, Any], cap_gb: float,
               history: Iterable[FrozenTrial] = ()) -> TrialResult | None:
         """The `oom-predicted` result of a config predicted over `cap_gb` (GiB), or None: run it."""
+        from harness.result import TrialResult
+
         predicted = self.predict_mb(source, config, history)
         if predicted is None or predicted * MIB <= cap_gb * GIB:
             return None
@@ -408,4 +548,4 @@ class MemoryModel:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[1])
