@@ -28,7 +28,7 @@ from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hybrid.surrogate import (GP_HYPERPARAMETERS, KNOBS, PAPER_SPACE, Surrogate, SurrogateObjective,  # noqa: E402
+from hybrid.surrogate import (GP_HYPERPARAMETERS, KNOBS, PAPER_SPACE, Surrogate, SurrogateTrials,  # noqa: E402
                               features, fixed_space, load_trials, noise_sd, project, unique_successes)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -130,7 +130,7 @@ def sample_uniform(rng: np.random.Generator) -> dict[str, Any]:
     return config
 
 
-def random_search(objective: SurrogateObjective, seed: int) -> dict[str, Any]:
+def random_search(objective: SurrogateTrials, seed: int) -> dict[str, Any]:
     """The paper's protocol: the baseline as trial 0, then uniform samples until 24 h of wall time are spent."""
     rng = np.random.default_rng(seed)
     spent, best, trials, failures = 0.0, float("inf"), 0, 0
@@ -225,7 +225,7 @@ def main() -> None:
 
     model, fit_seconds, fit_cpu_seconds = timed_fit(trials)
     print(f"fit on all trials: {fit_seconds:.1f} s wall, {fit_cpu_seconds:.1f} s CPU")
-    objective = SurrogateObjective(model)
+    objective = SurrogateTrials(model)
     runs = [random_search(objective, seed) for seed in range(RANDOM_SEEDS)]
     for run in runs:
         print(f"random search seed {run['seed']}: {run['trials']} trials, best {run['best']:.4f}, "

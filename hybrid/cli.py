@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.knobs import KnobError
-from hybrid.errors import UserError
+from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.space import SpaceError
 
 METHODS = ("random", "tpe", "cmaes", "gp", "llm-hp", "llm-code", "centaur", "hybrid")
@@ -33,11 +33,18 @@ def _positive(kind):
     return parse
 
 
-def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on this machine sharing the study") -> None:
+# The defaults of --budget-hours: hybrid.loop.DEFAULT_BUDGET_HOURS for a run; for compare on cpu,
+# hybrid.compare.CPU_BUDGET_HOURS, a quarter of a run's, so that its four default studies take about one run's time.
+RUN_BUDGET_HELP = "GPU-hours of trial wall time (default: 24 on gpu/surrogate, 0.25 on cpu)"
+COMPARE_BUDGET_HELP = "GPU-hours of trial wall time per study (default: 24 on gpu/surrogate, 0.0625 on cpu)"
+
+
+def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on this machine sharing the study",
+                   budget_help: str = RUN_BUDGET_HELP) -> None:
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-hours", type=_positive(float), help="GPU-hours of trial wall time (default: 24 on gpu/surrogate, 0.25 on cpu)")
+    budget.add_argument("--budget-hours", type=_positive(float), help=budget_help)
     budget.add_argument("--trials", type=_positive(int), help="a number of trials instead of a time budget")
     p.add_argument("--objective", choices=("train", "surrogate"), default="train")
     p.add_argument("--profile", choices=("gpu", "cpu", "test"), help="default: gpu where CUDA is found, else cpu")
@@ -103,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive(int), default=None)
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.add_argument("--prefix", default="", help="prefix of the study names (<prefix><method>-s<seed>)")
-    _add_run_flags(p, workers_help="studies run at once, one process each")
+    _add_run_flags(p, workers_help="studies run at once, one process each", budget_help=COMPARE_BUDGET_HELP)
 
     p = sub.add_parser("report", help="tables, plots and parquet from studies")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -250,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         return command(args)
     except (UserError, SpaceError, KnobError) as e:
         print(f"hybrid: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("hybrid: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

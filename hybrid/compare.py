@@ -19,11 +19,14 @@ import optuna
 
 from hybrid import report, store
 from hybrid.cli import DEFAULT_STORAGE, METHODS
-from hybrid.errors import UserError
-from hybrid.loop import Budget, RunConfig, run
+from hybrid.errors import EXIT_INTERRUPTED, UserError
+from hybrid.loop import DEFAULT_BUDGET_HOURS, Budget, RunConfig, run
 
 DEFAULT_METHODS = ("tpe", "cmaes", "random", "hybrid")
-CPU_BUDGET_HOURS = 0.0625  # 225 s of trials per study on the cpu profile
+# Trial time per study on the cpu profile when neither --budget-hours nor --trials is given: a quarter of a
+# `hybrid run`'s (0.0625 h, 225 s, about 8 trials), so that the four default studies together take about as long as
+# one run, the ~15 minutes promised for `hybrid compare` with no arguments.
+CPU_BUDGET_HOURS = DEFAULT_BUDGET_HOURS["cpu"] / len(DEFAULT_METHODS)
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -113,7 +116,7 @@ def run_studies(configs: list[RunConfig], workers: int) -> None:
     """Every study to its budget: one after another, or `workers` studies at a time in their own processes."""
     if workers <= 1:
         for config in configs:
-            if run_one(config) == 130:
+            if run_one(config) == EXIT_INTERRUPTED:
                 raise KeyboardInterrupt
         return
     ctx = multiprocessing.get_context("spawn")
@@ -121,7 +124,7 @@ def run_studies(configs: list[RunConfig], workers: int) -> None:
     pin = any(c.objective == "train" for c in configs)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_slot,
                              initargs=(counter, pin)) as pool:
-        if 130 in list(pool.map(run_one, configs)):
+        if EXIT_INTERRUPTED in list(pool.map(run_one, configs)):
             raise KeyboardInterrupt
 
 

@@ -37,7 +37,14 @@ DEFAULT_SCHEDULES = {"gpu": Schedule(30, 15), "cpu": Schedule(6, 3), "test": Sch
 WARM_CONFIGS = 2   # tpe/gp: the parent's best configs (projected) that a new generation runs first
 # tpe/gp: trials of a generation before its model takes over (the baseline, or a child's warm starts): few, so
 # that a generation searches around its best configs so far rather than uniformly; big jumps are structural.
-N_STARTUP = 2
+# (A whole study of the tpe or gp method starts with hybrid.classical.samplers.STUDY_N_STARTUP random trials.)
+GENERATION_N_STARTUP = 2
+# Plans per move: a verdict changes the current generation, so the move is planned again; after this many (other
+# workers deciding meanwhile) the worker tunes the current generation instead.
+PLANS_PER_MOVE = 3
+# Seed offset per generation number, so that each generation's sampler draws a sequence of its own (a prime, like
+# the offset per worker, hybrid.loop.WORKER_SEED_STRIDE, but another one).
+GENERATION_SEED_STRIDE = 1009
 
 
 @dataclass
@@ -113,7 +120,7 @@ class HybridMethod:
     # -- the Method protocol ------------------------------------------------------------------------------
 
     def next_move(self, study: optuna.Study) -> Move:
-        for _ in range(3):  # a verdict changes the current generation: plan again
+        for _ in range(PLANS_PER_MOVE):  # a verdict changes the current generation: plan again
             plan = self._plan(Snapshot.load(study))
             if isinstance(plan, Move):
                 return plan
@@ -244,12 +251,12 @@ class HybridMethod:
         snap = Snapshot.load(self.study)
         gen = snap.generations[number]
         space = gen.search_space()
-        seed = self.seed + 1009 * number
+        seed = self.seed + GENERATION_SEED_STRIDE * number
         if self.sampler_name == "cmaes" and gen.parent is not None:
             sources = cma_source_trials(snap.parent_trials(gen), space)
             if sources:
                 return make_sampler("cmaes", seed, source_trials=sources)
-        return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=N_STARTUP)
+        return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=GENERATION_N_STARTUP)
 
 
 def _warm_configs(snap: Snapshot, gen: Generation) -> list[dict[str, Any]]:

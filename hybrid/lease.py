@@ -15,17 +15,17 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.storages._rdb.models import StudySystemAttributeModel
 from sqlalchemy import delete, exc, insert, select, update
+
+from hybrid import optuna_compat
 
 LEASE_KEY = "hybrid.lease"
 LEASE_SECONDS = float(os.environ.get("HYBRID_LEASE_SECONDS", 900))  # longer than any structural move (an LLM call)
-_TABLE = StudySystemAttributeModel.__table__
+_TABLE = optuna_compat.study_system_attrs_table()
 
 
 def _rdb(study: optuna.Study) -> RDBStorage:
-    storage = study._storage
-    storage = getattr(storage, "_backend", storage)  # optuna's cache in front of the RDB storage
+    storage = optuna_compat.backend(optuna_compat.storage(study))  # behind optuna's cache
     if not isinstance(storage, RDBStorage):
         raise TypeError(f"the structural lease needs an RDB storage, got {type(storage).__name__}")
     return storage
@@ -36,7 +36,7 @@ class StructuralLease:
 
     def __init__(self, study: optuna.Study, seconds: float = LEASE_SECONDS) -> None:
         self.engine = _rdb(study).engine
-        self.study_id = study._study_id
+        self.study_id = optuna_compat.study_id(study)
         self.seconds = seconds
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._mine: str | None = None  # the exact value we wrote, for the conditional release

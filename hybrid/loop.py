@@ -21,8 +21,8 @@ from harness import scrub
 from harness.profiles import get_profile
 from harness.result import TrialResult
 from harness.seal import seal as seal_harness
-from hybrid import generations, store
-from hybrid.errors import UserError
+from hybrid import generations, optuna_compat, store
+from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.generations import Generation
 from hybrid.methods import EDITS_CODE, NEEDS_LLM, build_method
 from hybrid.objectives import ensure_prepared, make_objective
@@ -30,9 +30,17 @@ from hybrid.paths import project_file
 from hybrid.progress import RunProgress
 from hybrid.space import SearchSpace, check_against_source, load_space
 
+# The budget of a run given neither --budget-hours nor --trials: the paper's 24 h on a GPU (and on its surrogate),
+# 15 minutes on the cpu profile (about 30 trials of ~28 s), seconds on the test profile. `hybrid compare` gives
+# each of its studies a quarter of the cpu one (hybrid.compare.CPU_BUDGET_HOURS).
 DEFAULT_BUDGET_HOURS = {"gpu": 24.0, "cpu": 0.25, "test": 0.01, "surrogate": 24.0}
 # `oom-predicted` trials in a row (they cost no time) after which a run stops: every config is over the cap.
 REFUSALS_IN_A_ROW = 100
+# Seed offset per worker: a prime far above a study's trial count (hundreds), so that a worker's seed, which also
+# moves on by one per trial finished before a resume, does not meet another worker's.
+WORKER_SEED_STRIDE = 7919
+CREATION_POLL_SECONDS = 0.1  # while waiting for another process to finish creating the study
+PARENT_POLL_SECONDS = 1.0    # how often a worker process checks that the run that started it is alive
 
 
 @dataclass
@@ -184,7 +192,7 @@ def _created_meanwhile(study: optuna.Study) -> bool:
     while store.RUN_KEY not in study.user_attrs:
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.1)
+        time.sleep(CREATION_POLL_SECONDS)
     return True
 
 
@@ -209,7 +217,7 @@ def _work_all(study_name: str, config: RunConfig) -> int:
         p.start()
     try:
         code = work(study_name, config, worker=0, show=True)
-        if code == 130:  # Ctrl-C reaches the whole process group; a `kill` only this process
+        if code == EXIT_INTERRUPTED:  # Ctrl-C reaches the whole process group; a `kill` only this process
             for p in others:
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGTERM)
@@ -228,14 +236,14 @@ def _worker_process(study_name: str, config: dict[str, Any], index: int, parent:
         pass
     except UserError as e:  # e.g. every config refused: said in one line, as the first worker says it
         print(f"hybrid: worker {index}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def _stop_with(parent: int) -> None:
     """Stop this worker cleanly (SIGTERM) once `parent` (the run that started it) is gone, killed included."""
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(1.0)
+            time.sleep(PARENT_POLL_SECONDS)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -299,14 +307,14 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     done_before = len(store.finished_trials(study))
     # A resumed run continues from a fresh but deterministic seed: replaying the original seed would repeat
     # the configs already tried. Workers get seeds of their own.
-    seed = config.seed + 7919 * worker + done_before
+    seed = config.seed + WORKER_SEED_STRIDE * worker + done_before
     method = build_method(config, study, space, base.source, seed)
     study.sampler = method.sampler
     interrupt = _Interrupt()
     scrub.register(config.storage, config.llm_base_url)  # never shown back by a trial's text
     objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
                                memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False),
-                               stop=interrupt.stop, sandbox=config.sandbox)
+                               stop=interrupt.stop, sandbox=config.sandbox, trusted_code=(base.source,))
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
     refused = 0
@@ -338,7 +346,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     progress.summary()
     if show and hasattr(method, "summary"):  # e.g. the hybrid method's lineage
         method.summary()
-    return 130 if interrupt.requested else 0
+    return EXIT_INTERRUPTED if interrupt.requested else 0
 
 
 def _one_trial(study: optuna.Study, method, objective, config: RunConfig, budget: Budget,  # noqa: ANN001
@@ -369,7 +377,7 @@ def _one_trial(study: optuna.Study, method, objective, config: RunConfig, budget
                 result = objective.evaluate(move.code, dict(trial.params), seed=seed,
                                             trial_number=trial.number, trial_dir=trial_dir)
             except BaseException:  # Ctrl-C, or a bug: the trial is failed, never counted
-                store.settle(study, trial._trial_id)
+                store.settle(study, optuna_compat.trial_id(trial))
                 raise
         frozen = store.record_result(study, trial, result, attrs)
     method.observe(study, frozen, move)

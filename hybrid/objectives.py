@@ -82,9 +82,9 @@ class SurrogateObjective:
     name = "surrogate"
 
     def __init__(self) -> None:
-        from hybrid.surrogate import SurrogateObjective as Model
+        from hybrid.surrogate import SurrogateTrials
 
-        self._model = Model()
+        self._trials = SurrogateTrials()
 
     def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
         """The config snapped as the paper's runner did (hybrid.surrogate.runs_as)."""
@@ -94,7 +94,7 @@ class SurrogateObjective:
 
     def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult:
-        return self._model.evaluate(config, seed=seed, trial_number=trial_number)
+        return self._trials.evaluate(config, seed=seed, trial_number=trial_number)
 
 
 def ensure_prepared(profile: Profile) -> None:
@@ -133,9 +133,11 @@ class MemoryGuarded:
 
 def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None, memory_model: bool = False,
                    history: Callable[[], Iterable[FrozenTrial]] = tuple,
-                   stop: threading.Event | None = None, sandbox: str = "auto") -> Objective:
+                   stop: threading.Event | None = None, sandbox: str = "auto",
+                   trusted_code: tuple[str, ...] = ()) -> Objective:
     """The objective `name`, behind the memory model when it is on and a VRAM cap applies. Setting `stop` ends
-    a train.py trial in flight (a surrogate trial takes milliseconds: it finishes). `sandbox`: harness.sandbox's mode."""
+    a train.py trial in flight (a surrogate trial takes milliseconds: it finishes). `sandbox`: harness.sandbox's mode;
+    `trusted_code`: the user's own train.py, which the memory model builds in process (agent code: sandboxed)."""
     objective = (SurrogateObjective() if name == "surrogate"
                  else TrainObjective(profile, vram_cap_gb=vram_cap_gb, stop=stop, sandbox=sandbox, history=history))
     if not memory_model:
@@ -143,4 +145,5 @@ def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = N
     from hybrid.memory import MemoryModel, default_cap_gb
 
     cap = default_cap_gb(vram_cap_gb, name, profile)
-    return objective if cap is None else MemoryGuarded(objective, cap, history, MemoryModel(profile))
+    return objective if cap is None else MemoryGuarded(objective, cap, history,
+                                                       MemoryModel(profile, sandbox, trusted=trusted_code))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,10 +25,12 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from harness.result import TrialResult
 from harness.scrub import scrub
+from hybrid import optuna_compat
 from hybrid.errors import UserError
 
 HEARTBEAT_SECONDS = float(os.environ.get("HYBRID_HEARTBEAT_SECONDS", 10))
@@ -36,6 +39,14 @@ HEARTBEAT_KEY = "hybrid.heartbeat"  # trial system attribute: time.time() of the
 RUN_KEY = "hybrid.run"
 SPACE_KEY = "hybrid.space"
 GEN_PREFIX = "hybrid.gen."
+# Opening a new database from several machines at once: tries, and the first wait (one second longer each time).
+OPEN_ATTEMPTS = 5
+OPEN_RETRY_SECONDS = 0.5
+# What opening a storage raises for the user's database: sqlalchemy's errors (bad host, credentials, file, driver
+# name), a driver that is not installed (ImportError), tables of another Optuna version (RuntimeError). Anything
+# else is a fault of the code and is not turned into "cannot open storage".
+OPEN_ERRORS = (SQLAlchemyError, ImportError, RuntimeError)
+HEARTBEAT_FAILURES_TO_WARN = 2  # failed beats in a row before a warning (three make the trial dead to the others)
 MEASUREMENTS = ("val_bpb", "training_seconds", "startup_seconds", "eval_seconds", "total_seconds", "peak_memory_mb",
                 "tokens_per_second", "mfu", "num_params", "num_steps", "total_tokens", "error", "log_path", "phases")
 
@@ -62,14 +73,18 @@ def open_storage(url: str) -> RDBStorage:
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    for attempt in range(5):
+    try:
+        make_url(_with_driver(url))
+    except (ArgumentError, ValueError) as e:  # e.g. a port that is not a number
+        raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+    for attempt in range(OPEN_ATTEMPTS):
         try:
             storage = RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs)
             break
         except (IntegrityError, ProgrammingError) as e:  # machines creating the tables of a new database together
             error = e
-            time.sleep(0.5 + attempt)
-        except Exception as e:  # sqlalchemy's errors for bad hosts, drivers, credentials
+            time.sleep(OPEN_RETRY_SECONDS + attempt)
+        except OPEN_ERRORS as e:
             raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
     else:
         raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}")
@@ -150,11 +165,15 @@ def _outcome(result: TrialResult) -> tuple[TrialState, list[float] | None]:
 
 class Heartbeat:
     """Beats for a running trial from a thread (a trial system attribute), so that the other workers can tell
-    a trial in progress from one whose worker was killed."""
+    a trial in progress from one whose worker was killed. A beat that fails is tried again at the next one; beats
+    that keep failing say so once on stderr, with the error (the other workers may then declare the trial dead)."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        self._storage = study._storage
-        self._trial_id = trial._trial_id
+        self._storage = optuna_compat.storage(study)
+        self._trial_id = optuna_compat.trial_id(trial)
+        self._number = trial.number
+        self._failures = 0
+        self._warned = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -165,8 +184,21 @@ class Heartbeat:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 self._beat()
-            except Exception:  # a transient storage error, or the trial was settled: the trial decides
-                pass
+            except UpdateFinishedTrialError:
+                return  # told meanwhile (by this worker, or settled by another): nothing left to keep alive
+            except Exception as e:  # the thread goes on beating whatever failed: retried at the next beat
+                self._failed(e)
+            else:
+                self._failures = 0
+
+    def _failed(self, error: Exception) -> None:
+        self._failures += 1
+        if self._failures >= HEARTBEAT_FAILURES_TO_WARN and not self._warned:
+            self._warned = True
+            reason = scrub(str(error).splitlines()[0]) if str(error) else ""
+            print(f"hybrid: warning: the heartbeat of trial {self._number} failed {self._failures} times in a row "
+                  f"({type(error).__name__}: {reason}); the other workers may declare the trial dead",
+                  file=sys.stderr)
 
     def __enter__(self) -> Heartbeat:
         self._beat()
@@ -192,7 +224,7 @@ class Reaper:
     def sweep(self) -> list[FrozenTrial]:
         """The study's trials, after settling the dead ones."""
         trials = self.study.get_trials(deepcopy=False)
-        running = {t._trial_id: t for t in trials if t.state == TrialState.RUNNING}
+        running = {optuna_compat.trial_id(t): t for t in trials if t.state == TrialState.RUNNING}
         self._silent_since = {i: s for i, s in self._silent_since.items() if i in running}
         dead = [i for i, t in running.items() if self._dead(i, t)]
         for trial_id in dead:
@@ -209,11 +241,12 @@ class Reaper:
 def settle(study: optuna.Study, trial_id: int) -> None:
     """Finish a trial its worker left RUNNING: with its outcome if `status` was recorded, else FAIL (and an
     enqueued config, such as the baseline, is enqueued again so that it still runs)."""
-    trial = study._storage.get_trial(trial_id)
+    storage = optuna_compat.storage(study)
+    trial = storage.get_trial(trial_id)
     recorded = "status" in trial.user_attrs
     state, values = _outcome(TrialResult.from_dict(trial.user_attrs)) if recorded else (TrialState.FAIL, None)
     try:
-        study._storage.set_trial_state_values(trial_id, state, values)
+        storage.set_trial_state_values(trial_id, state, values)
     except UpdateFinishedTrialError:
         return  # settled meanwhile, by its worker or another
     fixed = trial.system_attrs.get("fixed_params")

@@ -17,7 +17,7 @@ did before training it (`project`). Then:
 - wall time: SUCCESS_SECONDS for a finished trial; for a failed one, the time until the out-of-memory error, a
   Huber regression on DEPTH (compilation grows with depth: about 15 s at DEPTH 6, 46 s at DEPTH 24).
 
-`SurrogateObjective.evaluate` samples a failure with p_fail and observation noise whose standard deviation grows
+`SurrogateTrials.evaluate` samples a failure with p_fail and observation noise whose standard deviation grows
 with val_bpb (NOISE_*), from a generator seeded by (seed, trial_number): a run is reproducible and resumable.
 
 The fit takes seconds; `load_surrogate` keeps it on disk (CACHE_FILE in the data directory), keyed by `fit_key`.
@@ -441,10 +441,11 @@ def predict_csv(in_path: str | Path, out_path: str | Path) -> None:
         raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
 
 
-# -- the objective ---------------------------------------------------------------------------------------------
+# -- trials sampled from it ------------------------------------------------------------------------------------
 
-class SurrogateObjective:
-    """Trials sampled from the surrogate: reproducible per (seed, trial_number)."""
+class SurrogateTrials:
+    """Trials sampled from the surrogate: reproducible per (seed, trial_number). (Not an objective of the loop:
+    hybrid.objectives.SurrogateObjective wraps it as one.)"""
 
     def __init__(self, surrogate: Surrogate | None = None) -> None:
         self.surrogate = surrogate or load_surrogate()

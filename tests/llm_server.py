@@ -4,7 +4,8 @@
         ... ANTHROPIC_BASE_URL=llm.base_url or --llm openai --llm-base-url llm.base_url + "/v1" ...
 
 Each request takes the next step of the script: a text (the answer), Fail(status) (an error response),
-Hang(seconds) (a reply slower than the client's timeout) or Drop() (the connection closed without a reply).
+Hang(seconds) (no reply for that long, or until the server closes: longer than the client's timeout) or Drop()
+(the connection closed without a reply).
 When the script is spent, `responder(system, prompt)` answers if given, else the server fails with 500.
 Usage is counted like the real APIs: 4 characters a token, and a system prefix seen before (with
 cache_control on Anthropic's side) counts as cache reads. At the end: answers in the style of real models
@@ -75,6 +76,7 @@ class FakeLLM:
         self.requests: list[Request] = []
         self._cached: set[str] = set()
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # releases the requests that hang
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -93,6 +95,7 @@ class FakeLLM:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -153,7 +156,7 @@ class FakeLLM:
                     return
                 step = fake._next(request)
                 if isinstance(step, Hang):
-                    time.sleep(step.seconds)
+                    fake._closing.wait(step.seconds)
                     step = "too late"
                 if isinstance(step, Drop):
                     self.close_connection = True

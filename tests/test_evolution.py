@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 import hybrid.evolution
 import hybrid.loop
 from harness.result import TrialResult
-from hybrid import generations, store
+from hybrid import generations, optuna_compat, store
 from hybrid.classical.warmstart import best_configs
 from hybrid.cli import main
 from hybrid.evolution import Snapshot, lineage_table
@@ -190,7 +190,7 @@ class Recording(BaseSampler):
 
     def _look(self, study, trial: FrozenTrial) -> None:  # noqa: ANN001
         self.seen |= {t.user_attrs.get("generation") for t in study.get_trials(deepcopy=False)}
-        self.seen |= {t.user_attrs.get("generation") for t in study._get_trials(deepcopy=False, use_cache=True)}
+        self.seen |= {t.user_attrs.get("generation") for t in optuna_compat.study_trials(study, deepcopy=False, use_cache=True)}
         self.sampled.add(trial.number)
 
     def infer_relative_search_space(self, study, trial):  # noqa: ANN001, ANN201

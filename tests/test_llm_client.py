@@ -11,7 +11,10 @@ from hybrid.loop import RunConfig
 from util import closed_port
 
 PREFIX = "You are a research engineer. " * 50
-FAST = RetryPolicy(attempts=3, backoff=0.01, timeout=0.5)
+# A request to the fake server takes 0.02-0.1 s here (0.2 s with the SDK client's start): successful requests get
+# far more; only the requests that hang wait for a timeout, HANG_POLICY's (still over ten times a request's need).
+FAST = RetryPolicy(attempts=3, backoff=0.01, timeout=60.0)
+HANG_POLICY = RetryPolicy(attempts=3, backoff=0.01, timeout=2.0)
 KEY = "sk-test-SECRET123"
 
 
@@ -57,11 +60,12 @@ def test_cost():
     assert cost("my-local-qwen", usage) is None
 
 
-@pytest.mark.parametrize("failure", [Fail(429), Fail(500), Fail(529), Hang(2.0), Drop()], ids=str)
+@pytest.mark.parametrize("failure", [Fail(429), Fail(500), Fail(529), Hang(120.0), Drop()], ids=str)
 def test_transient_failures_are_retried(monkeypatch, failure):
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    policy = HANG_POLICY if isinstance(failure, Hang) else FAST
     with FakeLLM([failure, failure, "finally"]) as llm:
-        reply = AnthropicProvider("claude-sonnet-4-6", FAST, llm.base_url).complete("p", "t")
+        reply = AnthropicProvider("claude-sonnet-4-6", policy, llm.base_url).complete("p", "t")
     assert reply.text == "finally" and reply.usage.attempts == 3 and len(llm.requests) == 3
 
 

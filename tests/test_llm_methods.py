@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from harness import profiles
 from harness.knobs import inject_knobs
 from harness.result import TrialResult
-from hybrid import cli, generations, loop, store
+from hybrid import cli, generations, loop, optuna_compat, store
 from hybrid.llm import centaur
 from hybrid.llm.centaur import CentaurMethod, UnitCube
 from hybrid.llm.code_agent import generation_space
@@ -53,7 +53,7 @@ def llm_env(monkeypatch, tmp_path):
     """A key in the environment, short retries, no other provider settings."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     monkeypatch.setenv("HYBRID_LLM_BACKOFF_SECONDS", "0.01")
-    monkeypatch.setenv("HYBRID_LLM_TIMEOUT_SECONDS", "1")
+    monkeypatch.setenv("HYBRID_LLM_TIMEOUT_SECONDS", "60")  # a request to the fake server needs 0.02-0.2 s
     monkeypatch.setenv("HYBRID_LLM_ATTEMPTS", "3")
     monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "anthropic-config"))
     for name in ("ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
@@ -142,8 +142,9 @@ def test_llm_hp_survives_the_corpus_and_shows_its_rejections(tmp_path, quick):
     assert (clamped.params["DEPTH"], clamped.params["MATRIX_LR"]) == (4, 0.2)
 
 
-def test_transient_provider_errors_are_retried_within_a_trial(tmp_path, quick):
-    with FakeLLM([Fail(429), Hang(3.0), config_answer(SPACE.defaults())]) as llm:
+def test_transient_provider_errors_are_retried_within_a_trial(tmp_path, quick, monkeypatch):
+    monkeypatch.setenv("HYBRID_LLM_TIMEOUT_SECONDS", "2")  # the hung request's wait; still ten times a request's need
+    with FakeLLM([Fail(429), Hang(120.0), config_answer(SPACE.defaults())]) as llm:
         config = run_config(tmp_path, "llm-hp", llm.base_url, 2)
         assert loop.run(config) == 0
     trial = consistent(load(config))[1]
@@ -280,8 +281,8 @@ def test_centaur_rebuilds_its_cma_state_from_the_study(tmp_path, quick, monkeypa
     state, again = live[0].cma, rebuilt.cma
     assert state.cma.generation == again.cma.generation >= 2
     np.testing.assert_allclose(again.cma.mean, state.cma.mean)
-    np.testing.assert_allclose(again.cma._C, state.cma._C)
-    assert again.cma._sigma == pytest.approx(state.cma._sigma)
+    np.testing.assert_allclose(optuna_compat.cma_covariance(again.cma), optuna_compat.cma_covariance(state.cma))
+    assert optuna_compat.cma_sigma(again.cma) == pytest.approx(optuna_compat.cma_sigma(state.cma))
     assert [x.tolist() for x, _ in again.pending] == [x.tolist() for x, _ in state.pending]
 
 
@@ -364,8 +365,9 @@ def test_llm_code_survives_the_corpus_on_real_training(tmp_path, data_dir, llm_e
             assert gens[attrs["generation"]].status in ("kept", "reverted") and attrs["total_seconds"] > 0
     assert len(gens) == 1 + ran
     slipped = trials[1 + next(i for i, e in enumerate(entries) if e["file"] == "code-slipped-print.md")]
-    assert "val_bpb: 0.100000" in Path(slipped.user_attrs["log_path"]).read_text()
-    assert slipped.user_attrs["val_bpb"] > 1.0  # the harness's own measurement, not the printed one
+    # its print after finish() never runs (the harness ends the process when it has the model); its score is the scorer's
+    assert "val_bpb: 0.100000" not in Path(slipped.user_attrs["log_path"]).read_text()
+    assert slipped.user_attrs["status"] == "ok" and slipped.user_attrs["val_bpb"] > 1.0
     oom = trials[1 + next(i for i, e in enumerate(entries) if e["file"] == "code-oom.md")]
     print(f"a gigantic allocation on CPU ends as {oom.user_attrs['status']}: {oom.user_attrs['error']}")
 

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -262,18 +260,13 @@ def test_every_worker_says_so_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_24_hour_protocol_runs_in_well_under_a_minute_on_one_core(tmp_path: Path) -> None:
-    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    before = os.times()
-    started = time.perf_counter()
-    done = subprocess.run([*pin, sys.executable, "-m", "hybrid.cli", "run", "--method", "tpe", "--objective",
+def test_the_24_hour_protocol_on_the_surrogate_spends_its_budget(tmp_path: Path) -> None:
+    """What the protocol records. How long it takes (CPU and wall seconds on one core) is measured by
+    benchmarks/sampler_time.py, not asserted here."""
+    done = subprocess.run([sys.executable, "-m", "hybrid.cli", "run", "--method", "tpe", "--objective",
                            "surrogate", "--budget-hours", "24", "--study", "p"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
-    wall, after = time.perf_counter() - started, os.times()
-    cpu = after.children_user + after.children_system - before.children_user - before.children_system
     assert done.returncode == 0, done.stderr
-    print(f"24-hour protocol: {cpu:.1f} s of CPU, {wall:.1f} s wall")
-    assert cpu < 60.0
 
     study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path}/runs/hybrid.db")
     trials = study.get_trials()

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from harness.result import PENALTY, TrialResult
-from hybrid import store
+from hybrid import optuna_compat, store
 from hybrid.errors import UserError
 
 X = {"x": FloatDistribution(0.0, 1.0)}
@@ -30,11 +31,12 @@ def running_trial(study: optuna.Study, **attrs: object) -> optuna.Trial:
 
 
 def beat(study: optuna.Study, trial: optuna.Trial, age: float) -> None:
-    study._storage.set_trial_system_attr(trial._trial_id, store.HEARTBEAT_KEY, time.time() - age)
+    storage = optuna_compat.storage(study)
+    storage.set_trial_system_attr(optuna_compat.trial_id(trial), store.HEARTBEAT_KEY, time.time() - age)
 
 
 def frozen(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial:
-    return study._storage.get_trial(trial._trial_id)
+    return optuna_compat.storage(study).get_trial(optuna_compat.trial_id(trial))
 
 
 @pytest.mark.parametrize("url", ["runs/hybrid.db", "sqlite://runs/hybrid.db", "sqlite:///:memory:", "sqlite:///",
@@ -78,7 +80,7 @@ def test_outcomes_are_recorded_as_attributes_and_told(study: optuna.Study) -> No
 
 
 def test_heartbeat_keeps_a_running_trial_alive(study: optuna.Study, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.05)  # a beat every 0.05 s: the grace is twenty of them
     monkeypatch.setattr(store, "GRACE_SECONDS", 1.0)
     trial = running_trial(study)
     with store.Heartbeat(study, trial):
@@ -128,5 +130,68 @@ def test_an_interrupted_enqueued_trial_is_enqueued_again(study: optuna.Study, mo
 def test_settling_a_finished_trial_changes_nothing(study: optuna.Study) -> None:
     trial = running_trial(study)
     study.tell(trial, 0.3)
-    store.settle(study, trial._trial_id)
+    store.settle(study, optuna_compat.trial_id(trial))
     assert (frozen(study, trial).state, frozen(study, trial).value) == (TrialState.COMPLETE, 0.3)
+
+
+class FlakyStorage:
+    """A storage whose heartbeat writes fail after the first one, as a database that went away."""
+
+    def __init__(self, storage, error: Exception) -> None:  # noqa: ANN001
+        self.storage, self.error, self.beats = storage, error, 0
+
+    def set_trial_system_attr(self, *args: object) -> None:
+        self.beats += 1
+        if self.beats > 1:
+            raise self.error
+        self.storage.set_trial_system_attr(*args)
+
+
+def test_a_heartbeat_that_keeps_failing_says_so_once_and_goes_on(study: optuna.Study, capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.01)
+    trial = running_trial(study)
+    gone = sqlalchemy.exc.OperationalError("UPDATE", {}, "database is gone")
+    flaky = FlakyStorage(optuna_compat.storage(study), gone)
+    monkeypatch.setattr(optuna_compat, "storage", lambda _study: flaky)
+    with store.Heartbeat(study, trial):
+        deadline = time.monotonic() + 60.0
+        while flaky.beats < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert flaky.beats >= 10  # it kept trying
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "heartbeat" in line]
+    assert len(warnings) == 1, warnings
+    assert f"trial {trial.number}" in warnings[0]
+    assert "OperationalError" in warnings[0] and "database is gone" in warnings[0]
+
+
+def test_a_heartbeat_stops_quietly_once_its_trial_is_finished(study: optuna.Study, capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.01)
+    trial = running_trial(study)
+    with store.Heartbeat(study, trial) as heartbeat:
+        study.tell(trial, 0.5)  # told (or settled by another worker) while the thread still beats
+        heartbeat._thread.join(timeout=60.0)
+        assert not heartbeat._thread.is_alive()
+    assert capsys.readouterr().err == ""
+
+
+def test_programming_errors_are_not_storage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(store, "RDBStorage", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        store.open_storage(f"sqlite:///{tmp_path}/h.db")
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("postgresql+nodriver://u@127.0.0.1/db", "Can't load plugin"),  # a driver name sqlalchemy does not know
+    ("mysql+nodriver://u@127.0.0.1:notaport/db", "invalid literal"),  # a malformed port
+    ("sqlite:///{tmp}/notes.db", "file is not a database"),
+])
+def test_storage_errors_are_one_line_user_errors(url: str, reason: str, tmp_path: Path) -> None:
+    (tmp_path / "notes.db").write_text("not a database, but long enough to be read as one " * 100)
+    with pytest.raises(UserError, match="cannot open storage") as e:
+        store.open_storage(url.format(tmp=tmp_path))
+    assert reason in str(e.value) and "\n" not in str(e.value)

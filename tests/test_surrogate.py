@@ -15,7 +15,7 @@ from hybrid.errors import UserError
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space
 from hybrid.surrogate import (CACHE_FILE, KNOBS, OUTPUTS, PAPER_CAP_GB, PAPER_SPACE, SUCCESS_SECONDS, Surrogate,
-                              SurrogateObjective, cached_fit, fit_key, fixed_space, load_surrogate, load_trials,
+                              SurrogateTrials, cached_fit, fit_key, fixed_space, load_surrogate, load_trials,
                               predict_csv, runs_as)
 
 BASELINE = PAPER_SPACE.defaults()
@@ -23,11 +23,11 @@ HUGE = {**BASELINE, "DEPTH": 24, "ASPECT_RATIO": 128, "DEVICE_BATCH_SIZE": 256, 
 
 
 @pytest.fixture(scope="module")
-def objective(tmp_path_factory) -> SurrogateObjective:
+def objective(tmp_path_factory) -> SurrogateTrials:
     """The surrogate objective; a fit it caches goes to a temporary data directory."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYBRID_DATA_DIR", str(tmp_path_factory.mktemp("data")))
-        return SurrogateObjective(load_surrogate())
+        return SurrogateTrials(load_surrogate())
 
 
 def random_configs(n: int, seed: int = 0) -> pd.DataFrame:
@@ -79,7 +79,7 @@ def test_sampling_is_reproducible_by_seed_and_trial(objective):
     config = {**BASELINE, "DEPTH": 12, "DEVICE_BATCH_SIZE": 64, "MATRIX_LR": 0.03}
     first = objective.evaluate(config, seed=5, trial_number=11)
     assert objective.evaluate(config, seed=5, trial_number=11) == first
-    assert SurrogateObjective(objective.surrogate).evaluate(config, seed=5, trial_number=11) == first
+    assert SurrogateTrials(objective.surrogate).evaluate(config, seed=5, trial_number=11) == first
     others = {objective.evaluate(config, seed=s, trial_number=t).val_bpb for s, t in ((5, 12), (6, 11), (7, 3))}
     assert first.val_bpb not in others and len(others) == 3
 

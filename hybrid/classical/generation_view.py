@@ -9,6 +9,8 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from hybrid import optuna_compat
+
 GENERATION_ATTR = "generation"  # trial user attribute: the code generation the trial ran
 
 
@@ -19,9 +21,10 @@ class GenerationStudy:
         self._study = study
         self.generation = generation
 
+    # Optuna's samplers list trials through this private method (see hybrid/optuna_compat.py): overridden here.
     def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        trials = optuna_compat.study_trials(self._study, deepcopy=deepcopy, states=states, use_cache=use_cache)
         return [t for t in trials if t.user_attrs.get(GENERATION_ATTR) == self.generation]
 
     def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
@@ -71,10 +74,10 @@ class GenerationSampler(BaseSampler):
         return self.current.sample_independent(self._view(study), trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        storage = study._storage
-        storage.set_trial_user_attr(trial._trial_id, GENERATION_ATTR, self.generation)
+        storage, trial_id = optuna_compat.storage(study), optuna_compat.trial_id(trial)
+        storage.set_trial_user_attr(trial_id, GENERATION_ATTR, self.generation)
         if "source" not in trial.user_attrs:  # an enqueued trial (the baseline) keeps its own
-            storage.set_trial_user_attr(trial._trial_id, "source", self.source)
+            storage.set_trial_user_attr(trial_id, "source", self.source)
         self.current.before_trial(self._view(study), trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,

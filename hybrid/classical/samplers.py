@@ -10,13 +10,15 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial
 
 CLASSICAL = ("random", "tpe", "cmaes", "gp")
-N_STARTUP = 10  # random trials before the model-based samplers take over (TPE, GP)
+# Random trials of a study before TPE or GP takes over, for the tpe and gp methods (Optuna's own default). The
+# hybrid method starts each generation's sampler with far fewer: hybrid.evolution.GENERATION_N_STARTUP.
+STUDY_N_STARTUP = 10
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def make_sampler(name: str, seed: int, *, x0: dict[str, Any] | None = None,
-                 source_trials: list[FrozenTrial] | None = None, n_startup: int = N_STARTUP) -> BaseSampler:
+                 source_trials: list[FrozenTrial] | None = None, n_startup: int = STUDY_N_STARTUP) -> BaseSampler:
     """The classical sampler `name`, seeded. CMA-ES may start at x0 or be warm-started from source trials;
     TPE and GP sample at random for their first n_startup trials."""
     if name == "random":

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.knobs import inject_knobs
 from harness.result import PENALTY
-from hybrid import store
+from hybrid import optuna_compat, store
 from hybrid.classical.samplers import PinnedSampler
 from hybrid.llm import prompts
 from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
@@ -94,8 +94,8 @@ class CMAState:
                 self.cma = self._fresh(self.cma.mean)
 
     def view(self) -> prompts.CMAView:
-        sigma = float(self.cma._sigma)  # the library keeps step size and covariance private; read, never written
-        covariance = (sigma ** 2 * self.cma._C).tolist()
+        sigma = optuna_compat.cma_sigma(self.cma)  # private in the library: read, never written
+        covariance = (sigma ** 2 * optuna_compat.cma_covariance(self.cma)).tolist()
         return prompts.CMAView(self.cube.decode(self.cma.mean), sigma, self.cube.names, covariance, self.cma.generation)
 
 

@@ -1,0 +1,145 @@
+"""The hybrid method's pure decision functions, table by table: the noise margin, the pooled noise, the verdict on
+a candidate generation (hybrid.promotion.judge) and when a generation is due for a structural move (Schedule.due)."""
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.result import PENALTY
+from hybrid.promotion import NOISE_Z, Schedule, Score, judge, margin, pooled_noise
+
+X = {"x": FloatDistribution(0.0, 1.0)}
+
+
+def trial(number: int, value: float | None, *, source: str = "tpe", x: float = 0.5, status: str = "ok") -> FrozenTrial:
+    """A finished trial: val_bpb `value` when it succeeded (status ok), else a failure told as the penalty."""
+    attrs = {"status": status if value is not None else "crash", "source": source}
+    if value is not None:
+        attrs["val_bpb"] = value
+    ok = attrs["status"] == "ok" and value is not None
+    return FrozenTrial(number=number, state=TrialState.COMPLETE, value=value if ok else PENALTY,
+                       datetime_start=datetime(2026, 1, 1), datetime_complete=datetime(2026, 1, 1), params={"x": x},
+                       distributions=X, user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=number)
+
+
+# -- margin(noise, n_a, n_b): NOISE_Z standard errors of a difference of means -------------------------------------
+
+@pytest.mark.parametrize("noise, n_a, n_b, expected", [
+    (None, 1, 1, 0.0),                                        # noise unknown: no margin
+    (None, 3, 5, 0.0),
+    (0.0, 2, 2, 0.0),                                         # no noise measured: no margin
+    (0.01, 1, 1, NOISE_Z * 0.01 * math.sqrt(2)),              # one run against one run
+    (0.01, 3, 3, NOISE_Z * 0.01 * math.sqrt(2 / 3)),          # the means of three runs: narrower
+    (0.01, 1, 3, NOISE_Z * 0.01 * math.sqrt(4 / 3)),
+    (0.01, 3, 1, NOISE_Z * 0.01 * math.sqrt(4 / 3)),          # symmetric
+    (0.5, 2, 2, 1.0),                                         # exact: used for the tie below
+], ids=["unknown", "unknown-3-5", "zero", "1-1", "3-3", "1-3", "3-1", "exact"])
+def test_margin(noise: float | None, n_a: int, n_b: int, expected: float) -> None:
+    assert margin(noise, n_a, n_b) == pytest.approx(expected, rel=1e-12, abs=0.0)
+
+
+# -- pooled_noise(trials by generation): the pooled standard deviation of configs run more than once ------------
+
+@pytest.mark.parametrize("generations, expected", [
+    ({}, None),                                                                    # no generation
+    ({0: []}, None),                                                               # no trial
+    ({0: [trial(0, 1.0, x=0.1), trial(1, 1.1, x=0.2)]}, None),                     # no config twice
+    ({0: [trial(0, 1.0), trial(1, 1.02)]}, math.sqrt(2e-4)),                       # one pair
+    ({0: [trial(0, 1.0), trial(1, 2.0), trial(2, 3.0)]}, 1.0),                     # a triple: two degrees of freedom
+    ({0: [trial(0, 1.0), trial(1, 1.02)], 1: [trial(2, 2.0), trial(3, 2.04)]},    # pooled over generations
+     math.sqrt((2e-4 + 8e-4) / 2)),
+    ({0: [trial(0, 1.0)], 1: [trial(1, 1.5)]}, None),                              # same config, two generations
+    ({0: [trial(0, 1.0), trial(1, None)]}, None),                                  # a failure is no measurement
+    ({0: [trial(0, 1.0), trial(1, 1.3, status="oom")]}, None),                     # nor an OOM with a val_bpb
+    ({0: [trial(0, 1.0), trial(1, math.inf)]}, None),                              # nor a non-finite val_bpb
+    ({0: [trial(0, 1.0), trial(1, 1.0)]}, 0.0),                                    # a tie: noise measured as zero
+], ids=["empty", "no-trials", "no-repeat", "pair", "triple", "two-generations", "across-generations", "failure",
+        "oom", "infinite", "tie"])
+def test_pooled_noise(generations: dict[int, list[FrozenTrial]], expected: float | None) -> None:
+    noise = pooled_noise(generations)
+    assert noise == (None if expected is None else pytest.approx(expected, rel=1e-9))
+
+
+# -- judge(parent score, candidate score, noise): promote only beyond the margin --------------------------------
+
+MARGIN_3_3 = NOISE_Z * 0.01 * math.sqrt(2 / 3)
+
+
+@pytest.mark.parametrize("parent, candidate, noise, promoted, reason, margin_, delta", [
+    (Score(1.0, 3, 0.99), None, 0.01, False, "no successful trial", 0.0, None),                 # candidate failed
+    (None, None, 0.01, False, "no successful trial", 0.0, None),                               # both failed
+    (None, Score(1.0, 3, 0.99), 0.01, True, "the parent has no successful trial", 0.0, None),  # parent failed
+    (None, Score(1.0, 1, 1.0), None, True, "the parent has no successful trial", 0.0, None),   # ... noise unknown
+    (Score(1.0, 3, 1.0), Score(0.98, 3, 0.98), 0.01, True, "beats the parent", MARGIN_3_3, 0.02),
+    (Score(1.0, 3, 1.0), Score(0.99, 3, 0.99), 0.01, False, "not more than the margin", MARGIN_3_3, 0.01),
+    (Score(1.0, 3, 1.0), Score(1.01, 3, 1.01), 0.01, False, "not more than the margin", MARGIN_3_3, -0.01),  # worse
+    (Score(1.0, 1, 1.0), Score(0.999, 1, 0.999), None, True, "beats the parent", 0.0, 0.001),  # noise unknown
+    (Score(1.0, 1, 1.0), Score(1.0, 1, 1.0), None, False, "not more than the margin", 0.0, 0.0),  # tie, no noise
+    (Score(3.0, 2, 3.0), Score(2.0, 2, 2.0), 0.5, False, "not more than the margin", 1.0, 1.0),  # tie with the margin
+], ids=["candidate-failed", "both-failed", "parent-failed", "parent-failed-noise-unknown", "beats", "within-noise",
+        "worse", "noise-unknown", "tie", "tie-with-margin"])
+def test_judge(parent: Score | None, candidate: Score | None, noise: float | None, promoted: bool, reason: str,
+               margin_: float, delta: float | None) -> None:
+    verdict = judge(parent, candidate, noise)
+    assert verdict.promoted is promoted and reason in verdict.reason
+    assert verdict.margin == pytest.approx(margin_, rel=1e-12, abs=0.0)
+    assert verdict.delta == (None if delta is None else pytest.approx(delta, abs=1e-12))
+    assert verdict.noise == noise
+    assert verdict.score == (candidate.value if candidate else None)
+    assert verdict.parent_score == (parent.value if parent else None)
+    assert set(verdict.to_extra()) == {"promoted", "reason", "margin", "noise", "score", "parent_score", "delta"}
+
+
+# -- Schedule.due(trials, epoch_after, noise): mutate every M sampled trials, or after W without improvement -----
+
+def tpe(*values: float | None, start: int = 0) -> list[FrozenTrial]:
+    """Sampled trials numbered from `start`, each at a config of its own."""
+    return [trial(start + i, v, x=(start + i) / 100) for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("schedule, trials, epoch_after, noise, expected", [
+    (Schedule(3, 2), [], -1, None, None),                                                    # nothing run yet
+    (Schedule(3, 2), [trial(0, 1.0, source="baseline")], -1, None, None),                   # the baseline alone
+    (Schedule(3, 2), tpe(1.0, 0.9, 0.8), -1, None, "3 sampled trials"),                     # M sampled trials
+    (Schedule(3, 9), tpe(1.0, 0.9), -1, None, None),                                         # one short of M
+    (Schedule(3, 9), [trial(0, 1.0, source="baseline"), trial(1, 0.9, source="catalog"),     # pinned trials do
+                      trial(2, 0.8, source="warmstart"), trial(3, 1.0, source="repeat"),     # not count
+                      *tpe(0.7, 0.6, start=4)], -1, None, None),
+    (Schedule(3, 9), tpe(1.0, 0.9, 0.8, 0.7, 0.6), 2, None, None),                          # only the epoch counts
+    (Schedule(3, 9), tpe(1.0, 0.9, 0.8, 0.7, 0.6, 0.5), 2, None, "3 sampled trials"),
+    (Schedule(2, 2), tpe(1.0, 1.1), -1, None, "2 sampled trials"),                          # M before W
+    (Schedule(9, 2), [trial(0, 1.0, source="baseline"), *tpe(1.1, 1.2, start=1)], -1, None,
+     "stagnation: 2 sampled trials"),                                                       # W without improvement
+    (Schedule(9, 2), [trial(0, 1.0, source="baseline"), *tpe(1.1, start=1)], -1, None, None),  # one short of W
+    (Schedule(9, 2), [trial(0, 1.0, source="baseline"), *tpe(0.99, 0.98, start=1)], -1, None,
+     None),                                                                                 # noise unknown: any gain
+    (Schedule(9, 2), [trial(0, 1.0, source="baseline"), *tpe(0.99, 0.98, start=1)], -1, 0.01,
+     "stagnation: 2 sampled trials"),                                                       # gains within the noise
+    (Schedule(9, 2), [trial(0, 1.0, source="baseline"), *tpe(0.9, 0.8, start=1)], -1, 0.01,
+     None),                                                                                 # gains beyond it
+    (Schedule(9, 2), [trial(0, 1.0, source="baseline"), *tpe(1.0, 1.0, start=1)], -1, None,
+     "stagnation: 2 sampled trials"),                                                       # ties are no gain
+    (Schedule(9, 2), [trial(0, None, source="baseline"), *tpe(None, None, start=1)], -1, None,
+     "stagnation: 2 sampled trials"),                                                       # no success at all
+    (Schedule(9, 2), [trial(0, None, source="baseline"), *tpe(None, 1.2, start=1)], -1, None,
+     None),                                                                                 # a first success is a gain
+    (Schedule(9, 2), [trial(0, 1.0, source="baseline"), *tpe(1.1, start=1),
+                      trial(2, 0.5, source="repeat"), *tpe(1.2, start=3)], -1, None,
+     "stagnation: 2 sampled trials"),                                                       # a repeat is no gain
+    (Schedule(9, 2), tpe(1.1, 1.2, 1.3, 1.4), 2, None, None),                               # W, but not in the epoch
+    (Schedule(9, 2), tpe(1.1, 1.2, 1.3, 1.4, 1.5), 2, None, "stagnation: 4 sampled trials"),
+    (Schedule(9, 2), list(reversed(tpe(0.9, 1.0, 1.1))), -1, None, "stagnation: 2 sampled trials"),  # by number
+], ids=["empty", "baseline", "mutate-every", "one-short", "pinned-not-counted", "epoch-only", "epoch-reaches-M",
+        "M-first", "stagnation", "stagnation-one-short", "noise-unknown-any-gain", "gain-within-noise",
+        "gain-beyond-noise", "ties", "no-success", "first-success", "repeat-is-no-gain", "stagnation-needs-epoch",
+        "stagnation-in-epoch", "trial-order"])
+def test_schedule_due(schedule: Schedule, trials: list[FrozenTrial], epoch_after: int, noise: float | None,
+                      expected: str | None) -> None:
+    reason = schedule.due(trials, epoch_after, noise)
+    assert (reason is None) == (expected is None), reason
+    if expected is not None:
+        assert reason.startswith(expected), reason
