@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "`reached` is what the case's own log says it managed (informational: the log is the agent's); `guard` is",
         "the patch guard's verdict on the edit (informational: the guard is a first filter, not the boundary).",
         "",
+        "",
     ]
     (args.out / "sandbox_corpus.md").write_text("\n".join(summary) + outcome_table(outcomes))
     print(f"{len(bad)} of {len(hostile)} cases with problems; wrote {args.out / 'sandbox_corpus.md'}")

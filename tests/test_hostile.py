@@ -20,7 +20,8 @@ import pytest
 
 from harness.profiles import get_profile
 from harness.runner import run_trial
-from hostile.arena import Baseline, Outcome, Scene, TrustedSide, guard_verdict, outcome_table, run_case, run_source, trial_config
+from hostile.arena import (Baseline, Outcome, Scene, TrustedSide, guard_verdict, outcome_table, run_case, run_source,
+                           trial_config)
 from hostile.cases import CASES, KINDS, TRAIN_PY, Case
 
 OUTCOMES: list[Outcome] = []

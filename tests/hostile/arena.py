@@ -485,7 +485,8 @@ def _judge(val: float, tokens: int, baseline: Baseline | float | None) -> tuple[
     if isinstance(baseline, Baseline):
         return baseline.judge(val, tokens)
     if baseline is not None and val < baseline - TOLERANCE:
-        return f"forged or read-ahead val_bpb {val:.4f} recorded as ok (baseline {baseline:.4f}, tolerance {TOLERANCE})", None
+        return (f"forged or read-ahead val_bpb {val:.4f} recorded as ok (baseline {baseline:.4f}, "
+                f"tolerance {TOLERANCE})"), None
     return None, None
 
 
@@ -510,10 +511,11 @@ def outcome_table(results: Iterable[Outcome], with_guard: bool = True) -> str:
                  f"{r.seconds:.1f}", _cell(r.error, 70), _cell("; ".join(r.reached), 60)]
         if with_guard:
             cells.append(_cell(r.guard, 50))
-        cells.append(_cell("; ".join(r.problems) or "none" + (f" (note: {'; '.join(r.notes)})" if r.notes else ""), 160))
+        note = f" (note: {'; '.join(r.notes)})" if r.notes else ""
+        cells.append(_cell("; ".join(r.problems) or f"none{note}", 160))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
-__all__ = ["MARKER", "TOLERANCE", "Baseline", "Outcome", "Scene", "TrustedSide", "guard_verdict", "outcome_table", "run_case",
-           "run_source", "trial_config"]
+__all__ = ["MARKER", "TOLERANCE", "Baseline", "Outcome", "Scene", "TrustedSide", "guard_verdict", "outcome_table",
+           "run_case", "run_source", "trial_config"]
