@@ -287,8 +287,8 @@ def test_train_trials_interrupted_and_killed_mid_trial(tmp_path: Path, data_dir:
         proc = subprocess.Popen(cmds[number is None], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
         target = number if number is not None else count(db, TRIALS)
         trial_dir = tmp_path / "runs" / "s" / f"trial-{target:05d}"
-        assert wait_for(lambda: (trial_dir / "log.txt").exists(), proc)
-        time.sleep(1.0)  # train.py is running
+        # the trial's processes are running (a fixed sleep after its log appears may outlast a whole test-profile trial)
+        assert wait_for(lambda: _train_worker_of(trial_dir) is not None, proc)
         proc.send_signal(stop)
         assert proc.wait(timeout=60) == (130 if stop == signal.SIGINT else -signal.SIGKILL)
         deadline = time.monotonic() + 10.0  # the trial's worker watches its runner and ends with it
