@@ -121,8 +121,8 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
     except OSError as e:
         return _finish(TrialResult(status="crash", error=f"cannot write the trial's folder: {e}"), config, log,
                        trial_dir, t0)
-    spec = {"seed": seed, "threads": threads, "device": "cpu" if gpu is None and scoring_device.type == "cpu"
-            else ("cuda:0" if gpu is not None else scoring_device.type), "vram_cap_gb": vram_cap_gb,
+    spec = {"seed": seed, "threads": threads, "device": "cuda:0" if gpu is not None else scoring_device.type,
+            "vram_cap_gb": vram_cap_gb,
             "seq_len": profile.seq_len, "time_budget": profile.time_budget, "vocab_size": tokenizer.vocab_size,
             "bos_id": tokenizer.bos_id, "eval_rows": forward_rows(profile)}
     limits = Limits(memory_bytes=default_memory_bytes())

@@ -14,6 +14,7 @@ first answered). Any drift beyond CAUSAL_TOLERANCE fails the trial as `invalid`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import threading
@@ -47,8 +48,10 @@ def forward_rows(profile: Profile) -> int:
     return max(1, min(profile.eval_batch_tokens, MAX_LOGIT_TOKENS) // profile.seq_len)
 
 
+@functools.lru_cache(maxsize=4)
 def val_rows(profile: Profile, data: Prepared) -> np.ndarray:
-    """The validation rows every trial is scored on: (rows, seq_len + 1) int64, inputs then shifted targets."""
+    """The validation rows every trial is scored on: (rows, seq_len + 1) int64, inputs then shifted targets; packed
+    once per process (the seal keeps the token cache unchanged); callers do not modify it."""
     rows = -(-profile.eval_tokens // profile.seq_len)
     got = list(zip(range(rows), token_rows(data, "val", profile.seq_len)))
     if len(got) < rows:
