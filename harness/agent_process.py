@@ -25,12 +25,15 @@ CLOSED = {"op": "closed"}  # what receive() returns once the process closed the 
 
 
 class TrialLog:
-    """One trial's output, from all its processes, written to `path` when closed."""
+    """One trial's output, from all its processes: its head written to `path` line by line as it comes (scrubbed, so
+    `tail -f` works during a trial), head and tail written again when closed."""
 
     def __init__(self, path: Path):
         self.path, self.head, self.tail, self.cut = path, bytearray(), deque(), 0
         self._lock = threading.Lock()
         self._tail_bytes = 0
+        self._written = 0  # bytes of the head already in the file, always up to a line's end
+        path.write_text("")
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -43,6 +46,11 @@ class TrialLog:
                 while self._tail_bytes - len(self.tail[0]) >= LOG_TAIL:
                     self._tail_bytes -= len(self.tail[0])
                     self.cut += len(self.tail.popleft())
+            end = self.head.rfind(b"\n") + 1
+            if end > self._written:
+                with self.path.open("a") as f:
+                    f.write(scrub(self.head[self._written:end].decode("utf-8", errors="replace")))
+                self._written = end
 
     def note(self, line: str) -> None:
         self.write(f"harness: {line}\n".encode())

@@ -115,7 +115,7 @@ def supervise(process: AgentProcess, feed: Feed, profile: Profile, *, startup_li
             t.fail("timeout", "killed at the wall-clock limit of a trial")
             break
         if t.clock_start is None and now - t.launched > startup_limit:
-            t.fail("timeout", f"the training clock did not start within {startup_limit:.1f}s (startup: imports, model, "
+            t.fail("timeout", f"the training clock did not start within {startup_limit:g}s (startup: imports, model, "
                               f"compilation and {profile.warmup_steps} warm-up step(s))")
             break
         if t.clock_start is not None and now - t.clock_start > budget * 1.25 + OVERRUN:

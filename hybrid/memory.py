@@ -257,7 +257,8 @@ class ShapeProbe:
         self._warned: set[str] = set()
 
     def clear(self) -> None:
-        """Forget every build (as a new run would)."""
+        """Forget every build and every trusted code (as a new run would)."""
+        self.trusted.clear()
         self._builds.clear()
         self._shapeless.clear()
 

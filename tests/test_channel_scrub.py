@@ -118,6 +118,9 @@ def test_a_trial_log_keeps_head_and_tail_scrubbed(monkeypatch, tmp_path, no_regi
     monkeypatch.setenv("PLANTED_VALUE", "planted-secret-in-output")
     log = TrialLog(tmp_path / "log.txt")
     log.write(b"first line planted-secret-in-output\n")
+    log.write(b"half a line")
+    assert (tmp_path / "log.txt").read_text() == f"first line {REDACTED}\n"  # written as it comes, by whole lines
+    log.write(b"\n")
     for _ in range(3 * (LOG_HEAD + LOG_TAIL) // 4096):
         log.write(b"y" * 4095 + b"\n")
     log.note("the last word")

@@ -347,7 +347,9 @@ def test_llm_code_survives_the_corpus_on_real_training(tmp_path, data_dir, llm_e
     monkeypatch.setitem(profiles.PROFILES, "test", replace(test, timeout_seconds=45.0))
     entries = [e for e in corpus("code") if e["file"] not in ("code-good-file.md", "code-good-diff.md")]  # read in
     # test_llm_corpus_is_read_as_expected; keeping and reverting is tested above: two real trials less
-    entries.sort(key=lambda e: e["expect"] != "rejected")  # the refusals first: they cost no time
+    # the refusals first (they cost no time), those that may be kept last (a kept edit changes the code later diffs
+    # are written against)
+    entries.sort(key=lambda e: (e["expect"] != "rejected", e["expect"] == "ok"))
     pending = list(entries)
     with FakeLLM(responder=lambda system, prompt: answer(pending.pop(0), shown_train_py(system))) as llm:
         config = run_config(tmp_path, "llm-code", llm.base_url, len(entries) + 1)
