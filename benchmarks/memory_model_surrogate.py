@@ -35,6 +35,7 @@ import optuna
 import pandas as pd
 import torch
 
+import hybrid.config
 import hybrid.loop
 from harness.profiles import get_profile
 from hybrid import store, surrogate
@@ -51,7 +52,7 @@ def one_run(task: tuple[str, int, bool, float, str]) -> dict[str, Any]:
     method, seed, memory_on, hours, work_dir = task
     name = f"{method}-seed{seed}-{'memory' if memory_on else 'plain'}"
     storage = f"sqlite:///{work_dir}/{name}.db"
-    config = hybrid.loop.RunConfig(method=method, study=name, storage=storage, seed=seed, objective="surrogate",
+    config = hybrid.config.RunConfig(method=method, study=name, storage=storage, seed=seed, objective="surrogate",
                                    profile="gpu", memory_model=memory_on, budget_hours=hours,
                                    artifacts=f"{work_dir}/{name}")
     t0 = time.perf_counter()

@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harness.loader import pack_rows
+from harness.prepared import Prepared
 from harness.profiles import Profile, data_dir
 from harness.tokenizer import Tokenizer, train_tokenizer
 from harness.errors import UserError
@@ -47,29 +47,6 @@ TOKENIZER_CHARS, TOKENIZER_DOC_CHARS = 1_000_000_000, 10_000  # what the BPE tra
 ENCODE_BATCH = 8192      # documents per multi-threaded encode call
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Where one prepared source lives, for one vocabulary size."""
-    source: str       # source id: builtin | climbmix | local-<name>-<hash>
-    vocab_size: int
-    root: Path
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / f"tokenizer-{self.vocab_size}.pkl"
-
-    @property
-    def tokens(self) -> Path:
-        return self.root / f"tokens-{self.vocab_size}"
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "vocab_size": self.vocab_size, "root": str(self.root)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Prepared:
-        return cls(d["source"], d["vocab_size"], Path(d["root"]))
 
 
 def prepare(profile: Profile, source: str | None = None, log: Log = print) -> Prepared:

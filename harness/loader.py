@@ -9,13 +9,11 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from harness.data import Prepared
+from harness.prepared import Prepared
 
 BUFFER_DOCS = 1000  # documents the packer chooses from
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.agent_process import CLOSED, AgentProcess
-from harness.data import Prepared
+from harness.prepared import Prepared
 from harness.loader import token_rows
 from harness.profiles import Profile
 from harness.tokenizer import Tokenizer

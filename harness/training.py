@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from harness.agent_process import CLOSED, AgentProcess
-from harness.data import Prepared
+from harness.prepared import Prepared
 from harness.loader import token_rows
 from harness.profiles import Profile
 

@@ -18,9 +18,9 @@ from typing import Any
 import optuna
 
 from hybrid import report, store
-from hybrid.cli import DEFAULT_STORAGE, METHODS
 from hybrid.errors import EXIT_INTERRUPTED, UserError
-from hybrid.loop import DEFAULT_BUDGET_HOURS, Budget, RunConfig, run
+from hybrid.config import DEFAULT_BUDGET_HOURS, DEFAULT_STORAGE, METHODS, Budget, RunConfig
+from hybrid.loop import run
 
 DEFAULT_METHODS = ("tpe", "cmaes", "random", "hybrid")
 # Trial time per study on the cpu profile when neither --budget-hours nor --trials is given: a quarter of a

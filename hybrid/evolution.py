@@ -24,13 +24,15 @@ from hybrid.classical.samplers import PinnedSampler, make_sampler
 from hybrid.classical.warmstart import best_configs, cma_source_trials, ok_value
 from hybrid.generations import Generation, GitLineage
 from hybrid.lease import StructuralLease
-from hybrid.methods import Move
+from hybrid.move import Move
 from hybrid.promotion import REPEATS, Schedule, incumbent, judge, pooled_noise, runs_of, score
 from hybrid.space import SearchSpace, SpaceError, check_against_source
-from hybrid.structural import Context, Proposal, make_agent
+from hybrid.llm.catalog import CatalogAgent
+from hybrid.llm.structural_agent import LLMStructuralAgent
+from hybrid.structural import Context, Proposal, StructuralAgent
 
 if TYPE_CHECKING:
-    from hybrid.loop import RunConfig
+    from hybrid.config import RunConfig
 
 # (mutate every M trials, stagnation after W) by profile: a few generations within the profile's default budget.
 DEFAULT_SCHEDULES = {"gpu": Schedule(30, 15), "cpu": Schedule(6, 3), "test": Schedule(3, 2)}
@@ -111,7 +113,7 @@ class HybridMethod:
         self.sampler_name = config.sampler or "tpe"
         default = DEFAULT_SCHEDULES.get(config.profile or "gpu", DEFAULT_SCHEDULES["gpu"])
         self.schedule = Schedule(config.mutate_every or default.mutate_every, config.stagnation or default.stagnation)
-        self.agent = make_agent(config)
+        self.agent: StructuralAgent = CatalogAgent() if config.llm in (None, "none") else LLMStructuralAgent(config)
         self.view = GenerationSampler(self._make_sampler)
         self.sampler = PinnedSampler(self.view)
         self.lease = StructuralLease(study)

@@ -1,7 +1,6 @@
 """The optimization loop: ask a method for a move, run it, record it, tell the sampler; until the budget is spent."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing
 import os
@@ -9,7 +8,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +19,16 @@ from harness import scrub
 from harness.profiles import get_profile
 from harness.result import TrialResult
 from harness.seal import seal as seal_harness
-from hybrid import generations, optuna_compat, store
+from hybrid import generations, optuna_compat, results, store
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.generations import Generation
-from hybrid.methods import EDITS_CODE, NEEDS_LLM, build_method
+from hybrid.config import Budget, RunConfig
+from hybrid.methods import build_method
 from hybrid.objectives import ensure_prepared, make_objective
 from hybrid.paths import project_file
 from hybrid.progress import RunProgress
 from hybrid.space import SearchSpace, check_against_source, load_space
 
-# The budget of a run given neither --budget-hours nor --trials: the paper's 24 h on a GPU (and on its surrogate),
-# 15 minutes on the cpu profile (about 30 trials of ~28 s), seconds on the test profile. `hybrid compare` gives
-# each of its studies a quarter of the cpu one (hybrid.compare.CPU_BUDGET_HOURS).
-DEFAULT_BUDGET_HOURS = {"gpu": 24.0, "cpu": 0.25, "test": 0.01, "surrogate": 24.0}
 # `oom-predicted` trials in a row (they cost no time) after which a run stops: every config is over the cap.
 REFUSALS_IN_A_ROW = 100
 # Seed offset per worker: a prime far above a study's trial count (hundreds), so that a worker's seed, which also
@@ -41,97 +36,6 @@ REFUSALS_IN_A_ROW = 100
 WORKER_SEED_STRIDE = 7919
 CREATION_POLL_SECONDS = 0.1  # while waiting for another process to finish creating the study
 PARENT_POLL_SECONDS = 1.0    # how often a worker process checks that the run that started it is alive
-
-
-@dataclass
-class RunConfig:
-    """Everything a study was started with; stored in the study so `resume` needs nothing else."""
-    method: str
-    study: str
-    storage: str = "sqlite:///runs/hybrid.db"
-    seed: int = 0
-    budget_hours: float | None = None
-    trials: int | None = None
-    objective: str = "train"
-    profile: str | None = None
-    workers: int = 1
-    llm: str | None = None
-    llm_model: str | None = None
-    llm_base_url: str | None = None
-    sampler: str | None = None
-    memory_model: bool = True
-    vram_cap_gb: float | None = None
-    train_py: str | None = None
-    space: str | None = None
-    mutate_every: int | None = None
-    stagnation: int | None = None
-    llm_fraction: float = 0.3
-    artifacts: str | None = None
-    sandbox: str = "auto"         # the OS sandbox of agent code: auto | required | off (harness.sandbox)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> RunConfig:
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in vars(args).items() if k in names}
-        values["memory_model"] = not args.no_memory_model
-        for key in ("train_py", "space"):
-            values[key] = str(values[key]) if values.get(key) else None
-        return cls(**values)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def finalize(self) -> RunConfig:
-        """Fill the defaults that depend on the machine, and refuse impossible combinations (UserError)."""
-        if self.profile is None:
-            self.profile = "gpu" if self.objective == "surrogate" else get_profile(None).name
-        if self.llm is None:
-            self.llm = "none"
-        if self.method in NEEDS_LLM and self.llm == "none":
-            raise UserError(f"method {self.method} needs an LLM: add --llm anthropic or --llm openai --llm-base-url URL")
-        if self.objective == "surrogate" and self.method in EDITS_CODE:
-            raise UserError(f"method {self.method} edits train.py, which the surrogate objective cannot evaluate: use --objective train")
-        if not 0.0 <= self.llm_fraction <= 1.0:
-            raise UserError(f"--llm-fraction must be within [0, 1], got {self.llm_fraction}")
-        if self.budget_hours is None and self.trials is None:
-            self.budget_hours = DEFAULT_BUDGET_HOURS["surrogate" if self.objective == "surrogate" else self.profile]
-        for name, value in (("budget", self.budget_hours), ("trials", self.trials), ("workers", self.workers)):
-            if value is not None and value <= 0:
-                raise UserError(f"--{name} must be > 0, got {value}")
-        if self.method == "centaur" and self.sampler not in (None, "cmaes"):
-            raise UserError(f"centaur is CMA-ES with an LLM advisor: --sampler {self.sampler} does not apply")
-        if self.sampler is None:
-            self.sampler = "cmaes" if self.method == "centaur" else "tpe"
-        if self.artifacts is None:
-            self.artifacts = str(_artifacts_root(self.storage) / self.study)
-        return self
-
-
-def _artifacts_root(storage: str) -> Path:
-    """Trial folders live beside a SQLite database, else under ./runs."""
-    if storage.startswith("sqlite:///"):
-        return Path(storage[len("sqlite:///"):]).resolve().parent
-    return Path("runs").resolve()
-
-
-@dataclass
-class Budget:
-    seconds: float | None
-    trials: int | None
-
-    @classmethod
-    def of(cls, config: RunConfig) -> Budget:
-        return cls(config.budget_hours * 3600 if config.budget_hours else None, config.trials)
-
-    def spent(self, finished: list[optuna.trial.FrozenTrial]) -> bool:
-        if self.trials is not None:
-            return len(finished) >= self.trials
-        return store.seconds_used(finished) >= self.seconds
 
 
 # -- starting and resuming --------------------------------------------------------------------------------
@@ -182,7 +86,7 @@ def _open_study(storage, config: RunConfig, space: SearchSpace, code: str) -> op
     study.set_user_attr(store.SPACE_KEY, space.to_dict())
     generations.save(study, Generation(0, None, "the baseline train.py", code, space.to_dict(), status="base"))
     study.enqueue_trial(space.defaults(), user_attrs={"source": "baseline"}, skip_if_exists=True)
-    study.set_user_attr(store.RUN_KEY, config.to_dict())
+    store.save_run_info(study, config.to_dict())
     return study
 
 
@@ -344,6 +248,8 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
                                 f"({frozen.user_attrs.get('error')}): raise --vram-cap-gb, narrow the search "
                                 "space, or turn the model off with --no-memory-model")
     progress.summary()
+    if show:
+        print(results.summary_line(study, config.storage), file=sys.stderr)
     if show and hasattr(method, "summary"):  # e.g. the hybrid method's lineage
         method.summary()
     return EXIT_INTERRUPTED if interrupt.requested else 0

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from hybrid import store
 
 if TYPE_CHECKING:
-    from hybrid.loop import Budget, RunConfig
+    from hybrid.config import Budget, RunConfig
 
 LINE_EVERY_SECONDS = 5.0  # without a terminal: one log line at most this often
 

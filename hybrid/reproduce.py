@@ -24,7 +24,7 @@ from harness.profiles import PAPER_CAP_GB
 from hybrid import report
 from hybrid.compare import check_existing, default_storage, run_studies, study_name
 from hybrid.errors import UserError
-from hybrid.loop import RunConfig
+from hybrid.config import RunConfig
 
 PAPER = "arxiv-2603.24647"
 PROTOCOL_HOURS = 24.0

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from hybrid.generations import Generation
 from hybrid.space import Knob
-
-if TYPE_CHECKING:
-    from hybrid.loop import RunConfig
 
 
 @dataclass
@@ -43,14 +40,3 @@ class StructuralAgent(Protocol):
 def tried_mutations(lineage: dict[int, Generation]) -> dict[str, str]:
     """Mutation name -> status of the generation that tried it (candidate, promoted or rejected)."""
     return {g.extra["mutation"]: g.status for g in lineage.values() if g.extra.get("mutation")}
-
-
-def make_agent(config: RunConfig) -> StructuralAgent:
-    """The offline catalog with --llm none, else the LLM code agent."""
-    if config.llm in (None, "none"):
-        from hybrid.llm.catalog import CatalogAgent
-
-        return CatalogAgent()
-    from hybrid.llm.structural_agent import LLMStructuralAgent
-
-    return LLMStructuralAgent(config)

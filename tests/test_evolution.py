@@ -24,6 +24,7 @@ import pytest
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+import hybrid.config
 import hybrid.evolution
 import hybrid.loop
 from harness.result import TrialResult
@@ -361,7 +362,7 @@ def test_a_run_killed_in_the_middle_of_a_generation_resumes_it(fake: None, capsy
 def run_forked_workers(study: optuna.Study, n: int, *, trials: int) -> list[int | None]:
     """n workers on the study's run, to `trials` in all, as `--workers n` runs them (forked here, so that they keep
     the test's objective); their exit codes."""
-    config = hybrid.loop.RunConfig.from_dict({**store.run_info(study), "trials": trials})
+    config = hybrid.config.RunConfig.from_dict({**store.run_info(study), "trials": trials})
     ctx = multiprocessing.get_context("fork")
     workers = [ctx.Process(target=hybrid.loop.work, args=("s", config), kwargs={"worker": i, "show": False})
                for i in range(n)]

@@ -7,7 +7,7 @@ from llm_server import MODEL, Drop, Fail, FakeLLM, Hang
 from hybrid.errors import UserError
 from hybrid.llm.client import (Advisor, AnthropicProvider, LLMUnavailable, OpenAIProvider, ProviderError, RetryPolicy,
                                Usage, cost, make_provider)
-from hybrid.loop import RunConfig
+from hybrid.config import RunConfig
 from util import closed_port
 
 PREFIX = "You are a research engineer. " * 50

@@ -22,6 +22,7 @@ from harness import profiles
 from harness.knobs import inject_knobs
 from harness.result import TrialResult
 from hybrid import cli, generations, loop, optuna_compat, store
+from hybrid.config import RunConfig
 from hybrid.llm import centaur
 from hybrid.llm.centaur import CentaurMethod, UnitCube
 from hybrid.llm.code_agent import generation_space
@@ -65,13 +66,13 @@ def quick(monkeypatch, llm_env):
     monkeypatch.setattr(loop, "make_objective", lambda *a, **k: QuickObjective())
 
 
-def run_config(tmp_path: Path, method: str, base_url: str, trials: int, **kw) -> loop.RunConfig:
-    return loop.RunConfig(method=method, study=method, storage=f"sqlite:///{tmp_path}/hybrid.db", trials=trials,
+def run_config(tmp_path: Path, method: str, base_url: str, trials: int, **kw) -> RunConfig:
+    return RunConfig(method=method, study=method, storage=f"sqlite:///{tmp_path}/hybrid.db", trials=trials,
                           profile="test", llm=kw.pop("llm", "anthropic"), llm_base_url=base_url, train_py=str(TRAIN_PY),
                           space=str(SPACE_YAML), **kw)
 
 
-def load(config: loop.RunConfig) -> optuna.Study:
+def load(config: RunConfig) -> optuna.Study:
     return optuna.load_study(study_name=config.study, storage=store.open_storage(config.storage))
 
 
@@ -299,7 +300,7 @@ def test_the_unit_cube_round_trips():
 def test_centaur_on_the_surrogate(tmp_path, llm_env):
     pytest.importorskip("hybrid.surrogate")
     with FakeLLM(responder=advisor) as llm:
-        config = loop.RunConfig(method="centaur", study="c", storage=f"sqlite:///{tmp_path}/h.db", trials=16,
+        config = RunConfig(method="centaur", study="c", storage=f"sqlite:///{tmp_path}/h.db", trials=16,
                                 objective="surrogate", llm="anthropic", llm_base_url=llm.base_url, llm_fraction=0.5)
         assert loop.run(config) == 0
     trials = consistent(load(config))

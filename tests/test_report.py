@@ -15,7 +15,7 @@ from scipy import stats as sps
 
 from hybrid import generations, store
 from hybrid.generations import Generation
-from hybrid.loop import RunConfig
+from hybrid.config import RunConfig
 from hybrid.stats import compare_pair, pairwise
 from util import cli
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import harness.scorer
-from harness.data import Prepared
+from harness.prepared import Prepared
 from harness.knobs import inject_knobs
 from harness.loader import batches, token_rows
 from harness.profiles import Profile, get_profile

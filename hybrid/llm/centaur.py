@@ -24,11 +24,11 @@ from hybrid.llm import prompts
 from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
 from hybrid.llm.hp_agent import ConfigRejected, read_config
-from hybrid.methods import Move
+from hybrid.move import Move
 from hybrid.space import Knob, SearchSpace
 
 if TYPE_CHECKING:
-    from hybrid.loop import RunConfig
+    from hybrid.config import RunConfig
 
 WARMUP_TRIALS = 10  # finished trials before the LLM is consulted
 SIGMA0 = 0.2        # initial step size, in unit-cube coordinates

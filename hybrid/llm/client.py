@@ -17,7 +17,7 @@ import openai
 from hybrid.errors import UserError
 
 if TYPE_CHECKING:
-    from hybrid.loop import RunConfig
+    from hybrid.config import RunConfig
 
 DEFAULT_MODELS = {"anthropic": "claude-opus-4-6", "openai": "gpt-4.1"}  # Opus 4.6: the paper's Centaur
 MAX_TOKENS = 16000  # a whole train.py and some prose; below the SDK's limit for non-streaming requests

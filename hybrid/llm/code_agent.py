@@ -27,11 +27,11 @@ from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, repl
 from hybrid.llm.client import Advisor, ProviderError, make_provider
 from hybrid.llm.edits import describe, read_edit
 from hybrid.llm.guard import PatchRejected, check_patch
-from hybrid.methods import Move
+from hybrid.move import Move
 from hybrid.space import SearchSpace, SpaceError
 
 if TYPE_CHECKING:
-    from hybrid.loop import RunConfig
+    from hybrid.config import RunConfig
 
 ALIVE = ("base", "kept")  # generations the incumbent may come from
 DIFF_CHARS = 20_000       # of a diff kept with its trial (the generation keeps all of it)

@@ -15,11 +15,11 @@ from hybrid.llm import prompts
 from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
 from hybrid.llm.edits import fenced_blocks
-from hybrid.methods import Move
+from hybrid.move import Move
 from hybrid.space import SearchSpace, SpaceError
 
 if TYPE_CHECKING:
-    from hybrid.loop import RunConfig
+    from hybrid.config import RunConfig
 
 TRAILING_COMMA = re.compile(r",(\s*[}\]])")
 

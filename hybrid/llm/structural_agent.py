@@ -21,7 +21,7 @@ from hybrid.space import Knob, SpaceError, knob_from_dict
 from hybrid.structural import Context, Proposal
 
 if TYPE_CHECKING:
-    from hybrid.loop import RunConfig
+    from hybrid.config import RunConfig
 
 JSON_BLOCK = re.compile(r"^ {0,3}```json[^\n]*\n(.*?)^ {0,3}```", re.MULTILINE | re.DOTALL)
 DIFF_LINES = 60  # of each earlier mutation's diff shown

@@ -1,0 +1,28 @@
+"""Where the harness keeps one prepared data source: its tokenizer and token cache, for one vocabulary size."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Where one prepared source lives, for one vocabulary size."""
+    source: str       # source id: builtin | climbmix | local-<name>-<hash>
+    vocab_size: int
+    root: Path
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / f"tokenizer-{self.vocab_size}.pkl"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / f"tokens-{self.vocab_size}"
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "vocab_size": self.vocab_size, "root": str(self.root)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Prepared:
+        return cls(d["source"], d["vocab_size"], Path(d["root"]))
