@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from hybrid import generations, store
+from hybrid import generations, records, store
 from hybrid.evolution import Snapshot, format_lineage, lineage_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
     for t in trials:
         sources[t.user_attrs.get("source", "?")] = sources.get(t.user_attrs.get("source", "?"), 0) + 1
     failed_unfinished = [t.number for t in study.get_trials(deepcopy=False)
-                         if t.state == TrialState.FAIL and not store.is_finished(t)]
+                         if t.state == TrialState.FAIL and not records.is_finished(t)]
     ok = [t.user_attrs["val_bpb"] for t in trials if t.user_attrs.get("status") == "ok"]
     failures: dict[str, list[str]] = {}
     for t in trials:

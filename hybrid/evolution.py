@@ -18,14 +18,15 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.knobs import KnobError
-from hybrid import generations, store
+from hybrid import generations, records
 from hybrid.classical.generation_view import GENERATION_ATTR, GenerationSampler
 from hybrid.classical.samplers import PinnedSampler, make_sampler
-from hybrid.classical.warmstart import best_configs, cma_source_trials, ok_value
+from hybrid.classical.warmstart import best_configs, cma_source_trials
 from hybrid.generations import Generation, GitLineage
 from hybrid.lease import StructuralLease
 from hybrid.move import Move
-from hybrid.promotion import REPEATS, Schedule, incumbent, judge, pooled_noise, runs_of, score
+from hybrid.promotion import REPEATS, Schedule, judge, pooled_noise, runs_of, score
+from hybrid.records import best_trial, ok_value
 from hybrid.space import SearchSpace, SpaceError, check_against_source
 from hybrid.llm.catalog import CatalogAgent
 from hybrid.llm.structural_agent import LLMStructuralAgent
@@ -67,9 +68,9 @@ class Snapshot:
             number = t.user_attrs.get(GENERATION_ATTR)
             if number not in gens:
                 continue
-            if store.is_finished(t):
+            if records.is_finished(t):
                 finished[number].append(t)
-            if store.is_finished(t) or t.state == TrialState.RUNNING:
+            if records.is_finished(t) or t.state == TrialState.RUNNING:
                 attempted[number].append(t)
         return cls(gens, finished, attempted, max((t.number for t in trials), default=-1))
 
@@ -154,7 +155,7 @@ class HybridMethod:
         reason = self.schedule.due(snap.finished[gen.number], snap.epoch_after(gen.number), snap.noise)
         if reason is None:
             return self._tune(gen)
-        best = incumbent(snap.finished[gen.number])
+        best = best_trial(snap.finished[gen.number])
         if best is not None and len(runs_of(snap.attempted[gen.number], best.params)) < 1 + REPEATS:
             return self._move("repeat", gen, config=dict(best.params), attrs={"repeat_of": best.number})
         return Due(gen, reason)
@@ -203,7 +204,7 @@ class HybridMethod:
 
     def _mutate(self, study: optuna.Study, snap: Snapshot, due: Due) -> Move:
         parent = due.generation
-        best = incumbent(snap.finished[parent.number])
+        best = best_trial(snap.finished[parent.number])
         context = Context(parent, snap.generations, dict(best.params) if best else parent.search_space().defaults(),
                           ok_value(best) if best else None)
         proposal = self.agent.propose(context)

@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial
 
 from harness.profiles import Profile
 from harness.result import TrialResult
+from hybrid.records import SOURCE, ok_value
 
 
 class Objective(Protocol):
@@ -31,7 +32,7 @@ def startup_limit(profile: Profile, history: Iterable[FrozenTrial]) -> float:
     """Seconds a trial may take before its clock runs: relative to what the baseline needed in this study (a loaded
     machine starts every config slowly, and that is no failure of the config), the profile's bound at least."""
     measured = [t.user_attrs.get("startup_seconds") or 0.0 for t in history
-                if t.user_attrs.get("source") == "baseline" and t.user_attrs.get("status") == "ok"]
+                if t.user_attrs.get(SOURCE) == "baseline" and ok_value(t) is not None]
     if not measured:
         return profile.max_startup_seconds
     return max(profile.max_startup_seconds, STARTUP_FACTOR * max(measured) + STARTUP_SLACK)
@@ -41,8 +42,7 @@ def rescore_below(history: Iterable[FrozenTrial]) -> float | None:
     """A val_bpb this far below the study's best so far is scored a second time, on another order, before it counts."""
     from harness.runner import IMPLAUSIBLE_GAIN
 
-    values = [t.user_attrs["val_bpb"] for t in history
-              if t.user_attrs.get("status") == "ok" and isinstance(t.user_attrs.get("val_bpb"), float)]
+    values = [v for t in history if (v := ok_value(t)) is not None]
     return min(values) - IMPLAUSIBLE_GAIN if values else None
 
 
@@ -134,10 +134,15 @@ class MemoryGuarded:
 def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None, memory_model: bool = False,
                    history: Callable[[], Iterable[FrozenTrial]] = tuple,
                    stop: threading.Event | None = None, sandbox: str = "auto",
-                   trusted_code: tuple[str, ...] = ()) -> Objective:
+                   trusted_code: tuple[str, ...] = (), repo: str | None = None) -> Objective:
     """The objective `name`, behind the memory model when it is on and a VRAM cap applies. Setting `stop` ends
     a train.py trial in flight (a surrogate trial takes milliseconds: it finishes). `sandbox`: harness.sandbox's mode;
-    `trusted_code`: the user's own train.py, which the memory model builds in process (agent code: sandboxed)."""
+    `trusted_code`: the user's own train.py, which the memory model builds in process (agent code: sandboxed).
+    `repo`: an autoresearch checkout, whose own train.py and metric run instead (hybrid.foreign; no memory model)."""
+    if repo:
+        from hybrid.foreign import ForeignObjective, Repo
+
+        return ForeignObjective(Repo.open(repo), stop=stop, sandbox=sandbox)
     objective = (SurrogateObjective() if name == "surrogate"
                  else TrainObjective(profile, vram_cap_gb=vram_cap_gb, stop=stop, sandbox=sandbox, history=history))
     if not memory_model:

@@ -9,7 +9,7 @@ import optuna
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hybrid import store
+from hybrid import records, store
 
 if TYPE_CHECKING:
     from hybrid.config import Budget, RunConfig
@@ -49,8 +49,8 @@ class RunProgress:
 
     def stats(self) -> tuple[str, float]:
         finished = store.finished_trials(self.study)
-        failed = [t for t in finished if t.user_attrs.get("status") != "ok"]
-        ok = [t.user_attrs["val_bpb"] for t in finished if t.user_attrs.get("status") == "ok"]
+        ok = [v for t in finished if (v := records.ok_value(t)) is not None]
+        failed = len(finished) - len(ok)
         hours = store.seconds_used(finished) / 3600
         done = len(finished) if self.budget.trials is not None else hours
         per_trial = store.seconds_used(finished) / max(1, len(finished))
@@ -58,7 +58,7 @@ class RunProgress:
         left = (f"{remaining} trial{'' if remaining == 1 else 's'} left" if remaining is not None
                 else f"{max(0.0, self.budget.seconds / 3600 - hours):.3f} h left")
         best = f"{min(ok):.4f}" if ok else "-"
-        text = (f"trials {len(finished)} ({len(failed)} failed)  best val_bpb {best}  "
+        text = (f"trials {len(finished)} ({failed} failed)  best val_bpb {best}  "
                 f"used {hours:.3f} h, {left}  {per_trial:.1f} s/trial")
         return text, done
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from hybrid.classical.warmstart import ok_value
+from hybrid.records import best_trial, ok_value
 
 REPEATS = 2      # re-runs of a generation's incumbent before it is judged or mutated
 NOISE_Z = 2.0    # margins are this many standard errors of the difference
@@ -30,12 +30,6 @@ def is_sampled(trial: FrozenTrial) -> bool:
 
 def _key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
-
-
-def incumbent(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """The successful trial with the lowest val_bpb (the earliest among equals)."""
-    ok = [t for t in trials if ok_value(t) is not None]
-    return min(ok, key=lambda t: (ok_value(t), t.number)) if ok else None
 
 
 def runs_of(trials: list[FrozenTrial], params: dict[str, Any]) -> list[FrozenTrial]:
@@ -75,7 +69,7 @@ class Score:
 
 
 def score(trials: list[FrozenTrial]) -> Score | None:
-    best = incumbent(trials)
+    best = best_trial(trials)
     if best is None:
         return None
     values = [v for t in runs_of(trials, best.params) if (v := ok_value(t)) is not None]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ from harness.result import TrialResult
 from harness.scrub import scrub
 from hybrid import optuna_compat
 from hybrid.errors import UserError
+from hybrid.records import is_finished
 
 HEARTBEAT_SECONDS = float(os.environ.get("HYBRID_HEARTBEAT_SECONDS", 10))
 GRACE_SECONDS = 3 * HEARTBEAT_SECONDS  # three missed beats and a trial is declared dead
@@ -50,6 +52,9 @@ HEARTBEAT_FAILURES_TO_WARN = 2  # failed beats in a row before a warning (three 
 MEASUREMENTS = ("val_bpb", "training_seconds", "startup_seconds", "eval_seconds", "total_seconds", "peak_memory_mb",
                 "tokens_per_second", "mfu", "num_params", "num_steps", "total_tokens", "error", "log_path", "phases")
 
+# The password of a storage URL (scheme://user:PASSWORD@host/db): never printed, never stored.
+URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -57,13 +62,38 @@ def code_sha(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
 
 
+def masked_url(url: str) -> str:
+    """The storage URL as it may be shown or stored: postgresql://u:***@host/db."""
+    return URL_PASSWORD.sub(r"\1***@", url)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a sqlite:/// URL; None for other storages."""
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def require_database(url: str) -> None:
+    """UserError for a SQLite file that does not exist (opening it would create it empty)."""
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise UserError(f"no database at {path}: pass --storage sqlite:///PATH of an existing run")
+
+
+def require_folder(url: str) -> None:
+    """UserError for a SQLite file whose folder does not exist (an explicit path's folder is not created)."""
+    path = sqlite_path(url)
+    if path is not None and not path.parent.is_dir():
+        raise UserError(f"no folder {path.parent} for the database {path.name}: create it first, or pass another "
+                        "--storage sqlite:///PATH")
+
+
 def open_storage(url: str) -> RDBStorage:
     """An RDB storage for an Optuna URL; SQLite files get their folder, WAL and a busy timeout."""
     if not isinstance(url, str) or "://" not in url:
-        raise UserError(f"malformed storage URL {url!r}: expected e.g. sqlite:///runs/hybrid.db or postgresql://user@host/db")
+        raise UserError(f"malformed storage URL {masked_url(str(url))!r}: expected e.g. sqlite:///runs/hybrid.db or postgresql://user@host/db")
     scheme = url.split("://", 1)[0].split("+", 1)[0]
     if scheme not in ("sqlite", "postgresql", "mysql"):
-        raise UserError(f"unsupported storage {scheme!r} in {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
+        raise UserError(f"unsupported storage {scheme!r} in {masked_url(url)!r}: use sqlite:///PATH, postgresql://... or mysql://...")
     engine_kwargs: dict[str, Any] = {}
     if scheme == "sqlite":
         path = url.split(":///", 1)[1] if ":///" in url else ""
@@ -76,7 +106,7 @@ def open_storage(url: str) -> RDBStorage:
     try:
         make_url(_with_driver(url))
     except (ArgumentError, ValueError) as e:  # e.g. a port that is not a number
-        raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot open storage {masked_url(url)!r}: {str(e).splitlines()[0]}") from None
     for attempt in range(OPEN_ATTEMPTS):
         try:
             storage = RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs)
@@ -85,9 +115,9 @@ def open_storage(url: str) -> RDBStorage:
             error = e
             time.sleep(OPEN_RETRY_SECONDS + attempt)
         except OPEN_ERRORS as e:
-            raise UserError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot open storage {masked_url(url)!r}: {str(e).splitlines()[0]}") from None
     else:
-        raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}")
+        raise UserError(f"cannot open storage {masked_url(url)!r}: {str(error).splitlines()[0]}")
     if scheme == "sqlite":
         _tune_sqlite(storage)
     return storage
@@ -119,6 +149,11 @@ def study_exists(storage: RDBStorage, name: str) -> bool:
     return name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
 
 
+def save_run_info(study: optuna.Study, info: dict[str, Any]) -> None:
+    """Store the run config in the study, its storage URL without the password."""
+    study.set_user_attr(RUN_KEY, {**info, "storage": masked_url(info["storage"])})
+
+
 def run_info(study: optuna.Study) -> dict[str, Any]:
     info = study.user_attrs.get(RUN_KEY)
     if info is None:
@@ -128,11 +163,6 @@ def run_info(study: optuna.Study) -> dict[str, Any]:
 
 
 # -- trials -----------------------------------------------------------------------------------------------
-
-def is_finished(trial: FrozenTrial) -> bool:
-    """A trial whose outcome was recorded (not an interrupted or still-running one)."""
-    return trial.state in (TrialState.COMPLETE, TrialState.FAIL) and "status" in trial.user_attrs
-
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if is_finished(t)]

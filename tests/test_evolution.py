@@ -28,7 +28,7 @@ import hybrid.config
 import hybrid.evolution
 import hybrid.loop
 from harness.result import TrialResult
-from hybrid import generations, optuna_compat, store
+from hybrid import generations, optuna_compat, records, store
 from hybrid.classical.warmstart import best_configs
 from hybrid.cli import main
 from hybrid.evolution import Snapshot, lineage_table
@@ -351,7 +351,7 @@ def test_a_run_killed_in_the_middle_of_a_generation_resumes_it(fake: None, capsy
     assert len(trials) == 30 > done_before
     dead = study.get_trials()[interrupted]  # settled by the resume: failed and never counted, or, if the kill
     assert dead.state != TrialState.RUNNING  # came after its outcome was written, told that outcome
-    assert store.is_finished(dead) == ("status" in dead.user_attrs)
+    assert records.is_finished(dead) == ("status" in dead.user_attrs)
     gens = generations.load_all(study)
     resumed = [t for t in trials if t.user_attrs["generation"] == candidate and t.number > interrupted]
     assert resumed, "the resumed run did not go on with the generation on probation"

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 import hybrid.loop
 import hybrid.trial
 from harness.result import PENALTY, TrialResult
-from hybrid import store
+from hybrid import records, store
 from hybrid.cli import main
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space
@@ -64,7 +64,7 @@ def test_run_records_the_study_and_every_trial(fake: None, capsys: pytest.Captur
     assert study.user_attrs[store.SPACE_KEY] == space.to_dict()
 
     trials = study.get_trials()
-    assert [t.number for t in trials] == list(range(12)) and all(map(store.is_finished, trials))
+    assert [t.number for t in trials] == list(range(12)) and all(map(records.is_finished, trials))
     assert trials[0].params == space.defaults() and trials[0].user_attrs["source"] == "baseline"
     assert {t.user_attrs["source"] for t in trials[1:]} == {"tpe"}
     for t in trials:
@@ -229,11 +229,11 @@ def test_workers_share_one_study_and_stop_at_the_budget_exactly(tmp_path: Path, 
     assert code == 0, err
     trials = load("s").get_trials()
     assert [t.number for t in trials] == list(range(len(trials)))
-    finished = [t for t in trials if store.is_finished(t)]
+    finished = [t for t in trials if records.is_finished(t)]
     assert len(finished) == 30 and len({t.user_attrs["source"] for t in finished}) == 2  # baseline, tpe
     assert len({tuple(t.params.values()) for t in finished}) == 30  # three seeds, no config proposed twice
     # a worker that asked for a trial after the others had filled the budget gave its slot back, marked as such
-    surplus = [t for t in trials if not store.is_finished(t)]
+    surplus = [t for t in trials if not records.is_finished(t)]
     assert all(t.state == TrialState.FAIL and t.user_attrs == {"surplus": True} for t in surplus)
 
 
@@ -247,7 +247,7 @@ def test_a_run_whose_every_config_is_over_the_cap_stops_with_one_line(tmp_path: 
     assert code == 2 and "refused 5 configs in a row" in err and "--vram-cap-gb" in err
     trials = load("s").get_trials()
     assert len(trials) == 5 and all(t.user_attrs["status"] == "oom-predicted" for t in trials)
-    assert all(map(store.is_finished, trials))
+    assert all(map(records.is_finished, trials))
 
 
 def test_every_worker_says_so_in_one_line(tmp_path: Path) -> None:
@@ -270,7 +270,7 @@ def test_the_24_hour_protocol_on_the_surrogate_spends_its_budget(tmp_path: Path)
 
     study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path}/runs/hybrid.db")
     trials = study.get_trials()
-    assert all(map(store.is_finished, trials)) and len(trials) > 200
+    assert all(map(records.is_finished, trials)) and len(trials) > 200
     assert sum(t.user_attrs["total_seconds"] for t in trials) >= 24 * 3600
     assert trials[0].user_attrs["source"] == "baseline"
     for t in trials:

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import hybrid.loop
 from harness.result import TrialResult
-from hybrid import store
+from hybrid import records, store
 from hybrid.cli import main
 from hybrid.generations import Generation, save
 from hybrid.paths import PROJECT_ROOT
@@ -33,14 +33,14 @@ def check_study(storage: str, name: str, budget: int, *, attrs: tuple[str, ...] 
     study = optuna.load_study(study_name=name, storage=store.open_storage(storage))
     trials = study.get_trials()
     assert [t.number for t in trials] == list(range(len(trials)))  # no duplicates, no gaps
-    finished = [t for t in trials if store.is_finished(t)]
+    finished = [t for t in trials if records.is_finished(t)]
     assert len(finished) == budget
     for t in finished:
         assert all(k in t.user_attrs for k in attrs), (t.number, t.user_attrs)
         told = TrialState.FAIL if t.user_attrs["status"] == "rejected" else TrialState.COMPLETE
         assert t.state == told and (t.value == t.user_attrs.get("val_bpb", 100.0) or t.state == TrialState.FAIL)
     for t in trials:
-        if not store.is_finished(t):  # interrupted (or a surplus slot): failed, never counted
+        if not records.is_finished(t):  # interrupted (or a surplus slot): failed, never counted
             assert t.state == TrialState.FAIL and "status" not in t.user_attrs, (t.number, t.state, t.user_attrs)
     baselines = [t for t in finished if t.user_attrs["source"] == "baseline"]
     assert len(baselines) == 1 and baselines[0].params == load_space(PROJECT_ROOT / "search_space.yaml",
@@ -101,7 +101,7 @@ def test_ctrl_c_then_resume_continues_the_sampler_to_the_same_budget(tmp_path: P
     assert main(["run", "--method", "cmaes", "--study", "s", "--trials", "26", "--profile", "test"]) == 130
     study = optuna.load_study(study_name="s", storage="sqlite:///runs/hybrid.db")
     trials = study.get_trials()
-    assert len(trials) == 16 and all(map(store.is_finished, trials[:15]))
+    assert len(trials) == 16 and all(map(records.is_finished, trials[:15]))
     assert trials[15].state == TrialState.FAIL and "status" not in trials[15].user_attrs
 
     monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: InterruptingObjective(at=-1))

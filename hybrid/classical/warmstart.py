@@ -7,17 +7,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hybrid.records import ok_value
 from hybrid.space import SearchSpace
 
 CMA_MIN_SOURCES = 10  # cmaes.get_warm_start_mgd keeps the best 10 %: it needs at least ten solutions
-
-
-def ok_value(trial: FrozenTrial) -> float | None:
-    """The trial's val_bpb if it ran to a finite result, else None."""
-    value = trial.user_attrs.get("val_bpb")
-    if trial.user_attrs.get("status") != "ok" or value is None or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def best_configs(trials: list[FrozenTrial], space: SearchSpace, k: int) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from hybrid.llm.client import Advisor, ProviderError, make_provider
 from hybrid.llm.edits import describe, read_edit
 from hybrid.llm.guard import PatchRejected, check_patch
 from hybrid.move import Move
+from hybrid.records import ok_value
 from hybrid.space import SearchSpace, SpaceError
 
 if TYPE_CHECKING:
@@ -79,17 +80,13 @@ class Incumbent:
         return self.generation.search_space()
 
 
-def _ok_value(trial: FrozenTrial) -> float | None:
-    return trial.user_attrs.get("val_bpb") if trial.user_attrs.get("status") == "ok" else None
-
-
 def incumbent(gens: dict[int, Generation], trials: list[FrozenTrial]) -> Incumbent:
     """The best trial of a base or kept generation; generation 0 with the baseline's config before any success."""
     ran = [t for t in trials if gens[t.user_attrs["generation"]].status in ALIVE]
-    ok = [t for t in ran if _ok_value(t) is not None]
+    ok = [t for t in ran if ok_value(t) is not None]
     if ok:
-        best = min(ok, key=_ok_value)
-        return Incumbent(gens[best.user_attrs["generation"]], dict(best.params), _ok_value(best))
+        best = min(ok, key=ok_value)
+        return Incumbent(gens[best.user_attrs["generation"]], dict(best.params), ok_value(best))
     baseline = next((t for t in ran if t.user_attrs.get("generation") == 0 and t.params), None)
     base = gens[0].search_space()
     return Incumbent(gens[0], dict(baseline.params) if baseline else base.defaults(), None)
@@ -100,7 +97,7 @@ def history(gens: dict[int, Generation], trials: list[FrozenTrial]) -> list[prom
     changes, best = [], None
     for t in trials:
         attrs = t.user_attrs
-        value = _ok_value(t)
+        value = ok_value(t)
         if attrs.get("source") == "llm-code" and attrs.get("status") == "rejected":
             changes.append(prompts.Change("refused before running", attrs.get("description", ""), attrs.get("error", "")))
         elif attrs.get("source") == "llm-code":
@@ -177,7 +174,7 @@ class LLMCodeMethod:
             gen = gens[move.generation]
             others = [t for t in store.finished_trials(study) if t.number != trial.number]
             best = incumbent(gens, others).value
-            value = _ok_value(trial)
+            value = ok_value(trial)
             if value is not None and (best is None or value < best):
                 parent_commit = gens[gen.parent].extra.get("commit") if gen.parent is not None else None
                 generations.set_status(study, gen, "kept", commit=self.lineage.commit(gen, parent_commit),

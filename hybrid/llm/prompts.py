@@ -7,6 +7,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
+from hybrid.records import STATUS, ok_value
 from hybrid.space import SearchSpace
 
 HISTORY_BEST = 5     # best trials always shown to the HP agent
@@ -48,8 +49,8 @@ def prefix(program: str, train_py: str, space: SearchSpace) -> str:
 def outcome(trial: FrozenTrial) -> str:
     """`val_bpb 1.2345` or the failure class, with the trial's cost in seconds."""
     attrs = trial.user_attrs
-    status = attrs.get("status", "?")
-    result = f"val_bpb {attrs['val_bpb']:.4f}" if status == "ok" and attrs.get("val_bpb") is not None else status
+    value = ok_value(trial)
+    result = f"val_bpb {value:.4f}" if value is not None else attrs.get(STATUS, "?")
     return f"{result}, {float(attrs.get('total_seconds') or 0.0):.0f} s"
 
 
@@ -67,8 +68,7 @@ def trial_line(trial: FrozenTrial) -> str:
 
 
 def _best(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
-    ok = [t for t in trials if t.user_attrs.get("status") == "ok" and t.user_attrs.get("val_bpb") is not None]
-    return sorted(ok, key=lambda t: t.user_attrs["val_bpb"])[:n]
+    return sorted((t for t in trials if ok_value(t) is not None), key=lambda t: (ok_value(t), t.number))[:n]
 
 
 ANSWER_CONFIG = ("Answer with a few sentences of reasoning, then exactly one ```json block holding one object that "
