@@ -58,6 +58,8 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on
     p.add_argument("--vram-cap-gb", type=_positive(float), help="cap on GPU memory per trial (the paper: 76)")
     p.add_argument("--train-py", type=Path, help="the training script (default: ./train.py)")
     p.add_argument("--space", type=Path, help="the search space (default: ./search_space.yaml)")
+    p.add_argument("--repo", type=Path, help="an autoresearch checkout: its own train.py, prepare.py, data and "
+                                            "metric (not hybrid's harness); space default REPO/search_space.yaml")
     p.add_argument("--mutate-every", type=_positive(int), default=None, help="hybrid: trials per generation before a structural move")
     p.add_argument("--stagnation", type=_positive(int), default=None, help="hybrid: trials without improvement that trigger a structural move")
     p.add_argument("--llm-fraction", type=float, default=0.3, help="centaur: share of trials proposed by the LLM")
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("space", help="the knobs found in a train.py")
     p.add_argument("--train-py", type=Path)
     p.add_argument("--space", type=Path, help="also check this search_space.yaml against the script")
+    p.add_argument("--init-yaml", type=Path, metavar="OUT", help="write a search_space.yaml proposed for the script")
     p.add_argument("--profile", choices=("gpu", "cpu", "test"), default="gpu")
     p.add_argument("--json", action="store_true")
 
@@ -116,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--study", action="append", default=None, help="a study name (repeatable; default: all)")
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("import", help="another tool's history as a study")
+    isub = p.add_subparsers(dest="import_command", required=True, parser_class=Parser)
+    pp = isub.add_parser("autoresearch", help="an autoresearch checkout's results.tsv and branch of kept commits")
+    pp.add_argument("--repo", type=Path, required=True, help="the checkout (prepare.py, train.py, results.tsv)")
+    pp.add_argument("--study", required=True)
+    pp.add_argument("--branch", help="the night's branch, autoresearch/<tag> (default: the checked-out one)")
+    pp.add_argument("--storage", default=DEFAULT_STORAGE)
+    pp.add_argument("--space", type=Path, help="the search space (default: REPO/search_space.yaml)")
 
     p = sub.add_parser("reproduce", help="reproduce a published comparison")
     p.add_argument("paper", choices=("arxiv-2603.24647",))
@@ -156,6 +168,13 @@ def cmd_space(args: argparse.Namespace) -> int:
     from hybrid.space import check_against_source, load_space
 
     path = args.train_py or project_file("train.py")
+    if args.init_yaml:
+        from hybrid.space_init import write_proposal
+
+        proposal = write_proposal(path, args.init_yaml)
+        print(f"wrote {args.init_yaml}: {len(proposal.knobs)} knobs ({len(proposal.marked)} marked REVIEW), "
+              f"{len(proposal.left_out)} constants left out (the reasons are in the file)")
+        return 0
     source = _read(path)
     knobs, constants = find_knobs(source), find_constants(source)
     if args.space:
@@ -226,6 +245,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = write_report(args.storage, args.study, args.out)
     print(f"report written to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from hybrid.autoresearch import import_night
+
+    print(import_night(args.repo, args.study, storage_url=args.storage, branch=args.branch, space_path=args.space))
     return 0
 
 

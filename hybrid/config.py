@@ -66,13 +66,14 @@ class RunConfig:
     llm_fraction: float = 0.3
     artifacts: str | None = None
     sandbox: str = "auto"         # the OS sandbox of agent code: auto | required | off (harness.sandbox)
+    repo: str | None = None       # an autoresearch checkout whose own train.py, prepare.py and metric run (hybrid.foreign)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in vars(args).items() if k in names}
         values["memory_model"] = not args.no_memory_model
-        for key in ("train_py", "space"):
+        for key in ("train_py", "space", "repo"):
             values[key] = str(values[key]) if values.get(key) else None
         return cls(**values)
 

@@ -43,6 +43,10 @@ PARENT_POLL_SECONDS = 1.0    # how often a worker process checks that the run th
 def run(config: RunConfig) -> int:
     """`hybrid run`: create (or continue) the study, then work on it with config.workers processes."""
     config.finalize()
+    if config.repo:  # the repository's train.py and search_space.yaml; its own data and metric
+        from hybrid.foreign import configure
+
+        configure(config)
     code_path = Path(config.train_py) if config.train_py else project_file("train.py")
     space_path = Path(config.space) if config.space else project_file("search_space.yaml")
     try:
@@ -51,7 +55,7 @@ def run(config: RunConfig) -> int:
         raise UserError(f"cannot read {code_path}: {e.strerror}") from None
     space = load_space(space_path, config.profile)
     check_against_source(space, code)
-    if config.objective == "train":
+    if config.objective == "train" and not config.repo:
         ensure_prepared(get_profile(config.profile))
     storage = store.open_storage(config.storage)
     study = _open_study(storage, config, space, code)
@@ -218,7 +222,8 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     scrub.register(config.storage, config.llm_base_url)  # never shown back by a trial's text
     objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
                                memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False),
-                               stop=interrupt.stop, sandbox=config.sandbox, trusted_code=(base.source,))
+                               stop=interrupt.stop, sandbox=config.sandbox, trusted_code=(base.source,),
+                               repo=config.repo)
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
     refused = 0

@@ -24,6 +24,7 @@ import pandas as pd
 from hybrid import plots, store
 from hybrid.errors import UserError
 from hybrid.evolution import lineage_table
+from hybrid.foreign import trust_note
 from hybrid.stats import PairTest, pairwise
 
 OOM_STATUSES = ("oom", "oom-predicted")
@@ -291,6 +292,7 @@ def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid 
              f"{int(frame['finished'].sum())} finished trials; "
              f"written {datetime.datetime.now().isoformat(timespec='seconds')}. Every number below is recomputed from "
              "`results.parquet` (one row per trial) by `hybrid.report`; `summary.json` holds them as data.",
+             trust_note(studies),
              "## Per method", methods_markdown(table),
              "Best: the lowest val_bpb of a successful trial in each seed's study; mean ± std (ddof = 1) over seeds. "
              "Failed: share of finished trials with any failure status (OOM: `oom` or `oom-predicted`); failed trials "
