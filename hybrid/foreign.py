@@ -89,6 +89,13 @@ class Repo:
             raise UserError(f"cannot read {self.prepare}: {e}") from None
         return found.value if found is not None else None
 
+    def home_caches(self) -> dict[str, tuple[Path, str]]:
+        """Folders handed read-only to a trial (name -> host folder, its place under the trial's $HOME): the data of
+        prepare.py, and Hugging Face's hub cache, where `kernels` keeps the FlashAttention-3 build autoresearch
+        loads (the sandbox has no network; the hub folder holds no token, which lives beside it)."""
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path.home() / ".cache" / "huggingface" / "hub").expanduser()
+        return {"data": (self.cache, ".cache/autoresearch"), "hf-hub": (hub, ".cache/huggingface/hub")}
+
     @property
     def wall_limit(self) -> float:
         return WALL_FACTOR * float(self.constant("TIME_BUDGET")) + WALL_SLACK
@@ -227,15 +234,16 @@ class ForeignObjective:
     def _jail(self, trial_dir: Path) -> Jail:
         from harness.runner import compile_cache, trial_device
 
+        caches = {name: (host, home) for name, (host, home) in self.repo.home_caches().items() if host.is_dir()}
         handed = {"train.py": trial_dir / "train.py", "repo": self.repo.path,
-                  "compile-cache": compile_cache((trial_dir / "train.py").read_text())}
-        if self.repo.cache.is_dir():
-            handed["cache"] = self.repo.cache
+                  "compile-cache": compile_cache((trial_dir / "train.py").read_text()),
+                  **{name: host for name, (host, _) in caches.items()}}
         jail = Jail(self.sandbox, trial_dir / "scratch", handed=handed, writable=("compile-cache",), code=(),
                     gpu=trial_device(self.device)[1], limits=Limits(memory_bytes=default_memory_bytes()))
-        if "cache" in handed:  # prepare.py finds its data under ~/.cache/autoresearch; $HOME is the scratch folder
-            (jail.scratch / ".cache").mkdir(parents=True, exist_ok=True)
-            (jail.scratch / ".cache" / "autoresearch").symlink_to(jail.path("cache"))
+        for name, (_, home) in caches.items():  # found where the code looks: under $HOME, the scratch folder
+            link = jail.scratch / home
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(jail.path(name))
         return jail
 
     def _train(self, trial_dir: Path, log: Any) -> tuple[int | None, float | None]:
@@ -243,7 +251,7 @@ class ForeignObjective:
         jail = self._jail(trial_dir)
         cache = jail.path("compile-cache")
         env = {"PYTHONPATH": jail.path("repo"), "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
-               "TRITON_CACHE_DIR": f"{cache}/triton"}
+               "TRITON_CACHE_DIR": f"{cache}/triton", "HF_HUB_OFFLINE": "1"}
         proc = jail.popen([sys.executable, jail.path("train.py")], env=env, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         copier = threading.Thread(target=_copy, args=(proc.stdout, log), daemon=True)

@@ -286,9 +286,9 @@ def test_a_tpe_run_trains_the_repository_own_train_py(night, tmp_path, capsys):
     assert len(trials) == 3 and [t.user_attrs["status"] for t in trials] == ["ok"] * 3, \
         [t.user_attrs.get("error") for t in trials]
     for t in trials:
-        assert 0 < t.value < 9 and t.value == t.user_attrs["val_bpb"]
-        assert t.user_attrs["num_steps"] > 0 and t.user_attrs["total_tokens"] > 0
-        assert t.user_attrs["training_seconds"] >= 1 and t.user_attrs["total_seconds"] > 1
+        assert 0 < t.value < 100 and t.value == t.user_attrs["val_bpb"], t.user_attrs
+        assert t.user_attrs["num_steps"] > 0 and t.user_attrs["total_tokens"] > 0, t.user_attrs
+        assert t.user_attrs["training_seconds"] >= 1 and t.user_attrs["total_seconds"] > 1, t.user_attrs
         ran = Path(t.user_attrs["log_path"]).parent / "train.py"
         assert f"DEPTH = {t.params['DEPTH']} " in ran.read_text()
     assert trials[0].user_attrs["source"] == "baseline"
