@@ -1,8 +1,9 @@
 """The report's figures, each as a PNG (matplotlib, Agg) and an interactive HTML page (plotly).
 
 The HTML pages load plotly.js from `plotly.min.js` written once beside them (include_plotlyjs="directory"):
-they work offline and stay small; keep the three together when moving them.
-Failed trials (val_bpb = 100 for the samplers) never set an axis: they are drawn at the top edge.
+they work offline and stay small; keep the three together when moving them. They fill the window's height.
+Failed trials (val_bpb = 100 for the samplers) never set the value axis: they are drawn in a band of their own.
+Values are shown plainly (no offset notation); a flat range is padded to MIN_SPAN.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
+matplotlib.rcParams["axes.formatter.useoffset"] = False  # 0.9812, not 0.0012 + 9.8e-1
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
@@ -23,10 +25,15 @@ import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-MIN_IMPORTANCE_TRIALS = 10   # fewer finished trials in every study of a method: no importances for it
+MIN_IMPORTANCE_TRIALS = 10   # fewer trials in every study of a method: no importances for it
 GRID_POINTS = 400
+MIN_SPAN = 0.01              # val_bpb: the least height of a value axis (a flat incumbent gets a readable range)
+MIN_HOURS = 1 / 60           # the least width of an hours axis (a study of trials that cost no time)
+HTML_HEIGHT = 520            # px: the least height of an HTML page's figure; it fills the window when taller
 BPB_LABEL = "val_bpb (bits per byte, lower is better)"
-HOURS_LABEL = "GPU-hours spent (trial wall time)"
+BPB_HOVER = "%{y:.4f}"
+FAILED_COLOR = "#d62728"
+BASELINE_STYLE = {"color": "#555555", "ls": ":", "lw": 1.3}
 STATUS_COLORS = {"base": "#7f7f7f", "promoted": "#2ca02c", "kept": "#2ca02c", "rejected": "#d62728",
                  "reverted": "#d62728", "candidate": "#ff7f0e"}
 
@@ -43,11 +50,47 @@ def colors(methods: list[str]) -> dict[str, str]:
     return {m: matplotlib.colors.to_hex(palette[i % 10]) for i, m in enumerate(methods)}
 
 
-def _save(fig: plt.Figure, pfig: go.Figure, out: Path, name: str) -> None:
+def _save(fig: plt.Figure, pfig: go.Figure, out: Path, name: str, min_height: int = HTML_HEIGHT) -> None:
     fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    pfig.update_layout(template="plotly_white")
-    pfig.write_html(out / f"{name}.html", include_plotlyjs="directory")
+    pfig.update_layout(template="plotly_white", autosize=True)
+    pfig.write_html(out / f"{name}.html", include_plotlyjs="directory", config={"responsive": True},
+                    default_width="100%", default_height=f"max(95vh, {min_height}px)")
+
+
+def on_gpu(frame: pd.DataFrame) -> bool:
+    """Whether every study's trials ran on (or model) a GPU: the gpu profile, or the surrogate of GPU trials."""
+    return bool((frame.drop_duplicates("study")["profile"] == "gpu").all())
+
+
+def hours_unit(frame: pd.DataFrame) -> str:
+    """`GPU-hours` where the trials ran on GPUs, else `hours of trial time`."""
+    return "GPU-hours" if on_gpu(frame) else "hours of trial time"
+
+
+def hours_label(frame: pd.DataFrame) -> str:
+    return f"{hours_unit(frame)} spent (trial wall time)"
+
+
+def padded(low: float, high: float, share: float) -> tuple[float, float]:
+    """[low, high] widened by `share` of its span on each side, and to MIN_SPAN around its middle if flatter."""
+    middle, half = (low + high) / 2, max(high - low, MIN_SPAN) / 2
+    return middle - half * (1 + 2 * share), middle + half * (1 + 2 * share)
+
+
+def baseline_value(frame: pd.DataFrame) -> float | None:
+    """The median val_bpb of the successful baseline trials (the defaults), if any."""
+    values = frame.loc[frame["ok"] & (frame["source"] == "baseline"), "val_bpb"].astype(float)
+    return float(values.median()) if len(values) else None
+
+
+def draw_baseline(ax: plt.Axes, pfig: go.Figure, baseline: float | None, **where: int) -> None:
+    """The baseline's val_bpb as a dotted line, labelled (nothing without a successful baseline)."""
+    if baseline is None:
+        return
+    ax.axhline(baseline, **BASELINE_STYLE, label=f"baseline (defaults): {baseline:.4f}")
+    pfig.add_hline(y=baseline, line={"color": BASELINE_STYLE["color"], "dash": "dot", "width": 1.3},
+                   annotation_text=f"baseline {baseline:.4f}", annotation_position="bottom left", **where)
 
 
 def bpb_range(frame: pd.DataFrame) -> tuple[float, float]:
@@ -56,11 +99,18 @@ def bpb_range(frame: pd.DataFrame) -> tuple[float, float]:
     scattered method (random) do not squash the region where the others converge."""
     ok = frame[frame["ok"]]
     values = ok["val_bpb"].astype(float)
-    baseline = values[ok["source"] == "baseline"]
     focused = values.groupby(ok["method"]).quantile(0.8).min()
-    low, high = values.min(), max(focused, baseline.median() if len(baseline) else -math.inf)
-    pad = max(high - low, 1e-4) * 0.06
-    return low - pad, high + pad
+    baseline = baseline_value(frame)
+    return padded(values.min(), max(focused, baseline if baseline is not None else -math.inf), 0.06)
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """1-2-5 ticks covering [low, high] (every digit within a decade or less): labels people read on a log axis."""
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    steps = (1, 2, 5) if high / low > 30 else range(1, 10)
+    ticks = [s * 10.0 ** d for d in decades for s in steps]
+    inside = [t for t in ticks if low <= t <= high]
+    return inside if len(inside) >= 2 else [low, high]
 
 
 # -- incumbent against budget -----------------------------------------------------------------------------
@@ -77,9 +127,10 @@ def incumbent_curves(frame: pd.DataFrame, grid: np.ndarray) -> dict[str, np.ndar
 
 def plot_incumbent(frame: pd.DataFrame, palette: dict[str, str], out: Path,
                    references: dict[str, float] | None) -> Figure:
-    grid = np.linspace(0, frame["gpu_hours"].max(), GRID_POINTS)
+    grid = np.linspace(0, max(frame["gpu_hours"].max(), MIN_HOURS), GRID_POINTS)
     curves = incumbent_curves(frame, grid)
     by_method = frame.drop_duplicates("study").groupby("method")["study"].apply(list)
+    hours = hours_label(frame)
     fig, ax = plt.subplots(figsize=(10, 6))
     pfig = go.Figure()
     tops, bottoms = [], []
@@ -93,7 +144,7 @@ def plot_incumbent(frame: pd.DataFrame, palette: dict[str, str], out: Path,
         color = palette[method]
         ax.plot(grid, mean, color=color, lw=2, label=label, drawstyle="steps-post")
         pfig.add_trace(go.Scatter(x=grid, y=mean, name=label, line={"color": color, "shape": "hv", "width": 2},
-                                  legendgroup=method, hovertemplate="%{x:.2f} h: %{y:.4f}"))
+                                  legendgroup=method, hovertemplate=f"%{{x:.3f}} h: {BPB_HOVER}"))
         if n > 1:
             ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.18, step="post", lw=0)
             pfig.add_trace(go.Scatter(x=np.r_[grid, grid[::-1]], y=np.r_[mean + std, (mean - std)[::-1]],
@@ -109,92 +160,114 @@ def plot_incumbent(frame: pd.DataFrame, palette: dict[str, str], out: Path,
         if np.isfinite(mean).any():
             tops.append(np.nanmax(mean + std))
             bottoms.append(np.nanmin(mean - std))
-    low, high = (min(bottoms), max(tops)) if tops else bpb_range(frame)
-    pad = max(high - low, 1e-4) * 0.05
-    ax.set_ylim(low - pad, high + pad)
+    baseline = baseline_value(frame)
+    draw_baseline(ax, pfig, baseline)
+    if baseline is not None:
+        tops.append(baseline)
+    low, high = padded(min(bottoms), max(tops), 0.05) if tops else bpb_range(frame)
+    ax.set_ylim(low, high)
     ax.set_xlim(0, grid[-1])
     several = frame.groupby("method")["study"].nunique().max() > 1
     band = "; band: ± 1 std over seeds" if several else ""
     title = "Best val_bpb found against budget " + ("(mean over seeds; band: ± 1 std)" if several else "(one seed per method)")
-    ax.set(title=title, xlabel=HOURS_LABEL, ylabel=BPB_LABEL)
+    ax.set(title=title, xlabel=hours, ylabel=BPB_LABEL)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=9)
-    pfig.update_layout(title=title, xaxis_title=HOURS_LABEL,
-                       yaxis_title=BPB_LABEL, yaxis_range=[low - pad, high + pad])
+    pfig.update_layout(title=title, xaxis_title=hours, yaxis_title=BPB_LABEL, yaxis_range=[low, high],
+                       yaxis_tickformat=".4f")
     _save(fig, pfig, out, "incumbent")
-    note = ("The incumbent (best successful val_bpb so far) of each study, against the GPU-hours its trials used; "
-            "the line is the mean over seeds, drawn where every seed has a success" + band + ".")
+    note = (f"The incumbent (best successful val_bpb so far) of each study, against the {hours_unit(frame)} its trials "
+            "used; the line is the mean over seeds, drawn where every seed has a success" + band + ".")
+    if baseline is not None:
+        note += " Dotted: the baseline (the defaults)."
     if references:
         note += " Dashed: the paper's published mean best after 24 h."
-    return Figure("incumbent", "Incumbent val_bpb against GPU-hours", note)
+    return Figure("incumbent", f"Incumbent val_bpb against {hours_unit(frame)}", note)
 
 
 # -- every trial ------------------------------------------------------------------------------------------
 
+def _trial_hover(part: pd.DataFrame, hours: str) -> list[str]:
+    """`trial 7 (tpe): 0.9812 at 1.234 h`, or the failure status in place of the value."""
+    return [f"trial {n} ({s}): {f'{v:.4f}' if st == 'ok' else st} at {h:.3f} {hours}"
+            for n, s, v, st, h in zip(part["number"], part["source"], part["val_bpb"].astype(float), part["status"],
+                                      part["gpu_hours"])]
+
+
 def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figure:
+    """Per method: successful trials and the incumbent on the value axis; failures in a band above it."""
     methods = list(palette)
     cols = 2 if len(methods) == 4 else min(3, len(methods))
     rows = math.ceil(len(methods) / cols)
     low, high = bpb_range(frame)
-    fail_y, top = high + (high - low) * 0.04, high + (high - low) * 0.07  # failures in a row above the ▲ row
+    hours, unit = hours_label(frame), "GPU-h" if on_gpu(frame) else "h"
+    baseline = baseline_value(frame)
     done = frame[frame["finished"]]
     seeds = sorted(done["seed"].unique())
     seed_colors = {s: matplotlib.colors.to_hex(plt.get_cmap("tab10").colors[i % 10]) for i, s in enumerate(seeds)}
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), sharey=True, squeeze=False)
-    pfig = make_subplots(rows=rows, cols=cols, subplot_titles=methods, shared_yaxes=True)
-    shown: set[str] = set()
+    fig, grid = plt.subplots(2 * rows, cols, figsize=(5.2 * cols, 4.6 * rows), squeeze=False, sharex="col",
+                             gridspec_kw={"height_ratios": [1, 6] * rows})
+    pfig = make_subplots(rows=2 * rows, cols=cols, shared_xaxes=True, row_heights=[1, 6] * rows,
+                         vertical_spacing=0.04 / rows, subplot_titles=[m if r % 2 == 0 else "" for r in range(2 * rows)
+                                                                       for m in (methods + [""] * cols)[:cols]])
     for i, method in enumerate(methods):
-        ax, r, c = axes[i // cols][i % cols], i // cols + 1, i % cols + 1
+        band, ax = grid[2 * (i // cols)][i % cols], grid[2 * (i // cols) + 1][i % cols]
+        r, c = 2 * (i // cols) + 2, i % cols + 1
         for seed, trials in done[done["method"] == method].groupby("seed"):
             color = seed_colors[seed]
             ok = trials[trials["ok"]]
-            inside = ok[ok["val_bpb"].astype(float) <= high]
-            above = ok[ok["val_bpb"].astype(float) > high]
+            inside, above = ok[ok["val_bpb"].astype(float) <= high], ok[ok["val_bpb"].astype(float) > high]
             failed = trials[trials["failed"]]
             ax.scatter(inside["gpu_hours"], inside["val_bpb"], s=10, color=color, alpha=0.55, label=f"seed {seed}")
             ax.scatter(above["gpu_hours"], np.full(len(above), high), s=14, marker="^", color=color, alpha=0.55)
-            ax.scatter(failed["gpu_hours"], np.full(len(failed), fail_y), s=14, marker="x", color="#d62728", alpha=0.5)
+            band.scatter(failed["gpu_hours"], np.full(len(failed), seed), s=14, marker="x", color=FAILED_COLOR, alpha=0.6)
             ax.plot(trials["gpu_hours"], trials["incumbent"], color=color, lw=1.6, drawstyle="steps-post")
-            for kind, part, y, marker in (("ok", inside, inside["val_bpb"], "circle"),
-                                          ("above", above, np.full(len(above), high), "triangle-up"),
-                                          ("failed", failed, np.full(len(failed), fail_y), "x")):
-                name = {"ok": f"seed {seed}", "above": f"seed {seed}: above the axis",
-                        "failed": "failed (val_bpb = 100)"}[kind]
+            for part, y, marker, row, name in ((inside, inside["val_bpb"], "circle", r, f"seed {seed}"),
+                                               (above, np.full(len(above), high), "triangle-up", r,
+                                                f"seed {seed}: above the axis"),
+                                               (failed, np.full(len(failed), f"seed {seed}"), "x", r - 1, "failed")):
                 pfig.add_trace(go.Scatter(
                     x=part["gpu_hours"], y=y, mode="markers", name=name, legendgroup=name,
-                    showlegend=name not in shown, marker={"symbol": marker, "size": 5, "opacity": 0.6,
-                                                          "color": "#d62728" if kind == "failed" else color},
-                    text=[f"trial {n} ({s}): {v if k == 'ok' else st}" for n, s, v, st, k in
-                          zip(part["number"], part["source"], part["val_bpb"], part["status"], [kind] * len(part))],
-                    hoverinfo="text"), row=r, col=c)
-                shown.add(name)
+                    showlegend=i == 0 and len(part) > 0, hoverinfo="text", text=_trial_hover(part, unit),
+                    marker={"symbol": marker, "size": 6, "opacity": 0.6,
+                            "color": FAILED_COLOR if name == "failed" else color}), row=row, col=c)
             pfig.add_trace(go.Scatter(x=trials["gpu_hours"], y=trials["incumbent"], mode="lines", showlegend=False,
                                       line={"color": color, "shape": "hv"}, hoverinfo="skip"), row=r, col=c)
-        ax.set_title(method)
-        ax.set_ylim(low, top)
+        draw_baseline(ax, pfig, baseline, row=r, col=c)
+        band.set_title(method)
+        band.set_yticks(seeds, [f"seed {s}" for s in seeds], fontsize=7)
+        band.set_ylim(min(seeds) - 0.6, max(seeds) + 0.6)
+        band.set_ylabel("failed", rotation=0, ha="right", va="center", color=FAILED_COLOR)
+        band.tick_params(axis="x", labelbottom=False)
+        ax.set_ylim(low, high + (high - low) * 0.03)
         ax.set_xlim(left=0)
-        ax.set_xlabel(HOURS_LABEL)
+        ax.set_xlabel(hours)
         ax.grid(alpha=0.3)
-        if i % cols == 0:
-            ax.set_ylabel(BPB_LABEL)
+        ax.set_ylabel(BPB_LABEL if i % cols == 0 else "")
+        pfig.update_yaxes(title_text="failed", row=r - 1, col=c)
+        pfig.update_yaxes(range=[low, high + (high - low) * 0.03], tickformat=".4f",
+                          title_text=BPB_LABEL if i % cols == 0 else None, row=r, col=c)
+        pfig.update_xaxes(title_text=hours, row=r, col=c)
     for j in range(len(methods), rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    handles += [plt.Line2D([], [], ls="", marker="x", color="#d62728"), plt.Line2D([], [], ls="", marker="^", color="gray"),
+        grid[2 * (j // cols)][j % cols].axis("off")
+        grid[2 * (j // cols) + 1][j % cols].axis("off")
+    handles, labels = grid[1][0].get_legend_handles_labels()
+    handles += [plt.Line2D([], [], ls="", marker="x", color=FAILED_COLOR), plt.Line2D([], [], ls="", marker="^", color="gray"),
                 plt.Line2D([], [], color="gray")]
-    labels += ["failed (val_bpb = 100), top row", f"successful but above {high:.4f}, second row",
+    labels += ["failed (no val_bpb), in the band above", f"successful but above {high:.4f}, at the top edge",
                "incumbent (best so far)"]
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=9, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("Every trial and the incumbent staircase, per method and seed")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    pfig.update_yaxes(range=[low, top])
-    pfig.update_layout(title="Every trial and the incumbent staircase, per method and seed", height=380 * rows)
-    _save(fig, pfig, out, "trials")
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9, bbox_to_anchor=(0.5, -0.02))
+    title = "Every trial and the incumbent staircase, per method and seed"
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    pfig.update_layout(title=title)
+    _save(fig, pfig, out, "trials", min_height=420 * rows)
     return Figure("trials", "Every trial per method",
-                  f"Successful trials as dots, the incumbent as a staircase, one colour per seed. The val_bpb axis stops at "
-                  f"{high:.4f} (the baseline or, if higher, the 80th percentile of the successful trials of the most "
-                  "focused method): failed trials "
-                  "(val_bpb = 100) are drawn as × in the top row, worse successes as ▲ just below it.")
+                  f"Successful trials as dots, the incumbent as a staircase, one colour per seed; the dotted line is the "
+                  f"baseline. The val_bpb axis stops at {high:.4f} (the baseline or, if higher, the 80th percentile of the "
+                  "successful trials of the most focused method): worse successes are drawn as ▲ at its top edge. "
+                  "Failed trials have no val_bpb (the samplers were told 100): they are drawn as × in the band above "
+                  "each plot, one row per seed.")
 
 
 # -- Pareto fronts ----------------------------------------------------------------------------------------
@@ -207,18 +280,26 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return xs[keep], ys[keep]
 
 
+def vram_cap(frame: pd.DataFrame) -> float | None:
+    """The VRAM cap (GB) the studies ran under, if they share one."""
+    caps = frame.drop_duplicates("study")["vram_cap_gb"].dropna().unique() if "vram_cap_gb" in frame else []
+    return float(caps[0]) if len(caps) == 1 else None
+
+
 def plot_pareto(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figure | str:
     axes_spec = [(c, label, scale) for c, label, scale in
                  (("peak_memory_mb", "peak memory (GB)", 1 / 1024), ("num_params", "parameters (millions)", 1e-6))
-                 if c in frame and pd.to_numeric(frame.loc[frame["ok"], c], errors="coerce").notna().any()]
+                 if c in frame and pd.to_numeric(frame.loc[frame["ok"], c], errors="coerce").gt(0).any()]
     if not axes_spec:
         return "Pareto fronts: skipped, no trial recorded peak_memory_mb or num_params (the surrogate objective does not)."
     low, high = bpb_range(frame)
+    cap = vram_cap(frame)
     fig, axes = plt.subplots(1, len(axes_spec), figsize=(6.5 * len(axes_spec), 5.2), sharey=True, squeeze=False)
     pfig = make_subplots(rows=1, cols=len(axes_spec), shared_yaxes=True, subplot_titles=[s[1] for s in axes_spec])
     ok = frame[frame["ok"]]
     for k, (column, label, scale) in enumerate(axes_spec):
         ax = axes[0][k]
+        shown = []
         for method, color in palette.items():
             mine = ok[ok["method"] == method]
             x = pd.to_numeric(mine[column], errors="coerce").to_numpy(float) * scale
@@ -227,19 +308,30 @@ def plot_pareto(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
             x, y = x[keep], y[keep]
             if not len(x):
                 continue
+            shown.append(x)
             fx, fy = pareto_front(x, y)
             above = y > high
             ax.scatter(x[~above], y[~above], s=9, color=color, alpha=0.3)
             ax.scatter(x[above], np.full(above.sum(), high), s=12, marker="^", color=color, alpha=0.3)
             ax.plot(fx, fy, color=color, lw=2, marker="o", ms=4, drawstyle="steps-post", label=method)
+            hover = f"%{{x:.3g}}: {BPB_HOVER}<extra>{method}</extra>"
             pfig.add_trace(go.Scatter(x=x, y=y, mode="markers", marker={"color": color, "size": 4, "opacity": 0.35},
-                                      legendgroup=method, showlegend=False, name=method), row=1, col=k + 1)
+                                      legendgroup=method, showlegend=False, name=method, hovertemplate=hover),
+                           row=1, col=k + 1)
             pfig.add_trace(go.Scatter(x=fx, y=fy, mode="lines+markers", line={"color": color, "shape": "hv"},
-                                      name=method, legendgroup=method, showlegend=k == 0), row=1, col=k + 1)
+                                      name=method, legendgroup=method, showlegend=k == 0, hovertemplate=hover),
+                           row=1, col=k + 1)
+        values = np.concatenate(shown)
+        x_low, x_high = values.min() / 1.2, values.max() * 1.2
+        if column == "peak_memory_mb" and cap is not None:
+            ax.axvline(cap, color=FAILED_COLOR, ls="--", lw=1.2, label=f"VRAM cap {cap:g} GB")
+            pfig.add_vline(x=cap, line={"color": FAILED_COLOR, "dash": "dash"}, annotation_text=f"VRAM cap {cap:g} GB",
+                           row=1, col=k + 1)
+            x_high = max(x_high, cap * 1.1)
+        ticks = log_ticks(x_low, x_high)
         ax.set_xscale("log")
-        lo, hi = ax.get_xlim()
-        subs = (1.0, 2.0, 5.0) if hi / lo > 30 else tuple(range(1, 10))  # labelled ticks also within a decade
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=subs))
+        ax.set_xlim(x_low, x_high)
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel=f"{label}, log scale", title=f"val_bpb against {label.split(' (')[0]}")
@@ -247,24 +339,28 @@ def plot_pareto(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
         ax.grid(alpha=0.3, which="both")
         if k == 0:
             ax.set_ylabel(BPB_LABEL)
-        pfig.update_xaxes(type="log", title_text=f"{label}, log scale", row=1, col=k + 1)
+        pfig.update_xaxes(type="log", title_text=f"{label}, log scale", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks],
+                          range=[math.log10(x_low), math.log10(x_high)], row=1, col=k + 1)
     axes[0][0].legend(title="Pareto front per method", fontsize=9)
     fig.suptitle("Pareto fronts: lower val_bpb for less memory and fewer parameters (successful trials)")
     fig.tight_layout()
-    pfig.update_yaxes(range=[low, high + (high - low) * 0.03], title_text=BPB_LABEL, row=1, col=1)
+    pfig.update_yaxes(range=[low, high + (high - low) * 0.03], tickformat=".4f")
+    pfig.update_yaxes(title_text=BPB_LABEL, row=1, col=1)
     pfig.update_layout(title="Pareto fronts of val_bpb against peak memory and parameter count")
     _save(fig, pfig, out, "pareto")
+    capped = f" Dashed: the VRAM cap ({cap:g} GB)." if cap is not None else ""
     return Figure("pareto", "Pareto fronts", f"Successful trials only (failed ones have no measurement). Trials above "
-                  f"{high:.4f} are drawn as ▲ at the top edge; the fronts use their true values.")
+                  f"{high:.4f} are drawn as ▲ at the top edge; the fronts use their true values.{capped}")
 
 
 # -- importances ------------------------------------------------------------------------------------------
 
-def study_importances(study: optuna.Study) -> dict[str, float] | None:
-    """PED-ANOVA importances over the study's completed trials (failures at val_bpb 100 included, as the
-    sampler saw them); None below MIN_IMPORTANCE_TRIALS."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-    if len(trials) < MIN_IMPORTANCE_TRIALS:
+def study_importances(study: optuna.Study, *, with_failures: bool = False) -> dict[str, float] | None:
+    """PED-ANOVA importances over the study's successful trials (with_failures: every completed trial, failures
+    at val_bpb 100, as the sampler saw them); None below MIN_IMPORTANCE_TRIALS or without a spread of values."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if with_failures or t.user_attrs.get("status") == "ok"]
+    if len(trials) < MIN_IMPORTANCE_TRIALS or len({t.value for t in trials}) < 2:
         return None
     copy = optuna.create_study(direction="minimize")
     copy.add_trials(trials)
@@ -274,16 +370,24 @@ def study_importances(study: optuna.Study) -> dict[str, float] | None:
             copy, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), normalize=True)
 
 
-def plot_importances(studies: list[optuna.Study], frame: pd.DataFrame, palette: dict[str, str],
-                     out: Path) -> Figure | str:
+IMPORTANCE_KINDS = {  # name: (with failures, title, what the trials were)
+    "importance": (False, "Parameter importances", "successful trials"),
+    "importance-with-failures": (True, "Parameter importances, failures included",
+                                 "completed trials, failures included at val_bpb = 100 as the samplers saw them"),
+}
+
+
+def plot_importances(studies: list[optuna.Study], frame: pd.DataFrame, palette: dict[str, str], out: Path,
+                     name: str = "importance") -> Figure | str:
+    with_failures, title, which = IMPORTANCE_KINDS[name]
     method_of = frame.drop_duplicates("study").set_index("study")["method"]
     found: dict[str, list[dict[str, float]]] = {}
     for study in studies:
-        values = study_importances(study)
+        values = study_importances(study, with_failures=with_failures)
         if values is not None:
             found.setdefault(method_of[study.study_name], []).append(values)
     if not found:
-        return (f"Parameter importances: skipped, every study has fewer than {MIN_IMPORTANCE_TRIALS} completed trials.")
+        return f"{title}: skipped, every study has fewer than {MIN_IMPORTANCE_TRIALS} {which} (or all alike)."
     table = pd.DataFrame({m: pd.DataFrame(v).fillna(0.0).mean() for m, v in found.items()}).fillna(0.0)
     table = table[[m for m in palette if m in table]]
     table = table.loc[table.mean(axis=1).sort_values().index]
@@ -295,21 +399,21 @@ def plot_importances(studies: list[optuna.Study], frame: pd.DataFrame, palette: 
         ys = np.arange(len(knobs)) - (j - (len(methods) - 1) / 2) * height  # first method on top
         n = len(found[method])
         ax.barh(ys, table[method], height=height, color=palette[method], label=f"{method} ({n} seed{'s' if n > 1 else ''})")
-        pfig.add_trace(go.Bar(y=knobs, x=table[method], orientation="h", name=method, marker_color=palette[method]))
+        pfig.add_trace(go.Bar(y=knobs, x=table[method], orientation="h", name=method, marker_color=palette[method],
+                              hovertemplate=f"%{{y}}: %{{x:.3f}}<extra>{method}</extra>"))
     ax.set_yticks(np.arange(len(knobs)), knobs)
-    ax.set(xlabel="importance (PED-ANOVA, normalized to sum 1 per study; mean over seeds)",
-           title="Which knobs mattered, per method")
+    xlabel = "importance (PED-ANOVA, normalized to sum 1 per study; mean over seeds)"
+    ax.set(xlabel=xlabel, ylabel="knob", title=f"Which knobs mattered, per method ({which.split(',')[0]})")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="lower right", fontsize=9)
-    pfig.update_layout(barmode="group", title="Parameter importances per method (PED-ANOVA)", height=40 * len(knobs) * len(methods) + 200,
-                       xaxis_title="importance (normalized, mean over seeds)")
-    _save(fig, pfig, out, "importance")
+    pfig.update_layout(barmode="group", title=f"{title} per method (PED-ANOVA on {which})", xaxis_title=xlabel,
+                       yaxis_title="knob")
+    _save(fig, pfig, out, name, min_height=40 * len(knobs) * len(methods) + 200)
     missing = [m for m in palette if m not in found]
-    note = ("optuna's PED-ANOVA evaluator on each study's completed trials (failures count at val_bpb = 100, as the "
-            "samplers saw them), averaged over the method's seeds.")
+    note = f"optuna's PED-ANOVA evaluator on each study's {which}, averaged over the method's seeds."
     if missing:
-        note += f" Left out, fewer than {MIN_IMPORTANCE_TRIALS} completed trials: {', '.join(missing)}."
-    return Figure("importance", "Parameter importances", note)
+        note += f" Left out, fewer than {MIN_IMPORTANCE_TRIALS} such trials: {', '.join(missing)}."
+    return Figure(name, title, note)
 
 
 # -- lineage ----------------------------------------------------------------------------------------------
@@ -392,7 +496,12 @@ def write_all(frame: pd.DataFrame, studies: list[optuna.Study], lineages: dict[s
     methods = frame.drop_duplicates("method")["method"].tolist()
     order = frame[frame["ok"]].groupby("method")["val_bpb"].min().reindex(methods).sort_values(na_position="last")
     palette = colors(list(order.index))
-    figures: list[Figure | str] = [plot_incumbent(frame, palette, out, references), plot_trials(frame, palette, out),
-                                   plot_pareto(frame, palette, out), plot_importances(studies, frame, palette, out)]
+    figures: list[Figure | str]
+    if frame["ok"].any():
+        figures = [plot_incumbent(frame, palette, out, references), plot_trials(frame, palette, out),
+                   plot_pareto(frame, palette, out)]
+    else:
+        figures = ["Incumbent, every trial and Pareto fronts: skipped, no trial succeeded (nothing has a val_bpb)."]
+    figures += [plot_importances(studies, frame, palette, out, name) for name in IMPORTANCE_KINDS]
     figures += [plot_lineage(name, rows, out) for name, rows in lineages.items()]
     return figures

@@ -4,7 +4,8 @@ Definitions used throughout (and recomputable from results.parquet):
   finished   the trial's outcome was recorded (`status` set); interrupted trials are listed but never counted
   best       the lowest val_bpb of a finished trial with status ok, per study (= per seed)
   failed     a finished trial whose status is not ok; OOM: status oom or oom-predicted
-  GPU-hours  the total_seconds of finished trials / 3600 (the budget's currency); wasted: those of failed trials
+  GPU-hours  the total_seconds of finished trials / 3600 (the budget's currency); wasted: those of failed trials.
+             Called "hours of trial time" where a study did not run on GPUs (cpu, test profiles)
   std        over seeds, with ddof = 1 (none for one seed)
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from hybrid import plots, store
+from harness.profiles import PAPER_CAP_GB
+from hybrid import plots, results, store
 from hybrid.errors import UserError
 from hybrid.evolution import lineage_table
 from hybrid.foreign import trust_note
@@ -30,26 +33,19 @@ from hybrid.stats import PairTest, pairwise
 OOM_STATUSES = ("oom", "oom-predicted")
 TOKEN_COLUMN = re.compile(r"^llm_.*tokens")
 COST_COLUMN = re.compile(r"^llm_.*cost")
-RUN_COLUMNS = ("study", "method", "seed", "objective", "profile")
+RUN_COLUMNS = ("study", "method", "seed", "objective", "profile", "vram_cap_gb")
 
 
 # -- loading ----------------------------------------------------------------------------------------------
 
-def open_existing(url: str) -> optuna.storages.RDBStorage:
-    """The storage at url; a SQLite file that does not exist is an error (it would be created empty)."""
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise UserError(f"no database at {url[len('sqlite:///'):]}: pass --storage sqlite:///PATH of an existing run")
-    return store.open_storage(url)
-
-
 def load_studies(url: str, names: list[str] | None) -> list[optuna.Study]:
     """The named studies (all of hybrid's when names is None); UserError for unknown or foreign ones."""
-    storage = open_existing(url)
+    storage = results.open_storage(url)
     present = optuna.get_all_study_names(storage)
     unknown = [n for n in names or [] if n not in present]
     if unknown:
         have = ", ".join(present) if present else "none"
-        raise UserError(f"no study {unknown[0]!r} in {url} (studies there: {have})")
+        raise UserError(f"no study {unknown[0]!r} in {store.masked_url(url)} (studies there: {have})")
     studies = [optuna.load_study(study_name=n, storage=storage) for n in (names or present)]
     if names:
         for study in studies:
@@ -57,7 +53,8 @@ def load_studies(url: str, names: list[str] | None) -> list[optuna.Study]:
         return studies
     studies = [s for s in studies if store.RUN_KEY in s.user_attrs]
     if not studies:
-        raise UserError(f"no studies created by hybrid in {url}: run `hybrid run` or `hybrid compare` first")
+        raise UserError(f"no studies created by hybrid in {store.masked_url(url)}: run `hybrid run` or "
+                        "`hybrid compare` first")
     return studies
 
 
@@ -69,7 +66,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     for study in studies:
         info = store.run_info(study)
         run = {"study": study.study_name, "method": info["method"], "seed": int(info["seed"]),
-               "objective": info.get("objective"), "profile": info.get("profile")}
+               "objective": info.get("objective"), "profile": info.get("profile"), "vram_cap_gb": run_cap_gb(info)}
         for t in study.get_trials(deepcopy=False):
             row: dict[str, Any] = {**run, "number": t.number, "state": t.state.name, "value": t.value,
                                    "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
@@ -95,6 +92,13 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     best = frame["val_bpb"].astype(float).where(frame["ok"])
     frame["incumbent"] = best.groupby(frame["study"]).cummin().groupby(frame["study"]).ffill()
     return _arrow_safe(frame)
+
+
+def run_cap_gb(info: dict[str, Any]) -> float | None:
+    """The VRAM cap a study's trials ran under: --vram-cap-gb, else the paper's on the gpu profile and the surrogate."""
+    if info.get("vram_cap_gb"):
+        return float(info["vram_cap_gb"])
+    return PAPER_CAP_GB if info.get("objective") == "surrogate" or info.get("profile") == "gpu" else None
 
 
 def _arrow_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -189,9 +193,9 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def methods_markdown(table: pd.DataFrame) -> str:
-    header = ["method", "seeds", "best val_bpb (mean ± std)", "trials", "failed", "OOM", "GPU-hours",
-              "GPU-hours on failures", "LLM tokens", "LLM cost (USD)", "baseline val_bpb"]
+def methods_markdown(table: pd.DataFrame, unit: str = "GPU-hours") -> str:
+    header = ["method", "seeds", "best val_bpb (mean ± std)", "trials", "failed", "OOM", unit,
+              f"{unit} on failures", "LLM tokens", "LLM cost (USD)", "baseline val_bpb"]
     rows = [[r.Index, str(r.n_seeds), best_text(r.best_mean, r.best_std), str(r.trials), pct(r.fail_rate),
              pct(r.oom_rate), fmt(r.gpu_hours, 2), fmt(r.gpu_hours_failed, 2), f"{r.llm_tokens:.0f}",
              fmt(r.llm_cost_usd, 2), fmt(r.baseline)] for r in table.itertuples()]
@@ -213,11 +217,40 @@ def pairwise_markdown(tests: list[PairTest]) -> str:
                    "read the intervals as much as the p-values.")
 
 
-def studies_markdown(table: pd.DataFrame) -> str:
+def studies_markdown(table: pd.DataFrame, unit: str = "GPU-hours") -> str:
     rows = [[r.Index, r.method, str(r.seed), str(r.trials), str(r.failed), fmt(r.best),
              "–" if pd.isna(r.best_trial) else str(int(r.best_trial)), fmt(r.gpu_hours, 2)]
             for r in table.itertuples()]
-    return _markdown_table(["study", "method", "seed", "trials", "failed", "best val_bpb", "best trial", "GPU-hours"], rows)
+    return _markdown_table(["study", "method", "seed", "trials", "failed", "best val_bpb", "best trial", unit], rows)
+
+
+def best_markdown(studies: list[optuna.Study], url: str) -> str:
+    """Each study's best trial: number, val_bpb, generation, config and the command that exports its train.py."""
+    lines = []
+    for study in studies:
+        best = results.ranked(study)
+        if not best:
+            lines.append(f"- **{study.study_name}**: no successful trial "
+                         f"({results.failures_text(store.finished_trials(study))}).")
+            continue
+        t = best[0]
+        lines.append(f"- **{study.study_name}**: trial {t.number}, val_bpb {t.user_attrs['val_bpb']:.4f} (generation "
+                     f"{t.user_attrs.get('generation', 0)}, source {t.user_attrs.get('source', '-')}) with "
+                     f"`{results.config_text(results.trial_config(t))}`. "
+                     f"Its train.py: `{results.export_command(url, study.study_name)}`.")
+    return "\n".join(lines)
+
+
+def what_there_is(frame: pd.DataFrame) -> str:
+    """`12 finished trials: 9 successful, 3 failed (oom 2, crash 1); 1 interrupted or running, not counted`."""
+    done = frame[frame["finished"]]
+    ok = int(done["ok"].sum())
+    failed = done.loc[done["failed"], "status"].value_counts()
+    text = f"{len(done)} finished {'trial' if len(done) == 1 else 'trials'}: {ok} successful, {len(done) - ok} failed"
+    if len(failed):
+        text += " (" + ", ".join(f"{s} {n}" for s, n in failed.items()) + ")"
+    interrupted = int((~frame["finished"]).sum())
+    return text + (f"; {interrupted} interrupted or running, not counted" if interrupted else "")
 
 
 def lineage_markdown(name: str, rows: list[dict[str, Any]]) -> str:
@@ -271,8 +304,7 @@ def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid 
     frame = trials_frame(studies)
     if frame.empty or not frame["finished"].any():
         raise UserError(f"no finished trials in {', '.join(s.study_name for s in studies)}: nothing to report yet")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(out))
     frame.to_parquet(out / "results.parquet", index=False)
     frame.to_csv(out / "results.csv", index=False)
     table = method_table(frame)
@@ -287,20 +319,22 @@ def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid 
 
     runs = frame.drop_duplicates("study")
     setups = ", ".join(sorted({f"{r.objective} objective, {r.profile} profile" for r in runs.itertuples()}))
+    unit = plots.hours_unit(frame)
     parts = [f"# {title}",
-             f"Storage `{url}`, {len(studies)} {'study' if len(studies) == 1 else 'studies'} ({setups}), "
-             f"{int(frame['finished'].sum())} finished trials; "
+             f"Storage `{store.masked_url(url)}`, {len(studies)} {'study' if len(studies) == 1 else 'studies'} "
+             f"({setups}), {what_there_is(frame)}; "
              f"written {datetime.datetime.now().isoformat(timespec='seconds')}. Every number below is recomputed from "
              "`results.parquet` (one row per trial) by `hybrid.report`; `summary.json` holds them as data.",
              trust_note(studies),
-             "## Per method", methods_markdown(table),
+             "## Best trial of each study", best_markdown(studies, url),
+             "## Per method", methods_markdown(table, unit),
              "Best: the lowest val_bpb of a successful trial in each seed's study; mean ± std (ddof = 1) over seeds. "
              "Failed: share of finished trials with any failure status (OOM: `oom` or `oom-predicted`); failed trials "
-             "count as val_bpb = 100 for the samplers and cost the wall time they used. GPU-hours: total wall seconds "
-             "of finished trials. LLM tokens and cost: sums of the trials' `llm_*tokens*` and `llm_*cost*` attributes.",
+             "count as val_bpb = 100 for the samplers and cost the wall time they used. "
+             f"{unit}: total wall seconds of finished trials / 3600. LLM tokens and cost: sums of the trials' `llm_*tokens*` and `llm_*cost*` attributes.",
              extra(built) if extra else "",
              "## Pairwise tests on best val_bpb", pairwise_markdown(tests),
-             "## Studies", studies_markdown(per_study),
+             "## Studies", studies_markdown(per_study, unit),
              "## Plots"]
     for fig in figures:
         if isinstance(fig, str):
@@ -313,6 +347,17 @@ def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid 
         parts += [lineage_markdown(name, rows) for name, rows in lineages.items()]
     built.path.write_text("\n\n".join(p for p in parts if p) + "\n")
     return built
+
+
+def writable_folder(out: Path) -> Path:
+    """out, created if missing; UserError in one line if it is not a folder or cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the report to {out}: {e.strerror} (pass another --out)") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the report to {out}: permission denied (pass another --out)")
+    return out
 
 
 def write_report(storage: str, studies: list[str] | None, out: Path) -> Path:

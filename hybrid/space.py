@@ -182,6 +182,7 @@ def load_space(path: str | Path, profile: str = "gpu") -> SearchSpace:
     if not isinstance(doc, dict) or not isinstance(doc.get("knobs"), dict):
         raise SpaceError(f"{path}: expected a top-level 'knobs:' mapping")
     declared = {name: dict(spec) if isinstance(spec, dict) else spec for name, spec in doc["knobs"].items()}
+    _checked(declared, path)  # the base ranges must hold whatever the profile overrides
     overrides = (doc.get("profiles") or {}).get(profile) or {}
     if not isinstance(overrides, dict):
         raise SpaceError(f"{path}: profiles.{profile} must be a mapping of knob overrides")
@@ -191,6 +192,11 @@ def load_space(path: str | Path, profile: str = "gpu") -> SearchSpace:
         if not isinstance(spec, dict):
             raise SpaceError(f"{path}: profiles.{profile}.{name} must be a mapping")
         declared[name] = {**declared[name], **spec}
+    return _checked(declared, path)
+
+
+def _checked(declared: dict[str, Any], path: Path) -> SearchSpace:
+    """The space of these declarations; SpaceError naming the file if one is malformed."""
     try:
         return SearchSpace.from_dict(declared)
     except SpaceError as e:

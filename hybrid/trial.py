@@ -26,7 +26,10 @@ def parse_assignments(assignments: list[str], space) -> dict:  # noqa: ANN001
 
 
 def run_single_trial(*, profile: str | None, assignments: list[str], train_py: Path | None, space_path: Path | None,
-                     seed: int, vram_cap_gb: float | None, out: Path | None, sandbox: str = "auto") -> TrialResult:
+                     seed: int, vram_cap_gb: float | None, out: Path | None, sandbox: str = "auto",
+                     as_written: bool = False) -> TrialResult:
+    """One trial of train.py: knobs from `assignments`, the others at the space's defaults for the profile, or,
+    `as_written`, at the values the script holds (an exported train.py: `hybrid best --export`)."""
     from harness.runner import run_trial
 
     from hybrid.objectives import ensure_prepared
@@ -39,8 +42,10 @@ def run_single_trial(*, profile: str | None, assignments: list[str], train_py: P
     except OSError as e:
         raise UserError(f"cannot read {code_path}: {e.strerror}") from None
     space = load_space(space_path or project_file("search_space.yaml"), prof.name)
-    check_against_source(space, source)
-    config = space.complete(parse_assignments(assignments, space))
+    assigned = parse_assignments(assignments, space)
+    if not as_written:
+        check_against_source(space, source)
+    config = assigned if as_written else space.complete(assigned)
     return run_trial(source, config, prof, out or _new_trial_dir(Path("runs") / "trials"), seed=seed,
                      vram_cap_gb=vram_cap_gb, sandbox=sandbox)
 

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+from typing import Any
+
+import matplotlib
 
 import numpy as np
 import optuna
@@ -13,7 +17,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from scipy import stats as sps
 
-from hybrid import generations, store
+from hybrid import generations, plots, store
 from hybrid.generations import Generation
 from hybrid.config import RunConfig
 from hybrid.stats import compare_pair, pairwise
@@ -36,15 +40,16 @@ TRIALS = {
 
 
 def add_study(storage: optuna.storages.BaseStorage, url: str, name: str, method: str, seed: int,
-              trials: list[tuple[str, float | None, float]], *, llm_tokens: int = 0) -> optuna.Study:
-    """A study as `hybrid run` leaves it: run config, space, generation 0, finished trials with our attributes."""
+              trials: list[tuple[str, float | None, float]], *, llm_tokens: int = 0, **run: Any) -> optuna.Study:
+    """A study as `hybrid run` leaves it: run config, space, generation 0, finished trials with our attributes.
+    `run`: RunConfig fields other than the surrogate objective on the gpu profile."""
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize")
-    study.set_user_attr(store.RUN_KEY, RunConfig(method=method, study=name, storage=url, seed=seed,
-                                                 objective="surrogate", profile="gpu", budget_hours=1.0).to_dict())
+    config = {"objective": "surrogate", "profile": "gpu", "budget_hours": 1.0, **run}
+    study.set_user_attr(store.RUN_KEY, RunConfig(method=method, study=name, storage=url, seed=seed, **config).to_dict())
     study.set_user_attr(store.SPACE_KEY, SPACE)
     generations.save(study, Generation(0, None, "the baseline train.py", "LR = 0.1\n", SPACE, status="base"))
     for i, (status, value, seconds) in enumerate(trials):
-        params = {"LR": 0.1 * (1 + i), "DEPTH": 1 + i % 8, "PATTERN": "SL" if i % 2 else "LL"}
+        params = {"LR": 0.1 * (1 + i % 10), "DEPTH": 1 + i % 8, "PATTERN": "SL" if i % 2 else "LL"}
         attrs = {"source": "baseline" if i == 0 else method, "generation": 0, "code_sha": "x", "seed": seed,
                  "method": method, "status": status, "total_seconds": float(seconds),
                  "peak_memory_mb": 1000.0 * (i + 1), "num_params": 10 ** 6 * (i + 1), "config_ran": params}
@@ -207,3 +212,99 @@ def test_pairing_and_intervals() -> None:
     assert alone.test == "none" and alone.p_value is None and alone.diff == -1.0
     assert compare_pair("a", {0: 1.0, 1: math.nan, 2: 1.2}, "b", {0: 1.0, 1: 1.0, 2: 1.2}).test == "mann-whitney"
     assert [(t.a, t.b) for t in pairwise({"x": {}, "y": {}, "z": {}})] == [("x", "y"), ("x", "z"), ("y", "z")]
+
+
+# -- studies as they really end: no success, one trial, a flat incumbent, CPU trials -----------------------
+
+def html_figure(path: Path) -> str:
+    """The figure data and layout of a plotly page (its JSON, as text)."""
+    return path.read_text().split("Plotly.newPlot(", 1)[1]
+
+
+def y_range(path: Path) -> tuple[float, float]:
+    """The value axis of a plotly page: its layout's yaxis range."""
+    decoder = json.JSONDecoder()
+    text = html_figure(path).lstrip()
+    for _ in range(2):  # the div's id, then the data
+        text = text[decoder.raw_decode(text)[1]:].lstrip(", \n")
+    low, high = decoder.raw_decode(text)[0]["yaxis"]["range"]
+    return low, high
+
+
+def one_study_report(tmp_path: Path, capsys: pytest.CaptureFixture, trials: list[tuple[str, float | None, float]],
+                     **run: Any) -> tuple[Path, str]:
+    """The report of a single study with these trials: its folder and report.md."""
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    add_study(store.open_storage(url), url, "only", "tpe", 0, trials, **run)
+    out = tmp_path / "report"
+    code, err = cli(capsys, "report", "--storage", url, "--out", str(out))
+    assert code == 0, err
+    return out, (out / "report.md").read_text()
+
+
+def test_a_study_without_a_success_is_reported_as_it_is(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, markdown = one_study_report(tmp_path, capsys, [("oom", None, 20), ("crash", None, 10)])
+    assert "2 finished trials: 0 successful, 2 failed (oom 1, crash 1)" in markdown
+    assert "- **only**: no successful trial (2 finished, all failed: oom 1, crash 1)." in markdown
+    assert "Incumbent, every trial and Pareto fronts: skipped, no trial succeeded" in markdown
+    assert not list(out.glob("*.png"))
+
+
+def test_a_single_trial_gets_its_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, markdown = one_study_report(tmp_path, capsys, [("ok", 0.99, 300)])
+    assert "1 finished trial: 1 successful, 0 failed" in markdown
+    assert "- **only**: trial 0, val_bpb 0.9900 (generation 0, source baseline) with `LR=0.1 DEPTH=1 PATTERN=LL`" in markdown
+    for name in ("incumbent", "trials", "pareto"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
+    low, high = y_range(out / "incumbent.html")
+    assert high - low >= plots.MIN_SPAN and low < 0.99 < high  # a flat range, padded
+    assert "Parameter importances: skipped, every study has fewer than 10 successful trials" in markdown
+
+
+def test_plot_details(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Baseline line, VRAM cap, failures in a band of their own, rounded hovers, axis titles, responsive pages."""
+    trials = [("ok", 0.99, 300)] + [("ok", 0.98, 300)] * 5 + [("oom", None, 20)] * 2
+    out, markdown = one_study_report(tmp_path, capsys, trials)
+    incumbent, trials_page, pareto = (html_figure(out / f"{n}.html") for n in ("incumbent", "trials", "pareto"))
+    assert "baseline 0.9900" in incumbent and "baseline 0.9900" in trials_page
+    assert "VRAM cap 76 GB" in pareto and "Dashed: the VRAM cap (76 GB)." in markdown
+    assert '"name":"failed"' in trials_page and '"y":["seed 0","seed 0"]' in trials_page  # not on the value axis
+    assert '"tickformat":".4f"' in incumbent and "%{y:.4f}" in incumbent and "%{y:.4f}" in pareto
+    for page in (incumbent, trials_page, pareto):
+        assert BPB_LABEL_JSON in page and re.search(r'"responsive": ?true', page)
+    assert "height:max(95vh, 520px)" in (out / "incumbent.html").read_text()
+    assert '"ticktext":["1","2","5","10","20","50"]' in pareto  # 1-2-5 ticks on the log axis
+    assert matplotlib.rcParams["axes.formatter.useoffset"] is False  # plain values, no offset notation
+    low, high = y_range(out / "incumbent.html")
+    assert high - low >= plots.MIN_SPAN  # the flat incumbent (0.98 for five trials) padded
+
+
+BPB_LABEL_JSON = '"text":"val_bpb (bits per byte, lower is better)"'
+
+
+def test_cpu_studies_count_hours_of_trial_time(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, markdown = one_study_report(tmp_path, capsys, [("ok", 0.99, 30), ("ok", 0.98, 30)], profile="cpu",
+                                     objective="train")
+    assert "| hours of trial time | hours of trial time on failures |" in markdown and "GPU-hours" not in markdown
+    assert "hours of trial time spent (trial wall time)" in html_figure(out / "incumbent.html")
+    assert "### Incumbent val_bpb against hours of trial time" in markdown
+
+
+def test_importance_on_successes_and_labelled_with_failures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    trials = [("ok", 0.99 - 0.001 * i, 300) for i in range(12)] + [("oom", None, 20)] * 3
+    out, markdown = one_study_report(tmp_path, capsys, trials)
+    assert (out / "importance.png").exists() and (out / "importance-with-failures.png").exists()
+    assert "### Parameter importances\n" in markdown and "each study's successful trials" in markdown
+    assert "### Parameter importances, failures included" in markdown
+    assert "failures included at val_bpb = 100 as the samplers saw them" in markdown
+    study = optuna.load_study(study_name="only", storage=f"sqlite:///{tmp_path / 'h.db'}")
+    assert plots.study_importances(study) != plots.study_importances(study, with_failures=True)
+
+
+def test_report_out_that_is_not_a_folder_is_one_line(storage_url: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "report"):
+        code, err = cli(capsys, "report", "--storage", storage_url, "--out", str(out))
+        assert code == 2 and f"cannot write the report to {out}" in err and err.count("\n") == 1, err
+
