@@ -58,7 +58,8 @@ def read_results(path: Path) -> list[Row]:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: {str(e).strip().splitlines()[-1]}") from None
     if list(frame.columns) != COLUMNS:
-        raise UserError(f"{path}: the header must be {' '.join(COLUMNS)} (tab-separated), got {' '.join(frame.columns)}")
+        raise UserError(f"{path}: the header must be {' '.join(COLUMNS)} (tab-separated), "
+                        f"got {' '.join(frame.columns)}")
     if frame.empty:
         raise UserError(f"{path} has no rows: nothing to import")
     return [_row(path, i + 2, record) for i, record in enumerate(frame.fillna("").to_dict("records"))]

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from harness.knobs import KnobError, find_knobs
+from harness.agent_process import TrialLog
+from harness.knobs import KnobError, find_knobs, inject_knobs
 from harness.result import TrialResult, is_oom
 from harness.sandbox import Jail, Limits, default_memory_bytes, kill
 from harness.scrub import scrub
@@ -35,7 +36,7 @@ from hybrid.errors import UserError
 if TYPE_CHECKING:
     from hybrid.config import RunConfig
 
-CACHE_ENV = "HYBRID_AUTORESEARCH_CACHE"  # where the repository's prepare.py put its data (default ~/.cache/autoresearch)
+CACHE_ENV = "HYBRID_AUTORESEARCH_CACHE"  # where prepare.py put its data (default ~/.cache/autoresearch)
 WALL_FACTOR, WALL_SLACK = 2.0, 300.0     # a trial is killed after WALL_FACTOR x TIME_BUDGET + WALL_SLACK seconds
 POLL_SECONDS = 0.1
 SUMMARY_LINE = re.compile(r"^(\w+):[ \t]+(\S+)[ \t]*$", re.MULTILINE)
@@ -47,7 +48,8 @@ INTEGERS = ("total_tokens", "num_steps", "num_params")
 TRUST_NOTE = ("val_bpb here is the repository's own evaluation (its prepare.py's evaluate_bpb, as printed by its "
               "train.py), not hybrid's harness: the code being tuned computes and prints its own metric, so a train.py "
               "edit could change the number without training a better model. The sandbox, the wall-clock limit and the "
-              "seal of prepare.py still hold; the trusted scorer, the pinned validation inputs and the harness clock do not.")
+              "seal of prepare.py still hold; the trusted scorer, the pinned validation inputs and the harness clock "
+              "do not.")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class Repo:
                 raise UserError(f"{repo.path} has no {name}: --repo expects an autoresearch checkout "
                                 "(prepare.py and train.py at its top)")
         if not isinstance(repo.constant("TIME_BUDGET"), (int, float)):
-            raise UserError(f"{repo.prepare} defines no TIME_BUDGET = <seconds>: hybrid bounds a trial's wall time by it")
+            raise UserError(f"{repo.prepare} defines no TIME_BUDGET = <seconds>: hybrid bounds a trial's wall time "
+                            "by it")
         return repo
 
     @property
@@ -207,8 +210,6 @@ class ForeignObjective:
     def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult:
         """The trial's result (every failure of train.py is one); KeyboardInterrupt when stopped."""
-        from harness.agent_process import TrialLog
-        from harness.knobs import inject_knobs
         from harness.runner import ERROR_CHARS
 
         self.seal.verify()
@@ -219,7 +220,7 @@ class ForeignObjective:
         log = TrialLog(trial_dir / "log.txt")
         try:
             (trial_dir / "train.py").write_text(inject_knobs(source, config))
-            code, timed_out = self._train(trial_dir, log)
+            code, timed_out = self._train(trial_dir, log, source)
             result = outcome(code, log.text(), timed_out)
         except KnobError as e:  # train.py does not parse, or lost a knob
             result = TrialResult(status="crash", error=str(e))
@@ -231,12 +232,12 @@ class ForeignObjective:
         result.write(trial_dir / "result.json")
         return result
 
-    def _jail(self, trial_dir: Path) -> Jail:
+    def _jail(self, trial_dir: Path, source: str) -> Jail:
         from harness.runner import compile_cache, trial_device
 
         caches = {name: (host, home) for name, (host, home) in self.repo.home_caches().items() if host.is_dir()}
         handed = {"train.py": trial_dir / "train.py", "repo": self.repo.path,
-                  "compile-cache": compile_cache((trial_dir / "train.py").read_text()),
+                  "compile-cache": compile_cache(source),  # per generation, as the harness keeps it
                   **{name: host for name, (host, _) in caches.items()}}
         jail = Jail(self.sandbox, trial_dir / "scratch", handed=handed, writable=("compile-cache",), code=(),
                     gpu=trial_device(self.device)[1], limits=Limits(memory_bytes=default_memory_bytes()))
@@ -246,9 +247,9 @@ class ForeignObjective:
             link.symlink_to(jail.path(name))
         return jail
 
-    def _train(self, trial_dir: Path, log: Any) -> tuple[int | None, float | None]:
+    def _train(self, trial_dir: Path, log: TrialLog, source: str) -> tuple[int | None, float | None]:
         """Run `python train.py` to its end or its wall-clock limit: (exit status, the limit if it was hit)."""
-        jail = self._jail(trial_dir)
+        jail = self._jail(trial_dir, source)
         cache = jail.path("compile-cache")
         env = {"PYTHONPATH": jail.path("repo"), "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
                "TRITON_CACHE_DIR": f"{cache}/triton", "HF_HUB_OFFLINE": "1"}
@@ -270,7 +271,7 @@ class ForeignObjective:
             copier.join(timeout=5)
 
 
-def _copy(stream: Any, log: Any) -> None:
+def _copy(stream: Any, log: TrialLog) -> None:
     """A process's output into the trial's log (bounded and scrubbed there), until it closes."""
     while chunk := stream.read1(1 << 16):
         log.write(chunk)

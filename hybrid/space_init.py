@@ -26,7 +26,8 @@ NOT_HYPERPARAMETERS = (
     (re.compile(r"DTYPE|PRECISION"), "a dtype"),
     (re.compile(r"(DIR|PATH|FILE|URL|NAME)$"), "a path or a name"),
     (re.compile(r"SEED"), "a random seed (hybrid varies seeds itself)"),
-    (re.compile(r"(^|_)LOG(_|$)|PRINT|VERBOSE|EVERY|INTERVAL|PROFIL|WANDB|SAVE|CHECKPOINT"), "logging or checkpointing"),
+    (re.compile(r"(^|_)LOG(_|$)|PRINT|VERBOSE|EVERY|INTERVAL|PROFIL|WANDB|SAVE|CHECKPOINT"),
+     "logging or checkpointing"),
     (re.compile(r"TIME_BUDGET|SEQ_LEN|VOCAB|EVAL"), "part of the evaluation protocol (fixed for comparability)"),
 )
 REVIEW = "REVIEW: not a knob of the paper; range proposed around its value"
@@ -140,7 +141,8 @@ def to_yaml(proposal: Proposal, train_py: Path) -> str:
 
 def _spec(knob: Knob) -> dict[str, Any]:
     spec = knob.to_dict()
-    return {k: spec[k] for k in ("type", "low", "high", "choices", "default", "log") if k in spec and spec[k] is not False}
+    order = ("type", "low", "high", "choices", "default", "log")
+    return {k: spec[k] for k in order if k in spec and spec[k] is not False}
 
 
 def write_proposal(train_py: Path, out: Path) -> Proposal:

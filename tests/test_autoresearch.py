@@ -17,7 +17,7 @@ from hybrid.foreign import ForeignObjective, Repo, outcome, parse_summary
 from hybrid.space import check_against_source, load_space
 from tests.util import cli
 
-PREPARE_PY = '''"""A CPU-sized stand-in for autoresearch's prepare.py: the same interface, bytes as tokens, tiny data."""
+PREPARE_PY = '''"""A CPU-sized stand-in for autoresearch's prepare.py: its interface, bytes as tokens, tiny data."""
 import math
 import os
 import random
@@ -85,7 +85,7 @@ if __name__ == "__main__":
             f.write(" ".join(rng.choice(WORDS) for _ in range(n)))
 '''
 
-TRAIN_PY = '''"""An autoresearch-shaped train.py, CPU-sized: knobs at the top, TIME_BUDGET seconds of training, a summary."""
+TRAIN_PY = '''"""An autoresearch-like train.py, CPU-sized: knobs on top; TIME_BUDGET seconds of training, a summary."""
 import math
 import time
 
