@@ -19,8 +19,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.knobs import KnobError
 from hybrid import generations, records
-from hybrid.classical.generation_view import GENERATION_ATTR, GenerationSampler
-from hybrid.classical.samplers import PinnedSampler, make_sampler
+from hybrid.classical.move_sampler import MoveSampler
+from hybrid.classical.samplers import make_sampler
 from hybrid.classical.warmstart import best_configs, cma_source_trials
 from hybrid.generations import Generation, GitLineage
 from hybrid.lease import StructuralLease
@@ -65,7 +65,7 @@ class Snapshot:
         finished: dict[int, list[FrozenTrial]] = {n: [] for n in gens}
         attempted: dict[int, list[FrozenTrial]] = {n: [] for n in gens}
         for t in trials:
-            number = t.user_attrs.get(GENERATION_ATTR)
+            number = t.user_attrs.get(records.GENERATION)
             if number not in gens:
                 continue
             if records.is_finished(t):
@@ -115,8 +115,7 @@ class HybridMethod:
         default = DEFAULT_SCHEDULES.get(config.profile or "gpu", DEFAULT_SCHEDULES["gpu"])
         self.schedule = Schedule(config.mutate_every or default.mutate_every, config.stagnation or default.stagnation)
         self.agent: StructuralAgent = CatalogAgent() if config.llm in (None, "none") else LLMStructuralAgent(config)
-        self.view = GenerationSampler(self._make_sampler)
-        self.sampler = PinnedSampler(self.view)
+        self.sampler = MoveSampler(self._make_sampler)
         self.lease = StructuralLease(study)
         self._git: GitLineage | None = None
 
@@ -184,7 +183,6 @@ class HybridMethod:
     def _move(self, source: str, gen: Generation, *, config: dict[str, Any] | None = None,
               rejected: str | None = None, space: SearchSpace | None = None,
               attrs: dict[str, Any] | None = None) -> Move:
-        self.view.select(gen.number, source)
         return Move(source, gen.number, gen.source, space or gen.search_space(), config, rejected, attrs or {})
 
     # -- structural actions (under the lease) -------------------------------------------------------------

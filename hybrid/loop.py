@@ -19,12 +19,14 @@ from harness import scrub
 from harness.profiles import get_profile
 from harness.result import TrialResult
 from harness.seal import seal as seal_harness
-from hybrid import generations, optuna_compat, results, store
+from hybrid import generations, optuna_compat, records, results, store
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.generations import Generation
 from hybrid.config import Budget, RunConfig
+from hybrid.classical.move_sampler import MoveSampler
 from hybrid.methods import build_method
-from hybrid.objectives import ensure_prepared, make_objective
+from hybrid.move import Method, Move
+from hybrid.objectives import Objective, ensure_prepared, make_objective
 from hybrid.paths import project_file
 from hybrid.progress import RunProgress
 from hybrid.space import SearchSpace, check_against_source, load_space
@@ -217,6 +219,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     # the configs already tried. Workers get seeds of their own.
     seed = config.seed + WORKER_SEED_STRIDE * worker + done_before
     method = build_method(config, study, space, base.source, seed)
+    baseline = Move("baseline", 0, base.source, space, config=space.defaults())
     study.sampler = method.sampler
     interrupt = _Interrupt()
     scrub.register(config.storage, config.llm_base_url)  # never shown back by a trial's text
@@ -231,7 +234,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     with progress, interrupt:
         while not interrupt.requested:
             trials = reaper.sweep()
-            finished = [t for t in trials if store.is_finished(t)]
+            finished = [t for t in trials if records.is_finished(t)]
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if budget.spent(finished) and not running:
                 break
@@ -240,7 +243,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
                 continue
             harness_seal.verify()  # HarnessChanged: a one-line UserError naming the file
             try:
-                frozen = _one_trial(study, method, objective, config, budget, interrupt)
+                frozen = _one_trial(study, method, objective, config, budget, interrupt, baseline)
             except KeyboardInterrupt:  # the trial in flight was failed
                 interrupt.stop.set()
                 break
@@ -260,39 +263,47 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     return EXIT_INTERRUPTED if interrupt.requested else 0
 
 
-def _one_trial(study: optuna.Study, method, objective, config: RunConfig, budget: Budget,  # noqa: ANN001
-               interrupt: _Interrupt) -> optuna.trial.FrozenTrial | None:
-    """Propose, run and record one trial; None if it was not ours to run (another worker took the slot)."""
-    move = method.next_move(study)
-    if move.config is not None:
-        method.sampler.pin(move.config)
-    trial = study.ask()  # the heartbeat starts before sampling, which can take seconds (GP)
+def _one_trial(study: optuna.Study, method: Method, objective: Objective, config: RunConfig, budget: Budget,
+               interrupt: _Interrupt, baseline: Move) -> optuna.trial.FrozenTrial | None:
+    """Ask for a trial, decide its move, run and record it; None if it was not ours to run (another worker took
+    the slot). The trial is asked first, so that its slot is taken before anything is proposed (an LLM call, a
+    GP fit) and it beats meanwhile; the enqueued baseline (which store.settle enqueues again if its worker dies)
+    runs generation 0's code at its defaults, whatever the method would propose."""
+    trial = study.ask()
     with store.Heartbeat(study, trial):
         if budget.trials is not None and _ahead_of(study, trial.number) >= budget.trials:
-            trial.set_user_attr("surplus", True)  # the --trials budget was filled by other workers meanwhile
+            trial.set_user_attr(records.SURPLUS, True)  # the --trials budget was filled by other workers meanwhile
             study.tell(trial, state=TrialState.FAIL)
             return None
-        _suggest(trial, move.space.distributions())
-        source = trial.user_attrs.get("source", move.source)
-        # A repeat re-measures its config on a seed of its own, so that the noise margin includes seed noise.
-        seed = config.seed + trial.number if source == "repeat" else config.seed
-        attrs = {"source": source, "generation": move.generation, "code_sha": store.code_sha(move.code),
-                 "seed": seed, "method": config.method, **move.attrs}
-        trial_dir = Path(config.artifacts) / f"trial-{trial.number:05d}"
-        if move.rejected is not None:
-            result = TrialResult(status="rejected", error=move.rejected)
-        else:
-            try:
+        try:
+            move = baseline if trial.user_attrs.get(records.SOURCE) == "baseline" else method.next_move(study)
+            _start(trial, move, method.sampler)
+            # A repeat re-measures its config on a seed of its own, so that the noise margin includes seed noise.
+            seed = config.seed + trial.number if move.source == "repeat" else config.seed
+            if move.rejected is not None:
+                result = TrialResult(status="rejected", error=move.rejected)
+            else:
                 if interrupt.requested:  # Ctrl-C while the trial was being proposed: it never runs
                     raise KeyboardInterrupt
-                result = objective.evaluate(move.code, dict(trial.params), seed=seed,
-                                            trial_number=trial.number, trial_dir=trial_dir)
-            except BaseException:  # Ctrl-C, or a bug: the trial is failed, never counted
-                store.settle(study, optuna_compat.trial_id(trial))
-                raise
+                result = objective.evaluate(move.code, dict(trial.params), seed=seed, trial_number=trial.number,
+                                            trial_dir=Path(config.artifacts) / f"trial-{trial.number:05d}")
+        except BaseException:  # Ctrl-C, or a bug: the trial is failed, never counted
+            store.settle(study, optuna_compat.trial_id(trial))
+            raise
+        attrs = {records.CODE_SHA: store.code_sha(move.code), records.SEED: seed, records.METHOD: config.method,
+                 **move.attrs}
         frozen = store.record_result(study, trial, result, attrs)
     method.observe(study, frozen, move)
     return frozen
+
+
+def _start(trial: optuna.Trial, move: Move, sampler: MoveSampler) -> None:
+    """The one place a trial's generation and source are written, then its config: the move's fixed config, or
+    the sampler of its generation's."""
+    trial.set_user_attr(records.GENERATION, move.generation)
+    trial.set_user_attr(records.SOURCE, move.source)
+    sampler.prepare(move.generation, move.config)
+    _suggest(trial, move.space.distributions())
 
 
 def _suggest(trial: optuna.Trial, distributions: dict[str, BaseDistribution]) -> None:
@@ -309,4 +320,4 @@ def _suggest(trial: optuna.Trial, distributions: dict[str, BaseDistribution]) ->
 def _ahead_of(study: optuna.Study, number: int) -> int:
     """Trials before this one that are finished or still running (they hold a slot of a --trials budget)."""
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.number < number and (store.is_finished(t) or t.state == TrialState.RUNNING))
+               if t.number < number and (records.is_finished(t) or t.state == TrialState.RUNNING))

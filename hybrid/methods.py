@@ -6,7 +6,8 @@ import importlib
 import optuna
 from optuna.trial import FrozenTrial
 
-from hybrid.classical.samplers import PinnedSampler, make_sampler
+from hybrid.classical.move_sampler import MoveSampler
+from hybrid.classical.samplers import make_sampler
 from hybrid.config import METHODS, RunConfig
 from hybrid.move import Method, Move
 from hybrid.space import SearchSpace
@@ -17,7 +18,7 @@ class ClassicalMethod:
 
     def __init__(self, config: RunConfig, study: optuna.Study, space: SearchSpace, code: str, seed: int) -> None:
         self.name, self.space, self.code = config.method, space, code
-        self.sampler = PinnedSampler(make_sampler(config.method, seed, x0=space.defaults()))
+        self.sampler = MoveSampler(lambda generation: make_sampler(config.method, seed, x0=space.defaults()))
 
     def next_move(self, study: optuna.Study) -> Move:
         return Move(self.name, 0, self.code, self.space)

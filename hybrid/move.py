@@ -7,7 +7,7 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial
 
-from hybrid.classical.samplers import PinnedSampler
+from hybrid.classical.move_sampler import MoveSampler
 from hybrid.space import SearchSpace
 
 
@@ -25,7 +25,7 @@ class Move:
 
 class Method(Protocol):
     """Who proposes the next move: turns the study's history into a Move; the loop runs it and reports back."""
-    sampler: PinnedSampler
+    sampler: MoveSampler
 
     def next_move(self, study: optuna.Study) -> Move: ...
 

@@ -415,6 +415,30 @@ def test_a_parent_trial_that_finishes_after_the_mutation_is_not_a_warm_start(fak
     assert first.params != late.params
 
 
+def test_a_baseline_enqueued_again_after_a_mutation_runs_the_base_code_at_its_defaults(fake: None, capsys) -> None:  # noqa: ANN001
+    """A baseline whose worker died is enqueued again (store.settle); if another worker takes it once generation 1
+    is the current one, it still runs generation 0's code at the defaults, recorded as generation 0's baseline."""
+    run(capsys, "--trials", "8", "--mutate-every", "3", "--stagnation", "2")
+    study = load()
+    gens = generations.load_all(study)
+    assert max(gens) >= 1 and gens[max(gens)].status == "candidate"  # the current generation is not the base
+    orphan = study.ask()  # as a worker that died holding it would have left it
+    assert orphan.user_attrs == {}
+    study.enqueue_trial(BASE.defaults(), user_attrs={"source": "baseline"})
+    died = study.ask()
+    assert died.user_attrs["source"] == "baseline"
+    store.settle(study, optuna_compat.trial_id(died))  # failed, and the baseline enqueued again
+    study.tell(orphan, state=optuna.trial.TrialState.FAIL)
+    config = hybrid.config.RunConfig.from_dict({**store.run_info(study), "trials": 9})  # one trial more
+    assert hybrid.loop.work("s", config, show=False) == 0
+    study = load()
+    check_invariants(study)
+    again = [t for t in store.finished_trials(study) if t.user_attrs["source"] == "baseline"]
+    assert len(again) == 2
+    assert again[1].user_attrs["generation"] == 0 and again[1].params == BASE.defaults()
+    assert again[1].user_attrs["code_sha"] == store.code_sha(gens[0].source)
+
+
 def _hostile(current: str) -> str:
     return ("Change: read the validation data directly\n\n```diff\n--- a/train.py\n+++ b/train.py\n@@ -6,3 +6,4 @@\n"
             " import gc\n+import os\n import math\n import time\n```\n\n```json\n{}\n```\n")

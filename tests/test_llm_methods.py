@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from harness import profiles
 from harness.knobs import inject_knobs
 from harness.result import TrialResult
-from hybrid import cli, generations, loop, optuna_compat, store
+from hybrid import cli, generations, loop, optuna_compat, records, store
 from hybrid.config import RunConfig
 from hybrid.llm import centaur
 from hybrid.llm.centaur import CentaurMethod, UnitCube
@@ -77,10 +77,13 @@ def load(config: RunConfig) -> optuna.Study:
 
 
 def consistent(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Every trial finished with a status; rejections took no time. Returns the trials."""
+    """Every trial finished with a status, or failed without one (asked when the run stopped: never counted);
+    rejections took no time. Returns the finished trials."""
     trials = study.get_trials()
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials), trials
+    assert all(records.is_finished(t) or t.state == TrialState.FAIL for t in trials)
+    trials = [t for t in trials if records.is_finished(t)]
     for t in trials:
-        assert t.state in (TrialState.COMPLETE, TrialState.FAIL) and "status" in t.user_attrs, t
         if t.user_attrs["status"] == "rejected":
             assert t.state == TrialState.FAIL and not t.user_attrs.get("total_seconds") and t.user_attrs.get("error")
     return trials

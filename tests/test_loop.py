@@ -110,8 +110,10 @@ def test_progress_is_shown_while_running(fake: None, capsys: pytest.CaptureFixtu
     lines = err.splitlines()
     assert lines[0].startswith("hybrid: tpe on study 's'") and "5 trials" in lines[0]
     assert lines[1].startswith("trial 0 [baseline]") and "4 trials left" in lines[1]
-    assert "trial 3 [tpe] oom" in err and "trials 5 (1 failed)" in lines[-2]
-    assert "hybrid resume --study s" in lines[-1]
+    summary = next(i for i, line in enumerate(lines) if line.startswith("hybrid: study 's'"))
+    assert "trial 3 [tpe] oom" in err and "trials 5 (1 failed)" in lines[summary]
+    assert "hybrid resume --study s" in lines[summary + 1]
+    assert lines[-1].startswith("hybrid: best trial ") and "hybrid best --study s --export" in lines[-1]
 
 
 def test_hybrid_trial_runs_one_real_trial_and_prints_it(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,

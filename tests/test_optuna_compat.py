@@ -15,7 +15,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from hybrid import optuna_compat, store
-from hybrid.classical.generation_view import GENERATION_ATTR, GenerationStudy
+from hybrid.classical.move_sampler import GenerationStudy
+from hybrid.records import GENERATION
 from hybrid.classical.samplers import make_sampler
 
 SPACE = {"x": FloatDistribution(0.0, 1.0), "n": IntDistribution(1, 8)}
@@ -107,7 +108,7 @@ def test_samplers_list_trials_only_through_study_get_trials(name: str, study: op
     for generation in (0, 1):
         for _ in range(6):
             trial = study.ask(SPACE)
-            trial.set_user_attr(GENERATION_ATTR, generation)
+            trial.set_user_attr(GENERATION, generation)
             study.tell(trial, float(rng.random()))
     sampler = make_sampler(name, seed=0, n_startup=2)
     view = Spy(study, 1)

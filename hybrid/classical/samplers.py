@@ -1,11 +1,10 @@
-"""Optuna samplers by name, and a wrapper that lets a method (an LLM, a warm start) pin the next config."""
+"""The classical samplers, by name (Optuna's)."""
 from __future__ import annotations
 
 import warnings
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial
 
@@ -39,41 +38,3 @@ def make_sampler(name: str, seed: int, *, x0: dict[str, Any] | None = None,
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False,
                                          independent_sampler=optuna.samplers.RandomSampler(seed=seed))
     raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(CLASSICAL)}")
-
-
-class PinnedSampler(BaseSampler):
-    """Delegates to a base sampler, except for the next trial when a config has been pinned."""
-
-    def __init__(self, base: BaseSampler) -> None:
-        self.base = base
-        self._pinned: dict[str, Any] | None = None
-
-    def pin(self, config: dict[str, Any]) -> None:
-        self._pinned = dict(config)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        if self._pinned is not None:
-            return {}
-        return self.base.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        if self._pinned is not None:
-            return {}
-        return self.base.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        if self._pinned is not None and param_name in self._pinned:
-            return self._pinned[param_name]
-        return self.base.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state, values) -> None:  # noqa: ANN001
-        self._pinned = None
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()

@@ -1,10 +1,7 @@
-"""What the LLM methods share: the research brief, the baseline turn, and the trial attributes of an LLM call."""
+"""What the LLM methods share: the research brief and the trial attributes of an LLM call."""
 from __future__ import annotations
 
 from typing import Any
-
-import optuna
-from optuna.trial import TrialState
 
 from hybrid.errors import UserError
 from hybrid.llm.client import ProviderError, Reply
@@ -20,11 +17,6 @@ def read_program() -> str:
         return path.read_text()
     except OSError as e:
         raise UserError(f"cannot read the research brief {path}: {e.strerror}") from None
-
-
-def baseline_pending(study: optuna.Study) -> bool:
-    """The enqueued baseline (trial 0) has not been taken yet: the next trial runs the defaults, not the agent."""
-    return any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 
 def reply_attrs(reply: Reply) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.knobs import inject_knobs
 from harness.result import PENALTY
 from hybrid import optuna_compat, store
-from hybrid.classical.samplers import PinnedSampler
+from hybrid.classical.move_sampler import MoveSampler
 from hybrid.llm import prompts
-from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
+from hybrid.llm.agent import failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
 from hybrid.llm.hp_agent import ConfigRejected, read_config
 from hybrid.move import Move
@@ -105,7 +105,7 @@ class CentaurMethod:
     def __init__(self, config: RunConfig, study: optuna.Study, space: SearchSpace, code: str, seed: int) -> None:
         self.space, self.code = space, code
         self.fraction, self.run_seed = config.llm_fraction, config.seed
-        self.sampler = PinnedSampler(optuna.samplers.RandomSampler(seed=seed))
+        self.sampler = MoveSampler.random(seed)
         self.cma = CMAState(space, seed)
         self.told: set[int] = set()
         self._catch_up(study)
@@ -126,8 +126,6 @@ class CentaurMethod:
         return finished >= WARMUP_TRIALS and random.Random(f"{self.run_seed}:{finished}").random() < self.fraction
 
     def next_move(self, study: optuna.Study) -> Move:
-        if baseline_pending(study):
-            return Move("baseline", 0, self.code, self.space)
         self._catch_up(study)
         proposal = self.cma.ask()
         trials = store.finished_trials(study)

@@ -19,11 +19,11 @@ from optuna.trial import FrozenTrial
 
 from harness.knobs import find_knobs, inject_knobs
 from hybrid import generations, store
-from hybrid.classical.samplers import PinnedSampler
+from hybrid.classical.move_sampler import MoveSampler
 from hybrid.generations import Generation, GitLineage
 from hybrid.lease import StructuralLease
 from hybrid.llm import prompts
-from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
+from hybrid.llm.agent import failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
 from hybrid.llm.edits import describe, read_edit
 from hybrid.llm.guard import PatchRejected, check_patch
@@ -115,7 +115,7 @@ class LLMCodeMethod:
 
     def __init__(self, config: RunConfig, study: optuna.Study, space: SearchSpace, code: str, seed: int) -> None:
         self.space, self.code = space, code
-        self.sampler = PinnedSampler(optuna.samplers.RandomSampler(seed=seed))
+        self.sampler = MoveSampler.random(seed)
         self.advisor = Advisor(make_provider(config))
         self.program = read_program()
         self.lineage = GitLineage(Path(config.artifacts) / "lineage", study.study_name)
@@ -136,8 +136,6 @@ class LLMCodeMethod:
             self.lease.release()
 
     def next_move(self, study: optuna.Study) -> Move:
-        if baseline_pending(study):
-            return Move("baseline", 0, self.code, self.space)
         gens, trials = generations.load_all(study), store.finished_trials(study)
         inc = incumbent(gens, trials)
         current = inc.source

@@ -10,9 +10,9 @@ from optuna.trial import FrozenTrial
 
 from harness.knobs import inject_knobs
 from hybrid import store
-from hybrid.classical.samplers import PinnedSampler
+from hybrid.classical.move_sampler import MoveSampler
 from hybrid.llm import prompts
-from hybrid.llm.agent import baseline_pending, failure_attrs, read_program, reply_attrs
+from hybrid.llm.agent import failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
 from hybrid.llm.edits import fenced_blocks
 from hybrid.move import Move
@@ -113,13 +113,11 @@ class LLMHPMethod:
 
     def __init__(self, config: RunConfig, study: optuna.Study, space: SearchSpace, code: str, seed: int) -> None:
         self.space, self.code = space, code
-        self.sampler = PinnedSampler(optuna.samplers.RandomSampler(seed=seed))
+        self.sampler = MoveSampler.random(seed)
         self.advisor = Advisor(make_provider(config))
         self.prefix = prompts.prefix(read_program(), inject_knobs(code, space.defaults()), space)
 
     def next_move(self, study: optuna.Study) -> Move:
-        if baseline_pending(study):
-            return Move("baseline", 0, self.code, self.space)
         task = prompts.hp_task(store.finished_trials(study), self.space)
         try:
             reply = self.advisor.ask(self.prefix, task)

@@ -1,4 +1,5 @@
-"""A sampler per code generation, each shown only the trials of its own generation."""
+"""The study's sampler: a trial's fixed config as given, else the sampler of its code generation, shown only
+the trials of that generation."""
 from __future__ import annotations
 
 from collections.abc import Callable, Container
@@ -10,8 +11,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from hybrid import optuna_compat
-
-GENERATION_ATTR = "generation"  # trial user attribute: the code generation the trial ran
+from hybrid.records import GENERATION
 
 
 class GenerationStudy:
@@ -25,7 +25,7 @@ class GenerationStudy:
     def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
         trials = optuna_compat.study_trials(self._study, deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if t.user_attrs.get(GENERATION_ATTR) == self.generation]
+        return [t for t in trials if t.user_attrs.get(GENERATION) == self.generation]
 
     def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         return self._get_trials(deepcopy=deepcopy, states=states)
@@ -38,51 +38,62 @@ class GenerationStudy:
         return getattr(self._study, name)
 
 
-class GenerationSampler(BaseSampler):
-    """Delegates to the sampler of the selected generation (made on first use by `factory`), through a
-    GenerationStudy. It also tags each new trial with its generation and source at creation, so that a
-    running trial already counts for its generation (constant liar, repeats in flight)."""
+class MoveSampler(BaseSampler):
+    """The study's sampler, told each trial's move before its values are suggested (prepare): a move with a fixed
+    config gets exactly that; otherwise the sampler of the move's generation (made on first use by `factory`)
+    samples it, shown only that generation's trials through a GenerationStudy. The loop writes each trial's
+    generation when it is asked, so a running trial already counts for its generation (constant liar, repeats
+    in flight)."""
 
     def __init__(self, factory: Callable[[int], BaseSampler]) -> None:
         self._factory = factory
         self._samplers: dict[int, BaseSampler] = {}
         self.generation = 0
-        self.source = ""
+        self.fixed: dict[str, Any] | None = None
 
-    def select(self, generation: int, source: str) -> None:
-        """The generation (and move source) of the next trial."""
-        self.generation, self.source = generation, source
+    @classmethod
+    def random(cls, seed: int) -> MoveSampler:
+        """For methods that fix every config themselves (the LLM methods): anything unfixed is sampled at random."""
+        return cls(lambda generation: optuna.samplers.RandomSampler(seed=seed + generation))
 
-    @property
-    def current(self) -> BaseSampler:
-        if self.generation not in self._samplers:
-            self._samplers[self.generation] = self._factory(self.generation)
-        return self._samplers[self.generation]
+    def prepare(self, generation: int, fixed: dict[str, Any] | None) -> None:
+        """The next trial's generation, and its fixed config (None: sampled)."""
+        self.generation, self.fixed = generation, dict(fixed) if fixed is not None else None
+
+    def of(self, generation: int) -> BaseSampler:
+        """The sampler of one generation."""
+        if generation not in self._samplers:
+            self._samplers[generation] = self._factory(generation)
+        return self._samplers[generation]
 
     def _view(self, study: optuna.Study) -> GenerationStudy:
         return GenerationStudy(study, self.generation)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self.current.infer_relative_search_space(self._view(study), trial)
+        if self.fixed is not None:
+            return {}
+        return self.of(self.generation).infer_relative_search_space(self._view(study), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return self.current.sample_relative(self._view(study), trial, search_space)
+        if self.fixed is not None:
+            return {}
+        return self.of(self.generation).sample_relative(self._view(study), trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        return self.current.sample_independent(self._view(study), trial, param_name, param_distribution)
+        if self.fixed is not None and param_name in self.fixed:
+            return self.fixed[param_name]
+        return self.of(self.generation).sample_independent(self._view(study), trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        storage, trial_id = optuna_compat.storage(study), optuna_compat.trial_id(trial)
-        storage.set_trial_user_attr(trial_id, GENERATION_ATTR, self.generation)
-        if "source" not in trial.user_attrs:  # an enqueued trial (the baseline) keeps its own
-            storage.set_trial_user_attr(trial_id, "source", self.source)
-        self.current.before_trial(self._view(study), trial)
+        """Nothing: the trial's move is not known yet when Optuna creates it (see prepare)."""
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: list[float] | None) -> None:
-        self.current.after_trial(self._view(study), trial, state, values)
+        generation = trial.user_attrs.get(GENERATION)
+        if generation in self._samplers:
+            self._samplers[generation].after_trial(GenerationStudy(study, generation), trial, state, values)
 
     def reseed_rng(self) -> None:
         for sampler in self._samplers.values():
