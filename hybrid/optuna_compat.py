@@ -5,7 +5,7 @@ code. Checked on Optuna 5.0.0 and cmaes 0.13.1.
 
 Optuna gives no public way to write a trial's attributes from a sampler hook (which receives a FrozenTrial), to
 settle a trial another process left RUNNING, or to reach a study's tables; its samplers list a study's trials
-through `Study._get_trials`, which hybrid.classical.generation_view.GenerationStudy overrides to show each
+through `Study._get_trials`, which hybrid.classical.move_sampler.GenerationStudy overrides to show each
 generation only its own trials. cmaes keeps CMA-ES's step size and covariance private.
 """
 from __future__ import annotations
