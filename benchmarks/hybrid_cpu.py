@@ -43,7 +43,7 @@ def _mid_generation(study: optuna.Study) -> dict | None:
     gen = snap.current
     running = [t for t in snap.attempted[gen.number] if t.state == TrialState.RUNNING]
     if gen.status == "candidate" and snap.finished[gen.number] and running:
-        return {"generation": gen.number, "mutation": gen.extra.get("mutation"), "running_trial": running[0].number,
+        return {"generation": gen.number, "mutation": gen.mutation, "running_trial": running[0].number,
                 "finished_in_generation": len(snap.finished[gen.number]),
                 "finished_in_study": len(store.finished_trials(study))}
     return None
@@ -89,7 +89,7 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
     for t in trials:
         if t.user_attrs.get("status") not in ("ok", None):
             failures.setdefault(t.user_attrs["status"], []).append(str(t.user_attrs.get("error", ""))[:90])
-    mutations = [str(g.extra.get("mutation")) for g in gens.values() if g.parent is not None]
+    mutations = [str(g.mutation) for g in gens.values() if g.parent is not None]
     baseline = next((t.user_attrs.get("val_bpb") for t in trials if t.user_attrs.get("source") == "baseline"), None)
     lines = [
         "# hybrid on the cpu profile (catalog, no LLM)", "",
@@ -119,7 +119,7 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
             f"{moment['finished_in_study']} finished in the study.",
             f"- the interrupted trial(s) {failed_unfinished} were failed by `resume` and never counted",
             f"- the resumed run went on with generation {gen.number}: {len(after)} more of its trials; "
-            f"its verdict: {gen.status}" + (f" ({gen.extra.get('reason')})" if gen.extra.get("reason") else ""),
+            f"its verdict: {gen.status}" + (f" ({gen.reason})" if gen.reason else ""),
             f"- mutations tried, each once: {', '.join(mutations)}",
         ]
     return "\n".join(lines) + "\n"

@@ -152,15 +152,13 @@ def _generation(night: Night, row: Row, commit: git.Commit, number: int) -> Gene
     source = _source(commit, row)
     space = _space_of(night.space, source, row)
     parent = night.generations[-1] if night.generations else None
-    extra = {"commit": commit.hexsha, "agent": "autoresearch", "mutation": f"autoresearch {row.commit}",
-             "tsv_line": row.line, "created_after_trial": number - 1,
-             "warm_start_trials": [t.number for t in night.trials
-                                   if parent is not None and t.user_attrs.get("generation") == parent.number]}
-    if parent is not None:
-        extra["reason"] = KEPT_REASON
     return Generation(len(night.generations), parent.number if parent else None, row.description, source,
                       space.to_dict(), diff=generations.unified_diff(parent.source, source) if parent else "",
-                      status="promoted" if parent else "base", extra=extra)
+                      status="promoted" if parent else "base", commit=commit.hexsha, agent="autoresearch",
+                      mutation=f"autoresearch {row.commit}", proposal={"tsv_line": row.line},
+                      created_after_trial=number - 1, reason=KEPT_REASON if parent is not None else None,
+                      warm_start_trials=[t.number for t in night.trials
+                                         if parent is not None and t.user_attrs.get("generation") == parent.number])
 
 
 def _space_of(space: SearchSpace, source: str, row: Row) -> SearchSpace:

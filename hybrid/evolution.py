@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -22,8 +21,7 @@ from hybrid import generations, records
 from hybrid.classical.move_sampler import MoveSampler
 from hybrid.classical.samplers import make_sampler
 from hybrid.classical.warmstart import best_configs, cma_source_trials
-from hybrid.generations import Generation, GitLineage
-from hybrid.lease import StructuralLease
+from hybrid.generations import Generation, Lineage
 from hybrid.move import Move
 from hybrid.promotion import REPEATS, Schedule, judge, pooled_noise, runs_of, score
 from hybrid.records import best_trial, ok_value
@@ -88,14 +86,13 @@ class Snapshot:
 
     def epoch_after(self, number: int) -> int:
         """The last trial number before the generation's latest child was created (-1 without children)."""
-        return max((int(g.extra.get("created_after_trial", -1)) for g in self.generations.values() if g.parent == number),
-                   default=-1)
+        return max((g.created_after_trial for g in self.generations.values() if g.parent == number), default=-1)
 
     def parent_trials(self, generation: Generation) -> list[FrozenTrial]:
         """The parent's trials that had finished when `generation` was created: what it is warm-started from.
 
         Recorded by number: with several workers, a parent trial older than the generation may finish after it."""
-        numbers = set(generation.extra.get("warm_start_trials", ()))
+        numbers = set(generation.warm_start_trials)
         return [t for t in self.finished.get(generation.parent, []) if t.number in numbers]
 
 
@@ -116,8 +113,8 @@ class HybridMethod:
         self.schedule = Schedule(config.mutate_every or default.mutate_every, config.stagnation or default.stagnation)
         self.agent: StructuralAgent = CatalogAgent() if config.llm in (None, "none") else LLMStructuralAgent(config)
         self.sampler = MoveSampler(self._make_sampler)
-        self.lease = StructuralLease(study)
-        self._git: GitLineage | None = None
+        self.lineage = Lineage(study, config.artifacts)
+        self.lease = self.lineage.lease
 
     # -- the Method protocol ------------------------------------------------------------------------------
 
@@ -174,8 +171,7 @@ class HybridMethod:
 
     def _first_move(self, gen: Generation, incumbent_config: dict[str, Any]) -> Move:
         """A candidate's first trial: the parent's incumbent, projected into the candidate's space."""
-        return self._move(gen.extra.get("agent", "catalog"), gen, config=incumbent_config,
-                          attrs={"mutation": gen.extra.get("mutation")})
+        return self._move(gen.agent or "catalog", gen, config=incumbent_config, attrs={"mutation": gen.mutation})
 
     def _tune(self, gen: Generation) -> Move:
         return self._move(self.sampler_name, gen)
@@ -195,8 +191,8 @@ class HybridMethod:
             verdict = judge(score(snap.finished[gen.parent]), score(snap.finished[gen.number]), snap.noise)
             if not self.lease.renew():
                 return None  # it expired meanwhile: whoever holds it now decides
-            generations.set_status(study, gen, "promoted" if verdict.promoted else "rejected",
-                                   **verdict.to_extra(), decided_after_trial=snap.last_trial)
+            self.lineage.settle(gen, "promoted" if verdict.promoted else "rejected", verdict=verdict,
+                                reason=verdict.reason, decided_after_trial=snap.last_trial)
             return None
         return self._mutate(study, snap, due)
 
@@ -211,39 +207,24 @@ class HybridMethod:
         rejected = proposal.rejected or _check(parent, proposal)
         space = parent.search_space() if rejected else parent.search_space().with_changes(proposal.added,
                                                                                           proposal.removed)
-        extra = {"mutation": proposal.name, "agent": self.agent.source, "trigger": due.reason,
-                 "new_knobs": {k: v.to_dict() for k, v in proposal.added.items()}, "removed_knobs": proposal.removed,
-                 "created_after_trial": snap.last_trial,
-                 "warm_start_trials": sorted(t.number for t in snap.finished[parent.number]),
-                 **proposal.attrs, **({"reason": rejected} if rejected else {})}
         if not self.lease.renew():
             return self._tune(parent)  # the agent took longer than the lease: another worker may be mutating
-        gen = Generation(max(snap.generations) + 1, parent.number, proposal.description, proposal.source,
-                         space.to_dict(), diff=generations.unified_diff(parent.source, proposal.source),
-                         status="rejected" if rejected else "candidate", extra=extra)
-        generations.save(study, gen)  # under the lease: the number is ours
+        gen = self.lineage.create(  # under the lease: the number is ours
+            parent, proposal.source, space, proposal.description, status="rejected" if rejected else "candidate",
+            mutation=proposal.name, agent=self.agent.source, trigger=due.reason, reason=rejected,
+            new_knobs={k: v.to_dict() for k, v in proposal.added.items()}, removed_knobs=proposal.removed,
+            created_after_trial=snap.last_trial, proposal=proposal.attrs,
+            warm_start_trials=sorted(t.number for t in snap.finished[parent.number]))
         attrs = {"mutation": proposal.name, **proposal.attrs}
         if rejected:
             parent_best = best_configs(snap.finished[parent.number], space, 1) or [space.defaults()]
             return self._move(self.agent.source, gen, config=parent_best[0], rejected=rejected, space=space, attrs=attrs)
-        gen.extra["commit"] = self._commit({**snap.generations, gen.number: gen}, gen.number)
-        generations.save(study, gen)
+        self.lineage.commit(gen)
         # From the snapshot taken before the move: another worker may already be running the candidate's first
         # config (it sees the candidate as soon as it is saved); running it twice only measures it twice.
         first = self._first_move(gen, _warm_configs(snap, gen)[0])
         first.attrs.update(attrs)
         return first
-
-    def _commit(self, gens: dict[int, Generation], number: int) -> str:
-        """The generation's commit on the run's branch, committing its ancestors first where this machine lacks them."""
-        if self._git is None:
-            self._git = GitLineage(Path(self.config.artifacts) / "lineage", self.study.study_name)
-        tags = {t.name: t.commit.hexsha for t in self._git.repo.tags}
-        if f"gen-{number}" in tags:
-            return tags[f"gen-{number}"]
-        gen = gens[number]
-        parent = None if gen.parent is None else self._commit(gens, gen.parent)
-        return self._git.commit(gen, parent)
 
     # -- samplers -----------------------------------------------------------------------------------------
 
@@ -291,18 +272,18 @@ def lineage_table(study: optuna.Study) -> list[dict[str, Any]]:
         trials = snap.finished[number]
         values = [v for t in trials if (v := ok_value(t)) is not None]
         measured = score(trials)
-        extra = gen.extra
+        verdict = gen.verdict
         rows.append({
             "generation": number, "parent": gen.parent, "status": gen.status,
-            "mutation": extra.get("mutation") or ("baseline" if gen.parent is None else ""),
-            "description": gen.description, "agent": extra.get("agent"),
-            "new_knobs": sorted(extra.get("new_knobs") or {}), "knobs": len(gen.space),
+            "mutation": gen.mutation or ("baseline" if gen.parent is None else ""),
+            "description": gen.description, "agent": gen.agent,
+            "new_knobs": sorted(gen.new_knobs), "knobs": len(gen.space),
             "trials": len(trials), "repeats": sum(t.user_attrs.get("source") == "repeat" for t in trials),
             "best_val_bpb": min(values) if values else None,
             "score": measured.value if measured else None,
-            "parent_score": extra.get("parent_score"), "delta": extra.get("delta"), "margin": extra.get("margin"),
-            "noise": extra.get("noise"), "reason": extra.get("reason"), "trigger": extra.get("trigger"),
-            "commit": extra.get("commit"),
+            "parent_score": verdict.parent_score if verdict else None, "delta": verdict.delta if verdict else None,
+            "margin": verdict.margin if verdict else None, "noise": verdict.noise if verdict else None,
+            "reason": gen.reason, "trigger": gen.trigger, "commit": gen.commit,
         })
     return rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from optuna.trial import FrozenTrial
@@ -85,9 +85,6 @@ class Verdict:
     score: float | None
     parent_score: float | None
     delta: float | None  # parent_score - score: how much the candidate improved
-
-    def to_extra(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def judge(parent: Score | None, candidate: Score | None, noise: float | None) -> Verdict:

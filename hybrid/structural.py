@@ -39,4 +39,4 @@ class StructuralAgent(Protocol):
 
 def tried_mutations(lineage: dict[int, Generation]) -> dict[str, str]:
     """Mutation name -> status of the generation that tried it (candidate, promoted or rejected)."""
-    return {g.extra["mutation"]: g.status for g in lineage.values() if g.extra.get("mutation")}
+    return {g.mutation: g.status for g in lineage.values() if g.mutation}

@@ -2,6 +2,7 @@
 a candidate generation (hybrid.promotion.judge) and when a generation is due for a structural move (Schedule.due)."""
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime
 
@@ -10,6 +11,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.result import PENALTY
+from hybrid.generations import Generation
 from hybrid.promotion import NOISE_Z, Schedule, Score, judge, margin, pooled_noise
 
 X = {"x": FloatDistribution(0.0, 1.0)}
@@ -91,7 +93,8 @@ def test_judge(parent: Score | None, candidate: Score | None, noise: float | Non
     assert verdict.noise == noise
     assert verdict.score == (candidate.value if candidate else None)
     assert verdict.parent_score == (parent.value if parent else None)
-    assert set(verdict.to_extra()) == {"promoted", "reason", "margin", "noise", "score", "parent_score", "delta"}
+    stored = Generation(1, 0, "a candidate", "X = 1\n", {}, status="promoted", verdict=verdict)
+    assert Generation.from_record(json.loads(json.dumps(stored.to_record()))).verdict == verdict  # as the study keeps it
 
 
 # -- Schedule.due(trials, epoch_after, noise): mutate every M sampled trials, or after W without improvement -----

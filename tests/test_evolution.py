@@ -112,7 +112,7 @@ def check_invariants(study: optuna.Study) -> None:
     trials = store.finished_trials(study)
     assert sorted(gens) == list(range(len(gens)))
     assert sum(g.status == "candidate" for g in gens.values()) <= 1
-    mutations = [g.extra["mutation"] for g in gens.values() if g.extra.get("agent") == "catalog"]
+    mutations = [g.mutation for g in gens.values() if g.agent == "catalog"]
     assert len(mutations) == len(set(mutations)), mutations
     for t in trials:
         gen = gens[t.user_attrs["generation"]]
@@ -124,12 +124,12 @@ def check_invariants(study: optuna.Study) -> None:
                        and t.user_attrs["status"] != "rejected"), key=lambda t: t.number)
         if gen.parent is None or not mine:
             continue
-        cut, warm = gen.extra["created_after_trial"], set(gen.extra["warm_start_trials"])
+        cut, warm = gen.created_after_trial, set(gen.warm_start_trials)
         parent_trials = [t for t in trials if t.number in warm]  # finished when the generation was created
         assert len(parent_trials) == len(warm)
         assert all(t.user_attrs["generation"] == gen.parent and t.number <= cut for t in parent_trials)
         first = mine[0]
-        assert first.user_attrs["source"] in ("catalog", "llm-code") and first.user_attrs["mutation"] == gen.extra["mutation"]
+        assert first.user_attrs["source"] in ("catalog", "llm-code") and first.user_attrs["mutation"] == gen.mutation
         assert first.params == best_configs(parent_trials, gen.search_space(), 1)[0]  # the parent's incumbent
     for t in trials:
         if t.user_attrs["source"] == "repeat":
@@ -155,9 +155,9 @@ def test_generations_open_new_knobs_with_warm_starts_and_recorded_verdicts(fake:
     decided = [g for g in gens.values() if g.status in ("promoted", "rejected")]
     assert decided
     for g in decided:
-        assert g.extra["margin"] >= 0 and g.extra["noise"] > 0 and g.extra["reason"]
-        assert (g.extra["delta"] > g.extra["margin"]) == (g.status == "promoted")
-        assert g.extra["agent"] == "catalog" and g.diff.startswith("--- a/train.py") and g.extra["new_knobs"]
+        assert g.verdict.margin >= 0 and g.verdict.noise > 0 and g.reason == g.verdict.reason
+        assert (g.verdict.delta > g.verdict.margin) == (g.status == "promoted") == g.verdict.promoted
+        assert g.agent == "catalog" and g.diff.startswith("--- a/train.py") and g.new_knobs
     repeats = [t for t in trials if t.user_attrs["source"] == "repeat"]
     assert len(repeats) >= REPEATS * len(decided)
     warm = [t for t in trials if t.user_attrs["source"] == "warmstart"]
@@ -166,8 +166,8 @@ def test_generations_open_new_knobs_with_warm_starts_and_recorded_verdicts(fake:
     repo = git.Repo(Path("runs") / "s" / "lineage")
     tags = {t.name: t.commit for t in repo.tags}
     for g in gens.values():
-        if g.status != "rejected" or "commit" in g.extra:
-            assert tags[f"gen-{g.number}"].hexsha == g.extra.get("commit", tags[f"gen-{g.number}"].hexsha)
+        if g.status != "rejected" or g.commit is not None:
+            assert tags[f"gen-{g.number}"].hexsha == g.commit
             assert (tags[f"gen-{g.number}"].tree / "train.py").data_stream.read().decode() == g.source
     for g in gens.values():
         if g.parent is not None and f"gen-{g.number}" in tags:
@@ -176,7 +176,7 @@ def test_generations_open_new_knobs_with_warm_starts_and_recorded_verdicts(fake:
     rows = lineage_table(study)
     assert [r["generation"] for r in rows] == sorted(gens)
     assert rows[0]["mutation"] == "baseline" and all(r["best_val_bpb"] for r in rows if r["trials"])
-    assert "lineage:" in err and gens[1].extra["mutation"] in err
+    assert "lineage:" in err and gens[1].mutation in err
 
 
 class Recording(BaseSampler):
@@ -409,8 +409,8 @@ def test_a_parent_trial_that_finishes_after_the_mutation_is_not_a_warm_start(fak
     study = load()
     check_invariants(study)
     late, child = study.trials[2], generations.load_all(study)[1]
-    assert late.value == 0.5 and late.user_attrs["generation"] == 0 and late.number <= child.extra["created_after_trial"]
-    assert late.number not in child.extra["warm_start_trials"]
+    assert late.value == 0.5 and late.user_attrs["generation"] == 0 and late.number <= child.created_after_trial
+    assert late.number not in child.warm_start_trials
     first = min((t for t in store.finished_trials(study) if t.user_attrs["generation"] == 1), key=lambda t: t.number)
     assert first.params != late.params
 
@@ -468,11 +468,11 @@ def test_llm_mutations_run_and_a_hostile_one_is_rejected_without_harm(fake: None
     check_invariants(study)
     gens = generations.load_all(study)
     hostile, good = gens[1], gens[2]
-    assert hostile.status == "rejected" and hostile.extra["reason"].startswith("patch guard: line")
+    assert hostile.status == "rejected" and hostile.reason.startswith("patch guard: line")
     refused = [t for t in store.finished_trials(study) if t.user_attrs["generation"] == 1]
     assert [t.user_attrs["status"] for t in refused] == ["rejected"] and refused[0].user_attrs["total_seconds"] == 0
     assert "generation 1 (from 0), rejected" in prompts[1] and "patch guard" in prompts[1]
-    assert good.extra["agent"] == "llm-code" and set(good.extra["new_knobs"]) == {"MLP_ACTIVATION", "MLP_RATIO"}
+    assert good.agent == "llm-code" and set(good.new_knobs) == {"MLP_ACTIVATION", "MLP_RATIO"}
     tuned = [t.params for t in store.finished_trials(study) if t.user_attrs["generation"] == 2]
     assert len(tuned) >= 4 and len({p["MLP_RATIO"] for p in tuned}) > 1  # its warm starts, then the sampler
     assert {t.user_attrs["status"] for t in store.finished_trials(study)} <= {"ok", "rejected"}
@@ -505,8 +505,8 @@ def test_the_llm_agent_reads_knob_declarations_and_is_told_the_lineage() -> None
             read_knobs(f"```json\n{bad}\n```")
     base = Generation(0, None, "base", "x = 1\n", BASE.to_dict(), status="base")
     tried = Generation(1, 0, "logit soft cap as a knob", "x = 2\n", BASE.to_dict(), diff="--- a/train.py\n+x = 2\n",
-                       status="rejected", extra={"new_knobs": {"LOGIT_SOFTCAP": {}},
-                                                 "reason": "improves by 0.001, not more than the margin 0.004"})
+                       status="rejected", new_knobs={"LOGIT_SOFTCAP": {}},
+                       reason="improves by 0.001, not more than the margin 0.004")
     task = structural_task(Context(base, {0: base, 1: tried}, {"DEPTH": 2}, 1.2345))
     assert "val_bpb 1.2345 with DEPTH=2" in task and "generation 1 (from 0), rejected: logit soft cap" in task
     assert "New knobs: LOGIT_SOFTCAP. improves by 0.001" in task and "+x = 2" in task

@@ -234,7 +234,7 @@ def test_llm_code_keeps_better_edits_and_reverts_the_rest(tmp_path, quick):
     repo = git.Repo(Path(config.artifacts) / "lineage")
     log = [c.message.split(":")[0] for c in repo.iter_commits("hybrid/llm-code")]
     assert log == ["generation 3", "generation 1", "generation 0"]
-    assert gens[3].extra["commit"] == repo.tags["gen-3"].commit.hexsha
+    assert gens[3].commit == repo.tags["gen-3"].commit.hexsha
 
 
 # -- centaur --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from scipy import stats as sps
 from hybrid import generations, plots, store
 from hybrid.generations import Generation
 from hybrid.config import RunConfig
+from hybrid.promotion import Verdict
 from hybrid.stats import compare_pair, pairwise
 from util import cli
 
@@ -166,10 +167,12 @@ def test_lineage_of_a_study_with_generations(tmp_path: Path, capsys: pytest.Capt
     base = generations.load_all(study)[0]
     kept = generations.create(study, base, "LR = 0.1\nGATE = 1\n", base.search_space(), "gate the MLP",
                               mutation="mlp-gate", new_knobs={"GATE": {}})
-    generations.set_status(study, kept, "promoted", margin=0.004, delta=-0.006)
+    generations.set_status(study, kept, "promoted", reason="beats its parent",
+                           verdict=Verdict(True, "beats its parent", 0.004, 0.002, 0.97, 0.976, 0.006))
     dropped = generations.create(study, kept, "LR = 0.1\nGATE = 2\n", base.search_space(), "wider gate",
                                  mutation="wide-gate")
-    generations.set_status(study, dropped, "rejected", margin=-0.001, reason="no better than its parent")
+    generations.set_status(study, dropped, "rejected", reason="no better than its parent",
+                           verdict=Verdict(False, "no better than its parent", 0.004, 0.002, 0.975, 0.97, -0.005))
     for number, value in ((1, 0.97), (1, 0.972), (2, 0.975)):
         study.add_trial(optuna.trial.create_trial(
             params={"LR": 0.2, "DEPTH": 3, "PATTERN": "SL"}, distributions=DISTRIBUTIONS, value=value,

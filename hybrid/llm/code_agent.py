@@ -1,17 +1,13 @@
 """Method `llm-code`: an LLM edits train.py; a better val_bpb keeps the change, anything else reverts it (autoresearch).
 
 Each edit that passes the guard is a candidate generation; a kept one becomes the incumbent and a commit on the
-run's branch (GitLineage under <artifacts>/lineage). The agent is shown the incumbent's train.py with the knob
+run's branch (the study's Lineage: hybrid.generations). The agent is shown the incumbent's train.py with the knob
 values that ran written in, so an edit's literals are the config it runs with: the new generation's space is the
 declared space restricted to the knobs the edited file still assigns validly, and its config is those values.
 """
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -20,8 +16,7 @@ from optuna.trial import FrozenTrial
 from harness.knobs import find_knobs, inject_knobs
 from hybrid import generations, store
 from hybrid.classical.move_sampler import MoveSampler
-from hybrid.generations import Generation, GitLineage
-from hybrid.lease import StructuralLease
+from hybrid.generations import Generation, Lineage
 from hybrid.llm import prompts
 from hybrid.llm.agent import failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
@@ -36,7 +31,6 @@ if TYPE_CHECKING:
 
 ALIVE = ("base", "kept")  # generations the incumbent may come from
 DIFF_CHARS = 20_000       # of a diff kept with its trial (the generation keeps all of it)
-LEASE_POLL_SECONDS = 0.2  # while another worker creates or settles a generation
 
 
 def generation_space(declared: SearchSpace, source: str) -> tuple[SearchSpace, dict[str, Any]]:
@@ -118,22 +112,9 @@ class LLMCodeMethod:
         self.sampler = MoveSampler.random(seed)
         self.advisor = Advisor(make_provider(config))
         self.program = read_program()
-        self.lineage = GitLineage(Path(config.artifacts) / "lineage", study.study_name)
-        self.lease = StructuralLease(study)
-        with self._structural():
-            base = generations.load_all(study)[0]
-            if "commit" not in base.extra:
-                generations.set_status(study, base, base.status, commit=self.lineage.commit(base))
-
-    @contextlib.contextmanager
-    def _structural(self) -> Iterator[None]:
-        """One worker at a time numbers, commits and settles generations (the study's structural lease)."""
-        while not self.lease.try_acquire():
-            time.sleep(LEASE_POLL_SECONDS)
-        try:
-            yield
-        finally:
-            self.lease.release()
+        self.lineage = Lineage(study, config.artifacts)
+        with self.lineage.held():
+            self.lineage.commit(self.lineage.load()[0])
 
     def next_move(self, study: optuna.Study) -> Move:
         gens, trials = generations.load_all(study), store.finished_trials(study)
@@ -152,9 +133,9 @@ class LLMCodeMethod:
             space, config = generation_space(self.space, edit.source)
         except PatchRejected as e:
             return self._refused(inc, e.reason, attrs)
-        parent = replace(inc.generation, source=current)  # the diff is against the file the agent saw
-        with self._structural():
-            gen = generations.create(study, parent, edit.source, space, edit.description, form=edit.form)
+        with self.lineage.held():  # the diff is against the file the agent saw
+            gen = self.lineage.create(inc.generation, edit.source, space, edit.description, diff_from=current,
+                                      agent="llm-code", form=edit.form)
         attrs.update(diff=gen.diff[:DIFF_CHARS], diff_summary=diff_summary(gen.diff))
         return Move("llm-code", gen.number, edit.source, space, config=config, attrs=attrs)
 
@@ -167,15 +148,14 @@ class LLMCodeMethod:
     def observe(self, study: optuna.Study, trial: FrozenTrial, move: Move) -> None:
         if move.source != "llm-code" or move.rejected is not None:
             return
-        with self._structural():
-            gens = generations.load_all(study)
+        with self.lineage.held():
+            gens = self.lineage.load()
             gen = gens[move.generation]
             others = [t for t in store.finished_trials(study) if t.number != trial.number]
             best = incumbent(gens, others).value
             value = ok_value(trial)
             if value is not None and (best is None or value < best):
-                parent_commit = gens[gen.parent].extra.get("commit") if gen.parent is not None else None
-                generations.set_status(study, gen, "kept", commit=self.lineage.commit(gen, parent_commit),
-                                       trial=trial.number, val_bpb=value)
+                self.lineage.commit(gen)
+                self.lineage.settle(gen, "kept", trial=trial.number, val_bpb=value)
             else:
-                generations.set_status(study, gen, "reverted", trial=trial.number, result=trial.user_attrs.get("status"))
+                self.lineage.settle(gen, "reverted", trial=trial.number, result=trial.user_attrs.get("status"))

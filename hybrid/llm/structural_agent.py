@@ -15,6 +15,7 @@ from harness.knobs import KnobError, find_knobs
 from hybrid.llm import prompts
 from hybrid.llm.agent import failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
+from hybrid.llm.spending import LLMBudgetSpent, announce
 from hybrid.llm.edits import read_edit
 from hybrid.llm.guard import PatchRejected
 from hybrid.space import Knob, SpaceError, knob_from_dict
@@ -59,8 +60,8 @@ def structural_task(context: Context) -> str:
     if tried:
         parts.append(f"## Mutations tried in this run ({len(tried)})\n")
     for g in tried:
-        knobs = ", ".join(sorted(g.extra.get("new_knobs") or {})) or "none"
-        verdict = g.extra.get("reason") or ("on probation" if g.status == "candidate" else "")
+        knobs = ", ".join(sorted(g.new_knobs)) or "none"
+        verdict = g.reason or ("on probation" if g.status == "candidate" else "")
         parts.append(f"### generation {g.number} (from {g.parent}), {g.status}: {g.description}\n"
                      f"New knobs: {knobs}. {verdict}")
         lines = g.diff.splitlines()
@@ -100,8 +101,9 @@ class LLMStructuralAgent:
     def __init__(self, config: RunConfig) -> None:
         self.advisor = Advisor(make_provider(config))
         self.program = read_program()
+        self.study_name = config.study
 
-    def propose(self, context: Context) -> Proposal:
+    def propose(self, context: Context) -> Proposal | None:
         parent = context.parent
         prefix = prompts.prefix(self.program, parent.source, parent.search_space())
         try:
@@ -109,6 +111,9 @@ class LLMStructuralAgent:
         except ProviderError as e:
             return Proposal("llm-error", "the LLM provider failed", parent.source, attrs=failure_attrs(e),
                             rejected=f"LLM provider error: {e}")
+        except LLMBudgetSpent as e:
+            announce(e, self.study_name, "hybrid goes on tuning with its classical sampler")
+            return None
         attrs = reply_attrs(reply)
         try:
             edit = read_edit(reply.text, parent.source)
