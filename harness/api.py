@@ -84,8 +84,14 @@ class Session:
         torch.save(model, self._model_path)
         report = {"op": "finish", "num_params": sum(p.numel() for p in model.parameters()),
                   "flops_per_token": model.estimate_flops() if hasattr(model, "estimate_flops") else None,
-                  "peak_memory_mb": peak_memory_mb(self.device)}
+                  "peak_memory_mb": peak_memory_mb(self.device), "peak_reserved_mb": peak_reserved_mb(self.device)}
         self._ask(report)  # the harness ends this process when it has the model
+
+
+def peak_reserved_mb(device: torch.device) -> float | None:
+    """CUDA's peak of reserved memory (what the caching allocator took from the device: what a memory cap and an
+    out-of-memory error concern); None off CUDA."""
+    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
 
 
 def peak_memory_mb(device: torch.device) -> float:

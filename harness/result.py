@@ -31,6 +31,7 @@ class TrialResult:
     eval_seconds: float = 0.0
     total_seconds: float = 0.0             # wall time of the whole trial: what it costs the budget
     peak_memory_mb: float | None = None    # CUDA max allocated, or the process's peak RSS on CPU
+    peak_reserved_mb: float | None = None  # CUDA max reserved (what a cap and an OOM concern); None on CPU
     tokens_per_second: float | None = None
     mfu: float | None = None               # model FLOPs utilization, CUDA only
     num_params: int | None = None

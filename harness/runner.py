@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -38,8 +39,13 @@ from harness.training import Feed, supervise
 
 IMPLAUSIBLE_GAIN = 0.03  # bits per byte below the best so far that earn a rescore on another order before they count
 ERROR_CHARS = 500        # of a failure's message, stored and shown to agents
-PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 70e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12}
+# Dense bf16 tensor-core peaks (no sparsity), by model as CUDA names it ("NVIDIA H100 PCIe", "NVIDIA H200 NVL");
+# matched on whole words, the longest model first: "L4" is not "L40", "H100 NVL" is not the SXM "H100".
+PEAK_BF16_FLOPS = {"H200": 989.5e12, "H200 NVL": 835.5e12, "GH200": 989.5e12, "H100": 989.5e12,
+                   "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12,
+                   "L4": 121e12, "A10G": 70e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12}
+# Trials on CUDA: segments that grow instead of fragmenting (the reference sets it; reserved stays near allocated).
+CUDA_ALLOCATOR = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 def snap_batch_size(code: str, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
@@ -74,9 +80,14 @@ def trial_device(device: str | None) -> tuple[torch.device, int | None]:
     return torch.device("cuda", index), index
 
 
-def peak_flops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+def peak_flops(device_name: str) -> float | None:
+    """The bf16 peak of a GPU by its CUDA name (PEAK_BF16_FLOPS); None for a model not in the table."""
+    words = re.split(r"[\s\-_]+", device_name.upper())
+    for key in sorted(PEAK_BF16_FLOPS, key=lambda k: -len(k.split())):
+        wanted = key.upper().split()
+        if any(words[i:i + len(wanted)] == wanted for i in range(len(words))):
+            return PEAK_BF16_FLOPS[key]
+    return None
 
 
 def _fresh(folder: Path) -> Path:
@@ -127,6 +138,7 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
             "bos_id": tokenizer.bos_id, "eval_rows": forward_rows(profile)}
     limits = Limits(memory_bytes=default_memory_bytes())
     cache = compile_cache(code)
+    allocator = CUDA_ALLOCATOR if gpu is not None else {}
 
     def jail(folder: Path, handed: dict[str, Path], writable: tuple[str, ...] = ()) -> Jail:
         return Jail(sandbox, folder, handed={"train.py": trial_dir / "train.py", "spec.json": trial_dir / "spec.json",
@@ -137,14 +149,14 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
     (trial_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     caches = {"TORCHINDUCTOR_CACHE_DIR": f"{train_jail.path('compile-cache')}/inductor",
               "TRITON_CACHE_DIR": f"{train_jail.path('compile-cache')}/triton",
-              "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+              "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", **allocator}
 
     def start_evaluation(logits: Path) -> AgentProcess:
         folder = logits.parent
         # the training scratch folder, not its model.pt: a symlink there resolves inside the jail, never on the host
         j = jail(_fresh(folder / "scratch"), {"trained": scratch, "logits.bin": logits}, ("logits.bin",))
         args = [j.path("spec.json"), j.path("train.py"), f"{j.path('trained')}/model.pt", j.path("logits.bin")]
-        return AgentProcess(j, "harness.evaluator", args, log, folder.name)
+        return AgentProcess(j, "harness.evaluator", args, log, folder.name, env=allocator)
 
     def new_evaluations() -> list[Evaluation]:
         return [Evaluation(start_evaluation, _fresh(trial_dir / f"eval-{name}") / "logits.bin", spec["eval_rows"],
@@ -219,12 +231,13 @@ def _measure(result: TrialResult, training, before_launch: float, device: torch.
     if result.training_seconds > 0:
         result.tokens_per_second = training.tokens / result.training_seconds
     reported = training.reported
-    result.peak_memory_mb = reported.get("peak_memory_mb")
+    result.peak_memory_mb, result.peak_reserved_mb = reported.get("peak_memory_mb"), reported.get("peak_reserved_mb")
     params = reported.get("num_params")
     result.num_params = int(params) if params is not None else None
     flops = reported.get("flops_per_token") or (6 * params if params else None)
-    if device.type == "cuda" and result.tokens_per_second and flops and peak_flops(device):
-        result.mfu = flops * result.tokens_per_second / peak_flops(device)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if result.tokens_per_second and flops and peak:
+        result.mfu = flops * result.tokens_per_second / peak
 
 
 def _finish(result: TrialResult, config: dict[str, Any], log: TrialLog, trial_dir: Path, t0: float) -> TrialResult:

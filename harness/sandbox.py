@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import glob
 import os
 import resource
 import secrets
@@ -127,10 +128,19 @@ def _python_binds() -> list[str]:
     return args
 
 
-def _gpu_binds(gpu: int) -> list[str]:
-    """The GPU's own device node and the driver's shared ones; /sys read-only for the driver's lookups."""
+def physical_gpu(index: int) -> str:
+    """The device this process calls cuda:`index`, as the machine names it: the index-th entry of this process's
+    CUDA_VISIBLE_DEVICES (a worker pinned to "3", a scheduler's "2,3", a UUID), else the index itself."""
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[index] if index < len(listed) else str(index)
+
+
+def _gpu_binds(device: str) -> list[str]:
+    """The GPU's own device node (every GPU's where `device` is a UUID: CUDA_VISIBLE_DEVICES then picks it) and
+    the driver's shared ones; /sys read-only for the driver's lookups."""
+    nodes = [f"/dev/nvidia{device}"] if device.isdigit() else sorted(glob.glob("/dev/nvidia[0-9]*"))
     args = ["--ro-bind", "/sys", "/sys"]
-    for path in (*NVIDIA_SHARED, f"/dev/nvidia{gpu}"):
+    for path in (*NVIDIA_SHARED, *nodes):
         args += ["--dev-bind-try", path, path]
     return args
 
@@ -164,8 +174,8 @@ class Jail:
         env |= {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.home, "TMPDIR": self.home, "USER": "trial",
                 "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
                 "PYTHONNOUSERSITE": "1"}
-        if self.gpu is not None and not self.contained:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
+        if self.gpu is not None and not (self.contained and physical_gpu(self.gpu).isdigit()):
+            env["CUDA_VISIBLE_DEVICES"] = physical_gpu(self.gpu)  # in bubblewrap, its device node alone otherwise
         elif self.gpu is None:
             env["CUDA_VISIBLE_DEVICES"] = ""
         return env | (extra or {})
@@ -183,7 +193,7 @@ class Jail:
         for name, host in self.handed.items():
             args += ["--bind" if name in self.writable else "--ro-bind", str(host), f"{HANDED}/{name}"]
         if self.gpu is not None:
-            args += _gpu_binds(self.gpu)
+            args += _gpu_binds(physical_gpu(self.gpu))
         return [*args, "--chdir", SCRATCH, "--", *command]
 
     def popen(self, command: list[str], *, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:

@@ -13,9 +13,9 @@ answers from the prepared training split, keeps the clock and decides when the b
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -28,46 +28,55 @@ from harness.loader import token_rows
 from harness.profiles import Profile
 
 MAX_BATCH_ROWS = 1 << 16   # rows in one batch request, at most
-PREFETCH_ROWS = 4096       # packed rows kept ready
 LATE_STEPS = 2             # finish() may come this many of the trial's longest steps after `done` ...
 LATE_SECONDS = 0.5         # ... plus this, plus the time to save the model at SAVE_BYTES_PER_SECOND
 SAVE_BYTES_PER_SECOND = 100e6
 OVERRUN = 30.0             # seconds past the budget (plus a quarter of it) before the watchdog gives up
 POLL = 0.1                 # seconds between looks at the watchdog and the stop event
+REPORTED = ("num_params", "flops_per_token", "peak_memory_mb", "peak_reserved_mb")  # informational, from finish()
 
 
 class Feed:
-    """Training rows of the trial's seed, packed ahead on a thread; random tokens until the clock runs."""
+    """Training rows of the trial's seed, handed out in order; random tokens until the clock runs.
+
+    One deep: as a batch goes out, the next one of the same size is packed on a thread while the step runs (the
+    first while the warm-up steps get random tokens). Rows packed ahead and not asked for stay first in line, so
+    the sequence of rows is the split's whatever the sizes asked: the same seed gives the same batches."""
 
     def __init__(self, data: Prepared, profile: Profile, seed: int, bos_id: int):
         self.seq_len, self.bos_id = profile.seq_len, bos_id
         self.noise = np.random.default_rng([seed, 0x5EED])
-        self.rows: queue.Queue[np.ndarray] = queue.Queue(PREFETCH_ROWS)
-        self._stop = threading.Event()
-        source = token_rows(data, "train", profile.seq_len, seed=seed, loop=True)
-        threading.Thread(target=self._fill, args=(source,), daemon=True).start()
+        self._rows = token_rows(data, "train", profile.seq_len, seed=seed, loop=True)
+        self._packer = ThreadPoolExecutor(1, thread_name_prefix="feed")
+        self._next: Future[np.ndarray] | None = None                      # the batch being packed ahead
+        self._head = np.empty((0, profile.seq_len + 1), dtype=np.uint16)  # rows packed, not yet handed out
 
-    def _fill(self, source) -> None:  # noqa: ANN001
-        for row in source:
-            while not self._stop.is_set():
-                try:
-                    self.rows.put(row, timeout=POLL)
-                    break
-                except queue.Full:
-                    continue
-            if self._stop.is_set():
-                return
+    def _pack(self, rows: int) -> np.ndarray:
+        return np.stack([next(self._rows) for _ in range(rows)])
+
+    def _prefetch(self, rows: int) -> None:
+        self._next = self._packer.submit(self._pack, rows)
 
     def batch(self, rows: int, real: bool) -> np.ndarray:
         """(rows, seq_len + 1) uint16: the next rows of the split, or random tokens (each row starts with BOS)."""
-        if real:
-            return np.stack([self.rows.get() for _ in range(rows)])
-        batch = self.noise.integers(0, self.bos_id, size=(rows, self.seq_len + 1), dtype=np.uint16)
-        batch[:, 0] = self.bos_id
+        if not real:
+            if self._next is None:
+                self._prefetch(rows)
+            batch = self.noise.integers(0, self.bos_id, size=(rows, self.seq_len + 1), dtype=np.uint16)
+            batch[:, 0] = self.bos_id
+            return batch
+        ready = self._head
+        if self._next is not None:  # the packer is idle once its result is in: the rows are this thread's again
+            ahead = self._next.result()
+            ready = np.concatenate([ready, ahead]) if len(ready) else ahead
+        if len(ready) < rows:
+            ready = np.concatenate([ready, self._pack(rows - len(ready))])
+        batch, self._head = ready[:rows], ready[rows:]
+        self._prefetch(rows)
         return batch
 
     def close(self) -> None:
-        self._stop.set()
+        self._packer.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -82,7 +91,7 @@ class Training:
     steps: int = 0
     tokens: int = 0                       # tokens handed out while the clock ran
     longest_step: float = 0.0
-    reported: dict[str, Any] = field(default_factory=dict)  # num_params, flops_per_token, peak_memory_mb
+    reported: dict[str, Any] = field(default_factory=dict)  # REPORTED: size and memory, as the process said
 
     @property
     def training_seconds(self) -> float:
@@ -163,7 +172,7 @@ def supervise(process: AgentProcess, feed: Feed, profile: Profile, *, startup_li
             process.send({"progress": min(1.0, spent / budget), "done": spent >= budget})
         elif op == "finish":
             t.finished = time.perf_counter()
-            t.reported = {k: _number(message.get(k)) for k in ("num_params", "flops_per_token", "peak_memory_mb")}
+            t.reported = {k: _number(message.get(k)) for k in REPORTED}
             if t.clock_start is None:
                 t.fail("invalid", "the training clock never ran: call session.tick(loss) once per optimizer step")
             elif done_at is not None:

@@ -484,15 +484,23 @@ def default_cap_gb(vram_cap_gb: float | None, objective: str, profile: Profile) 
     return PAPER_CAP_GB if objective == "surrogate" or profile.name == "gpu" else None
 
 
+def recorded_peak_mb(attrs: dict[str, Any]) -> float | None:
+    """The peak a trial recorded that a cap concerns: CUDA's reserved memory where recorded (what the caching
+    allocator took, and what set_per_process_memory_fraction and an out-of-memory error count), else its
+    allocated peak (trials before it was recorded, and the process's RSS on CPU)."""
+    return attrs.get("peak_reserved_mb") or attrs.get("peak_memory_mb")
+
+
 class MemoryModel:
     """Peak memory predictions for one profile, calibrated per code generation.
 
-    Calibration: the estimate times the median ratio of recorded to estimated peaks over the successful trials
-    of the same code (by code_sha) that recorded one, once there are MIN_CALIBRATION_POINTS of them; over the
-    CALIBRATION_POINTS with the largest estimates, nearest the cap, where the decision is made. Before, the
-    estimate alone, with no margin added: it is conservative already (the reference baseline: 46.2 GiB estimated,
-    44.0 GiB measured on an H100), and the two errors do not cost the same: a config refused wrongly is never
-    tried, a real out-of-memory error costs the seconds before it. Estimates are cached per (code, config).
+    Calibration: the estimate times the median ratio of recorded (recorded_peak_mb: reserved where there is one)
+    to estimated peaks over the successful trials of the same code (by code_sha) that recorded one, once there
+    are MIN_CALIBRATION_POINTS of them; over the CALIBRATION_POINTS with the largest estimates, nearest the cap,
+    where the decision is made. Before, the estimate alone, with no margin added: it is conservative already (the
+    reference baseline: 46.2 GiB estimated, 44.0 GiB measured on an H100), and the two errors do not cost the
+    same: a config refused wrongly is never tried, a real out-of-memory error costs the seconds before it.
+    Estimates are cached per (code, config).
 
     `sandbox`: the harness.sandbox mode of the processes that build the models (auto, required, off), the run's
     --sandbox; a UserError here for an unknown mode, or `required` where bubblewrap cannot run. Code in `trusted`
@@ -524,11 +532,12 @@ class MemoryModel:
         points = []  # (estimate, recorded) in MiB
         for trial in history:
             attrs = trial.user_attrs
-            if attrs.get("status") != "ok" or attrs.get("code_sha") != sha or not attrs.get("peak_memory_mb"):
+            recorded = recorded_peak_mb(attrs)
+            if attrs.get("status") != "ok" or attrs.get("code_sha") != sha or not recorded:
                 continue
             estimate = self.estimate_mb(source, attrs.get("config_ran") or trial.params)
             if estimate:
-                points.append((estimate, attrs["peak_memory_mb"]))
+                points.append((estimate, recorded))
         if len(points) < MIN_CALIBRATION_POINTS:
             return None
         largest = sorted(points, reverse=True)[:CALIBRATION_POINTS]

@@ -50,7 +50,8 @@ OPEN_RETRY_SECONDS = 0.5
 OPEN_ERRORS = (SQLAlchemyError, ImportError, RuntimeError)
 HEARTBEAT_FAILURES_TO_WARN = 2  # failed beats in a row before a warning (three make the trial dead to the others)
 MEASUREMENTS = ("val_bpb", "training_seconds", "startup_seconds", "eval_seconds", "total_seconds", "peak_memory_mb",
-                "tokens_per_second", "mfu", "num_params", "num_steps", "total_tokens", "error", "log_path", "phases")
+                "peak_reserved_mb", "tokens_per_second", "mfu", "num_params", "num_steps", "total_tokens", "error",
+                "log_path", "phases")
 
 # The password of a storage URL (scheme://user:PASSWORD@host/db): never printed, never stored.
 URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")

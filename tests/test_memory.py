@@ -294,6 +294,17 @@ def test_calibration_moves_predictions_toward_recorded_peaks(source, in_process)
     assert memory.check(source, target, cap_gb, history) is None
 
 
+def test_calibration_uses_reserved_peaks_where_recorded(source, in_process):
+    """The cap concerns reserved memory: a trial's reserved peak calibrates, its allocated peak only without one."""
+    memory = MemoryModel(GPU)
+    configs = [{"DEPTH": 4}, {"DEPTH": 6}, {"DEVICE_BATCH_SIZE": 64}]
+    history = [_trial(source, c, 0.5 * memory.estimate_mb(source, c)) for c in configs]
+    for trial, config in zip(history[1:], configs[1:]):
+        trial.user_attrs["peak_reserved_mb"] = 0.8 * memory.estimate_mb(source, config)
+    target = {"DEPTH": 10}
+    assert memory.predict_mb(source, target, history) == pytest.approx(0.8 * memory.estimate_mb(source, target))
+
+
 def test_calibration_uses_the_trials_nearest_the_cap(source, in_process):
     memory = MemoryModel(GPU)
     small = [{"DEPTH": 4, "DEVICE_BATCH_SIZE": 32, "ASPECT_RATIO": a} for a in (32, 40, 48)]

@@ -22,7 +22,7 @@ from harness import api
 from harness.errors import UserError
 from harness.profiles import get_profile
 from harness.result import TrialResult
-from harness.runner import _died, run_trial, snap_batch_size, trial_device
+from harness.runner import PEAK_BF16_FLOPS, _died, peak_flops, run_trial, snap_batch_size, trial_device
 from harness.sandbox import ENV_ALLOWED, PROJECT_ROOT, bwrap_problem
 from harness.scorer import forward_rows
 from harness.trainer import classify, one_line
@@ -324,3 +324,20 @@ def test_a_trial_ends_when_its_runner_is_killed(prepared_test, orphan):
     finally:
         runner.kill()
         runner.wait()
+
+
+@pytest.mark.parametrize("name, model", [
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA GH200 480GB", "GH200"),
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100 80GB PCIe", "A100"), ("NVIDIA L4", "L4"),
+    ("NVIDIA L40", "L40"), ("NVIDIA L40S", "L40S"), ("NVIDIA A10G", "A10G"),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("NVIDIA GeForce RTX 3090", "RTX 3090"),
+    ("NVIDIA GeForce RTX 2080 Ti", None), ("NVIDIA L4O", None), ("Tesla T4", None),
+])
+def test_peak_flops_matches_whole_model_names(name, model):
+    assert peak_flops(name) == (PEAK_BF16_FLOPS[model] if model else None)
+
+
+def test_peak_flops_keeps_variants_apart():
+    assert peak_flops("NVIDIA H100 PCIe") < peak_flops("NVIDIA H100 NVL") < peak_flops("NVIDIA H100 80GB HBM3")
+    assert peak_flops("NVIDIA L4") < peak_flops("NVIDIA L40") < peak_flops("NVIDIA L40S")

@@ -22,7 +22,7 @@ from harness.loader import load_split, token_rows
 from harness.profiles import get_profile
 from harness.sandbox import Jail
 from harness.tokenizer import Tokenizer
-from harness.training import Feed, supervise
+from harness.training import REPORTED, Feed, supervise
 
 TEST = get_profile("test")
 ROWS = 4  # rows per batch request
@@ -137,7 +137,7 @@ def test_random_tokens_until_the_clock_starts_then_the_split(run, prepared_test)
     # the clock started at tick number warmup_steps: nothing spent before it, the budget spent after it
     assert [a["progress"] for a in answers if "progress" in a][:1] == [0.0]
     assert answers[-1]["done"] and t.training_seconds >= 0.3 and t.clock_start is not None
-    assert t.ready is not None and t.reported == {"num_params": None, "flops_per_token": None, "peak_memory_mb": None}
+    assert t.ready is not None and t.reported == dict.fromkeys(REPORTED)
 
 
 def test_without_warmup_steps_the_clock_starts_at_the_first_batch(run, prepared_test):
@@ -281,3 +281,19 @@ def test_a_batch_larger_than_asked_is_refused(tmp_path):
     session, _ = session_over(message({"rows": 3}, np.zeros((3, 5), dtype=np.uint16).tobytes()), tmp_path)
     with pytest.raises(ChannelError, match="at most"):
         next(session.train_batches(2))
+
+
+def test_the_feed_packs_ahead_without_changing_the_sequence(prepared_test):
+    """The batch after each one is packed on a thread: whatever the sizes asked (and random batches between),
+    the rows handed out are the split's rows of the seed, in order."""
+    bos = Tokenizer.load(prepared_test.tokenizer).bos_id
+    asks = [(4, False), (4, False), (4, True), (4, True), (2, True), (7, True), (1, False), (7, True), (3, True)]
+    feed = Feed(prepared_test, TEST, 7, bos)
+    try:
+        handed = [feed.batch(rows, real) for rows, real in asks]
+    finally:
+        feed.close()
+    real = np.concatenate([b for b, (_, r) in zip(handed, asks) if r])
+    assert [len(b) for b in handed] == [rows for rows, _ in asks]
+    assert np.array_equal(real, training_rows(prepared_test, 7, len(real)))
+    assert all((b[:, 0] == bos).all() for b, (_, r) in zip(handed, asks) if not r)
