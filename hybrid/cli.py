@@ -45,6 +45,14 @@ def _positive(kind):
     return parse
 
 
+def _port(text: str) -> int:
+    """A --port value: a TCP port, 1 to 65535."""
+    port = _positive(int)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is at most 65535, got {text}")
+    return port
+
+
 def _study_name(text: str) -> str:
     """A --study value: not empty, not blank (a name nobody could type again)."""
     if not text.strip():
@@ -237,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study(p)
     _add_storage(p)
     p.add_argument("--yes", action="store_true", help="really delete")
+
+    p = _command(sub, "dashboard", "optuna-dashboard on a storage, with each trial's log, train.py and diff",
+                 "Serve optuna-dashboard (in a browser: studies, trials, plots, importances) on a storage. Each "
+                 "trial's page has a note with its status (a failure says so, with its reason: its value is the "
+                 "penalty told to the sampler, not a result) and, as artifacts, its log, the train.py that ran it "
+                 "(its generation's code with the trial's knob values written in) and its generation's diff against "
+                 "the parent. Runs upload these as each trial finishes; this command first uploads what the "
+                 "storage's studies lack (studies run before, uploads that failed). The artifacts are kept in "
+                 "dashboard-artifacts/ beside a SQLite database (under ./runs for other storages). Anyone who can "
+                 "reach the address can rename and delete studies: keep --host on loopback unless the network is "
+                 "yours. Ctrl-C stops it.",
+                 "  hybrid dashboard\n  hybrid dashboard --storage sqlite:///runs/compare/hybrid.db --port 8081\n"
+                 "  ssh -L 8080:127.0.0.1:8080 gpu-box hybrid dashboard   # then open http://127.0.0.1:8080/dashboard/")
+    _add_storage(p)
+    p.add_argument("--port", type=_port, default=8080, help="the TCP port to listen on")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
 
     p = _command(sub, "import", "another tool's history as a study",
                  "Import the history of another tool as a study that `hybrid report` shows and `hybrid run` continues.",
@@ -432,15 +456,22 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from hybrid import results
+    from hybrid import dashboard, results
 
     study = results.open_study(args.storage, args.study)
     plan = results.deletion_plan(study, args.storage)
     if not args.yes:
         raise UserError(f"would delete {plan}: add --yes to delete them")
+    artifacts = dashboard.remove_artifacts(study, args.storage)
     results.delete_study(study)
-    print(f"deleted {plan}")
+    print(f"deleted {plan}" + (f", and its {artifacts} dashboard artifacts" if artifacts else ""))
     return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from hybrid.dashboard import serve
+
+    return serve(args.storage, host=args.host, port=args.port)
 
 
 def cmd_import(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from harness import scrub
 from harness.profiles import get_profile
 from harness.result import TrialResult
 from harness.seal import seal as seal_harness
-from hybrid import generations, optuna_compat, records, results, store
+from hybrid import dashboard, generations, optuna_compat, records, results, store
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.generations import Generation
 from hybrid.config import Budget, RunConfig
@@ -293,6 +293,7 @@ def _one_trial(study: optuna.Study, method: Method, objective: Objective, config
         attrs = {records.CODE_SHA: store.code_sha(move.code), records.SEED: seed, records.METHOD: config.method,
                  **move.attrs}
         frozen = store.record_result(study, trial, result, attrs)
+        dashboard.publish(study, frozen, config.storage)  # its log, code, diff and note; never fails the trial
     method.observe(study, frozen, move)
     return frozen
 

@@ -3,10 +3,13 @@ here."""
 from __future__ import annotations
 
 import inspect
+import json
+import wsgiref.util
 from pathlib import Path
 
 import numpy as np
 import optuna
+import optuna_dashboard
 import pytest
 import sqlalchemy
 from cmaes import CMA
@@ -145,3 +148,36 @@ def test_cma_sigma_and_covariance_are_the_distribution_cma_es_samples_from() -> 
     samples = np.array([cma.ask() for _ in range(20000)])  # x ~ N(mean, sigma^2 C), unbounded
     np.testing.assert_allclose(samples.mean(axis=0), cma.mean, atol=4 * sigma * np.sqrt(covariance.max() / 20000))
     np.testing.assert_allclose(np.cov(samples.T), sigma ** 2 * covariance, rtol=0.1, atol=0.05 * sigma ** 2)
+
+
+def dashboard_trial_json(study: optuna.Study, number: int) -> dict:
+    """The trial as optuna-dashboard's API serves it (GET /api/studies/<id>), from its WSGI app in process."""
+    environ: dict = {"PATH_INFO": f"/api/studies/{optuna_compat.study_id(study)}"}
+    wsgiref.util.setup_testing_defaults(environ)
+    body = b"".join(optuna_dashboard.wsgi(optuna_compat.storage(study))(environ, lambda *response: None))
+    return json.loads(body)["trials"][number]
+
+
+def test_a_finished_trials_artifact_listed_under_the_dashboard_key_is_shown_as_the_trials(study: optuna.Study) -> None:
+    study.tell(study.ask(SPACE), 0.5)
+    frozen = study.get_trials()[0]
+    meta = {"artifact_id": "0f0f", "filename": "train.py", "mimetype": "text/plain", "encoding": None}
+    storage = optuna_compat.storage(study)
+    storage.set_study_system_attr(optuna_compat.study_id(study),
+                                  optuna_compat.dashboard_artifact_key(optuna_compat.trial_id(frozen), "0f0f"),
+                                  json.dumps(meta))
+    assert dashboard_trial_json(study, 0)["artifacts"] == [meta]
+
+
+def test_a_finished_trials_note_is_saved_through_its_dashboard_handle_and_found_by_its_key(study: optuna.Study) -> None:
+    study.tell(study.ask(SPACE), 0.5)
+    frozen = study.get_trials()[0]
+    handle = optuna_compat.dashboard_trial(study, frozen)
+    noted = optuna_compat.dashboard_note_key(optuna_compat.trial_id(frozen))
+    storage = optuna_compat.storage(study)
+    assert optuna_dashboard.get_note(handle) == ""
+    assert noted not in storage.get_study_system_attrs(optuna_compat.study_id(study))
+    optuna_dashboard.save_note(handle, "## failed\n" + "x" * 5000)  # longer than one attribute holds
+    assert optuna_dashboard.get_note(handle) == "## failed\n" + "x" * 5000
+    assert noted in storage.get_study_system_attrs(optuna_compat.study_id(study))
+    assert dashboard_trial_json(study, 0)["note"] == {"version": 1, "body": "## failed\n" + "x" * 5000}
