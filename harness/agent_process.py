@@ -32,8 +32,11 @@ class TrialLog:
         self.path, self.head, self.tail, self.cut = path, bytearray(), deque(), 0
         self._lock = threading.Lock()
         self._tail_bytes = 0
-        self._written = 0  # bytes of the head already in the file, always up to a line's end
-        path.write_text("")
+        self._written: int | None = 0  # bytes of the head already in the file (up to a line's end); None: unwritable
+        try:
+            path.write_text("")
+        except OSError:  # close() says so, where the runner turns it into the trial's failure
+            self._written = None
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -47,10 +50,13 @@ class TrialLog:
                     self._tail_bytes -= len(self.tail[0])
                     self.cut += len(self.tail.popleft())
             end = self.head.rfind(b"\n") + 1
-            if end > self._written:
-                with self.path.open("a") as f:
-                    f.write(scrub(self.head[self._written:end].decode("utf-8", errors="replace")))
-                self._written = end
+            if self._written is not None and end > self._written:
+                try:
+                    with self.path.open("a") as f:
+                        f.write(scrub(self.head[self._written:end].decode("utf-8", errors="replace")))
+                    self._written = end
+                except OSError:
+                    self._written = None
 
     def note(self, line: str) -> None:
         self.write(f"harness: {line}\n".encode())
