@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from harness.knobs import KnobError
-from hybrid.config import DEFAULT_STORAGE, METHODS
+from hybrid.config import DEFAULT_MAX_FAILURES_IN_A_ROW, DEFAULT_STORAGE, METHODS
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.space import SpaceError
 
@@ -112,7 +112,16 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on
     p.add_argument("--stagnation", type=_positive(int), default=None,
                    help="hybrid: trials without improvement that trigger a structural move (default: the method's)")
     p.add_argument("--llm-fraction", type=float, default=0.3, help="centaur: share of trials proposed by the LLM")
+    p.add_argument("--max-failures-in-a-row", type=_positive(int), default=DEFAULT_MAX_FAILURES_IN_A_ROW,
+                   help="stop (exit 2, resumable) after this many trials in a row fail for the same reason")
+    _add_llm_max_usd(p)
     _add_sandbox_flag(p)
+
+
+def _add_llm_max_usd(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm-max-usd", type=_positive(float), default=None,
+                   help="no LLM call once the study's recorded LLM cost reaches this many dollars: centaur and hybrid "
+                        "go on with their classical half, llm-hp and llm-code stop (default: no cap)")
 
 
 def _add_sandbox_flag(p: argparse.ArgumentParser) -> None:
@@ -173,10 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "run", "run a study: one method against the objective, to a budget",
                  "Create a study (or continue one started with the same flags) and run one method on it until the "
-                 "budget is spent. Ctrl-C stops cleanly; `hybrid resume` continues.",
+                 "budget is spent. Each finished trial gets a line, the progress a bar. A failed baseline, or trials "
+                 "failing the same way again and again, stop the run (exit 2); Ctrl-C stops cleanly; `hybrid resume` "
+                 "continues.",
                  "  hybrid run --method tpe --study tpe-s0 --trials 20\n"
                  "  hybrid run --method hybrid --study h0 --budget-hours 24 --workers 8\n"
-                 "  hybrid run --method cmaes --study s --objective surrogate --storage sqlite:///runs/paper.db")
+                 "  hybrid run --method cmaes --study s --objective surrogate --storage sqlite:///runs/paper.db\n"
+                 "  hybrid run --method centaur --study c --llm anthropic --llm-max-usd 20 --max-failures-in-a-row 10")
     p.add_argument("--method", required=True, choices=list(METHODS), help="the search method")
     _add_study(p, "the study's name (a new one, or one to continue with the same flags)")
     _add_run_flags(p)
@@ -294,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the LLM methods with this provider")
     p.add_argument("--llm-model", help="model name (default: the provider's default)")
     p.add_argument("--llm-base-url", help="base URL of the provider")
+    _add_llm_max_usd(p)
     _add_sandbox_flag(p)
 
     p = _command(sub, "surrogate", "the surrogate model of the paper's trials",

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
-import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from hybrid import report, store
-from hybrid.errors import EXIT_INTERRUPTED, UserError
+from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.config import DEFAULT_BUDGET_HOURS, DEFAULT_STORAGE, METHODS, Budget, RunConfig
 from hybrid.loop import run
+from hybrid.processes import pin_gpu, run_each, stop_with
 
 DEFAULT_METHODS = ("tpe", "cmaes", "random", "hybrid")
 # Trial time per study on the cpu profile when neither --budget-hours nor --trials is given: a quarter of a
@@ -99,33 +97,37 @@ def run_one(config: RunConfig) -> int:
     return run(config)
 
 
-def _init_slot(counter: Any, pin_gpu: bool) -> None:
-    """A pool process takes the next slot; with several GPUs, its trials run on GPU slot % count."""
-    with counter.get_lock():
-        slot = counter.value
-        counter.value += 1
-    if pin_gpu:
-        import torch
-
-        count = torch.cuda.device_count()
-        if count > 1:
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % count)
+def _study_process(config: dict[str, Any], slot: int, parent: int) -> None:
+    """One study in a process of its own, which ends with the command; with several GPUs, its trials run on GPU
+    slot % count. Exit status: the loop's, or 2 after a UserError (said in one line naming the study)."""
+    stop_with(parent)
+    run_config = RunConfig.from_dict(config)
+    if run_config.objective == "train":
+        pin_gpu(slot)
+    try:
+        code = run_one(run_config)
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except UserError as e:
+        print(f"hybrid: error: [{run_config.study}] {e}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    sys.exit(code)
 
 
 def run_studies(configs: list[RunConfig], workers: int) -> None:
-    """Every study to its budget: one after another, or `workers` studies at a time in their own processes."""
+    """Every study to its budget: one after another, or `workers` studies at a time in their own processes.
+    KeyboardInterrupt when stopped (Ctrl-C, SIGTERM); UserError naming the studies that stopped with an error."""
     if workers <= 1:
         for config in configs:
             if run_one(config) == EXIT_INTERRUPTED:
                 raise KeyboardInterrupt
         return
-    ctx = multiprocessing.get_context("spawn")
-    counter = ctx.Value("i", 0)
-    pin = any(c.objective == "train" for c in configs)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_slot,
-                             initargs=(counter, pin)) as pool:
-        if EXIT_INTERRUPTED in list(pool.map(run_one, configs)):
-            raise KeyboardInterrupt
+    codes = run_each(_study_process, [(c.to_dict(),) for c in configs], workers)
+    if EXIT_INTERRUPTED in codes:
+        raise KeyboardInterrupt
+    failed = [c.study for c, code in zip(configs, codes) if code != 0]
+    if failed:
+        raise UserError(f"studies {', '.join(failed)} stopped with an error (said above); the others are done")
 
 
 def compare(args: argparse.Namespace) -> Path:

@@ -39,6 +39,8 @@ DEFAULT_STORAGE = "sqlite:///runs/hybrid.db"
 # 15 minutes on the cpu profile (about 30 trials of ~28 s), seconds on the test profile. `hybrid compare` gives
 # each of its studies a quarter of the cpu one (hybrid.compare.CPU_BUDGET_HOURS).
 DEFAULT_BUDGET_HOURS = {"gpu": 24.0, "cpu": 0.25, "test": 0.01, "surrogate": 24.0}
+# Trials in a row that fail for the same reason (failure class and message) after which a run stops (hybrid.stops).
+DEFAULT_MAX_FAILURES_IN_A_ROW = 5
 
 
 @dataclass
@@ -67,6 +69,8 @@ class RunConfig:
     artifacts: str | None = None
     sandbox: str = "auto"         # the OS sandbox of agent code: auto | required | off (harness.sandbox)
     repo: str | None = None       # an autoresearch checkout whose own train.py, prepare.py and metric run (hybrid.foreign)
+    max_failures_in_a_row: int = DEFAULT_MAX_FAILURES_IN_A_ROW  # trials failing the same way that stop the run
+    llm_max_usd: float | None = None  # no LLM call once the study's recorded LLM cost reaches this (hybrid.llm.spending)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -105,7 +109,8 @@ class RunConfig:
             raise UserError(f"--llm-fraction must be within [0, 1], got {self.llm_fraction}")
         if self.budget_hours is None and self.trials is None:
             self.budget_hours = DEFAULT_BUDGET_HOURS["surrogate" if self.objective == "surrogate" else self.profile]
-        for name, value in (("budget", self.budget_hours), ("trials", self.trials), ("workers", self.workers)):
+        for name, value in (("budget", self.budget_hours), ("trials", self.trials), ("workers", self.workers),
+                            ("max-failures-in-a-row", self.max_failures_in_a_row), ("llm-max-usd", self.llm_max_usd)):
             if value is not None and value <= 0:
                 raise UserError(f"--{name} must be > 0, got {value}")
         if self.method == "centaur" and self.sampler not in (None, "cmaes"):

@@ -19,25 +19,24 @@ from harness import scrub
 from harness.profiles import get_profile
 from harness.result import TrialResult
 from harness.seal import seal as seal_harness
-from hybrid import dashboard, generations, optuna_compat, records, results, store
+from hybrid import dashboard, generations, optuna_compat, records, results, stops, store
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.generations import Generation
 from hybrid.config import Budget, RunConfig
 from hybrid.classical.move_sampler import MoveSampler
+from hybrid.llm.spending import LLMBudgetSpent
 from hybrid.methods import build_method
 from hybrid.move import Method, Move
 from hybrid.objectives import Objective, ensure_prepared, make_objective
 from hybrid.paths import project_file
+from hybrid.processes import pin_gpu, stop_with
 from hybrid.progress import RunProgress
 from hybrid.space import SearchSpace, check_against_source, load_space
 
-# `oom-predicted` trials in a row (they cost no time) after which a run stops: every config is over the cap.
-REFUSALS_IN_A_ROW = 100
 # Seed offset per worker: a prime far above a study's trial count (hundreds), so that a worker's seed, which also
 # moves on by one per trial finished before a resume, does not meet another worker's.
 WORKER_SEED_STRIDE = 7919
 CREATION_POLL_SECONDS = 0.1  # while waiting for another process to finish creating the study
-PARENT_POLL_SECONDS = 1.0    # how often a worker process checks that the run that started it is alive
 
 
 # -- starting and resuming --------------------------------------------------------------------------------
@@ -117,7 +116,9 @@ def _check_same_run(study: optuna.Study, config: RunConfig, space: SearchSpace) 
 
 
 def _work_all(study_name: str, config: RunConfig) -> int:
-    """Worker 0 here (with the progress display), workers 1..N-1 as processes on the same study."""
+    """Worker 0 here (with the progress display), workers 1..N-1 as processes on the same study. A baseline that
+    failed in an earlier run runs again first (the user fixed what failed it, or it fails and stops the run again)."""
+    stops.retry_failed_baseline(optuna.load_study(study_name=study_name, storage=store.open_storage(config.storage)))
     if config.workers > 1:  # CPU trials of parallel workers split the cores instead of fighting over them
         os.environ.setdefault("HYBRID_TRIAL_THREADS", str(max(1, (os.cpu_count() or 1) // config.workers)))
     ctx = multiprocessing.get_context("spawn")
@@ -138,8 +139,8 @@ def _work_all(study_name: str, config: RunConfig) -> int:
 
 
 def _worker_process(study_name: str, config: dict[str, Any], index: int, parent: int) -> None:
-    _pin_gpu(index)
-    _stop_with(parent)
+    pin_gpu(index)
+    stop_with(parent)
     try:
         work(study_name, RunConfig.from_dict(config), worker=index, show=False)
     except KeyboardInterrupt:
@@ -149,28 +150,17 @@ def _worker_process(study_name: str, config: dict[str, Any], index: int, parent:
         sys.exit(EXIT_USER_ERROR)
 
 
-def _stop_with(parent: int) -> None:
-    """Stop this worker cleanly (SIGTERM) once `parent` (the run that started it) is gone, killed included."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_SECONDS)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _pin_gpu(index: int) -> None:
-    """One GPU per worker where there are several (trials inherit CUDA_VISIBLE_DEVICES)."""
-    import torch
-
-    count = torch.cuda.device_count()
-    if count > 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % count)
-
-
 # -- one worker -------------------------------------------------------------------------------------------
 
 POLL_SECONDS = min(2.0, store.HEARTBEAT_SECONDS / 2)  # while waiting for the trials of other workers
+
+
+class TrialStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped trial `number` in flight (or before it ran): failed, never counted."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.number = number
 
 
 class _Interrupt:
@@ -229,7 +219,8 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
                                repo=config.repo)
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
-    refused = 0
+    rules = stops.StopRules(study_name, config.storage, config.max_failures_in_a_row)
+    llm_spent = False
     harness_seal = seal_harness(get_profile(config.profile) if config.objective == "train" else None)
     with progress, interrupt:
         while not interrupt.requested:
@@ -238,24 +229,24 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if budget.spent(finished) and not running:
                 break
+            rules.check(finished)  # UserError: the baseline failed, or trials keep failing the same way
             if budget.spent(finished) or (budget.trials is not None and len(finished) + running >= budget.trials):
                 time.sleep(POLL_SECONDS)  # the last trials are in flight elsewhere (or their worker died)
                 continue
             harness_seal.verify()  # HarnessChanged: a one-line UserError naming the file
             try:
                 frozen = _one_trial(study, method, objective, config, budget, interrupt, baseline)
-            except KeyboardInterrupt:  # the trial in flight was failed
+            except TrialStopped as e:  # the trial in flight was failed
+                progress.stopped(e.number)
                 interrupt.stop.set()
                 break
-            if frozen is None:
-                continue
-            progress.update(frozen)
-            refused = refused + 1 if frozen.user_attrs.get("status") == "oom-predicted" else 0
-            if refused >= REFUSALS_IN_A_ROW:
-                raise UserError(f"the memory model refused {refused} configs in a row as over the VRAM cap "
-                                f"({frozen.user_attrs.get('error')}): raise --vram-cap-gb, narrow the search "
-                                "space, or turn the model off with --no-memory-model")
-    progress.summary()
+            except LLMBudgetSpent as e:  # llm-hp, llm-code: every move is the LLM's
+                progress.say(f"{e}: {config.method} makes every move with the LLM, so the run stops here")
+                llm_spent = True
+                break
+            if frozen is not None:
+                progress.update(frozen)
+    progress.summary(resumable=not llm_spent)
     if show:
         print(results.summary_line(study, config.storage), file=sys.stderr)
     if show and hasattr(method, "summary"):  # e.g. the hybrid method's lineage
@@ -287,8 +278,10 @@ def _one_trial(study: optuna.Study, method: Method, objective: Objective, config
                     raise KeyboardInterrupt
                 result = objective.evaluate(move.code, dict(trial.params), seed=seed, trial_number=trial.number,
                                             trial_dir=Path(config.artifacts) / f"trial-{trial.number:05d}")
-        except BaseException:  # Ctrl-C, or a bug: the trial is failed, never counted
+        except BaseException as e:  # Ctrl-C, or a bug: the trial is failed, never counted
             store.settle(study, optuna_compat.trial_id(trial))
+            if isinstance(e, KeyboardInterrupt):
+                raise TrialStopped(trial.number) from None
             raise
         attrs = {records.CODE_SHA: store.code_sha(move.code), records.SEED: seed, records.METHOD: config.method,
                  **move.attrs}

@@ -24,7 +24,7 @@ import optuna
 import pandas as pd
 
 from harness.profiles import PAPER_CAP_GB
-from hybrid import plots, results, store
+from hybrid import plots, records, results, store
 from hybrid.errors import UserError
 from hybrid.evolution import lineage_table
 from hybrid.foreign import trust_note
@@ -60,8 +60,8 @@ def load_studies(url: str, names: list[str] | None) -> list[optuna.Study]:
 
 def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     """One row per trial: run columns, number, state, value, params_<knob>, every user attribute, and derived
-    columns finished, ok, failed, oom, gpu_hours (cumulative within the study, in completion order) and
-    incumbent (best val_bpb so far within the study)."""
+    columns finished, ok, failed, oom, few_steps (a success of fewer than records.MIN_STEPS optimizer steps),
+    gpu_hours (cumulative within the study, in completion order) and incumbent (best val_bpb so far within the study)."""
     rows = []
     for study in studies:
         info = store.run_info(study)
@@ -70,7 +70,8 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
         for t in study.get_trials(deepcopy=False):
             row: dict[str, Any] = {**run, "number": t.number, "state": t.state.name, "value": t.value,
                                    "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
-                                   "finished": store.is_finished(t)}
+                                   "finished": store.is_finished(t),
+                                   "few_steps": records.few_steps(t, run["objective"])}
             row.update({f"params_{k}": v for k, v in t.params.items()})
             for key, value in t.user_attrs.items():
                 if key not in RUN_COLUMNS:
@@ -253,6 +254,18 @@ def what_there_is(frame: pd.DataFrame) -> str:
     return text + (f"; {interrupted} interrupted or running, not counted" if interrupted else "")
 
 
+def few_steps_markdown(frame: pd.DataFrame) -> str:
+    """The successful trials that ran fewer than records.MIN_STEPS optimizer steps ("" if none)."""
+    few = frame[frame["few_steps"]]
+    if few.empty:
+        return ""
+    rows = [[r.study, str(r.number), str(int(r.num_steps)), fmt(float(r.val_bpb))] for r in few.itertuples()]
+    return (f"## Trials of fewer than {records.MIN_STEPS} optimizer steps\n\n"
+            f"These succeeded, but their val_bpb says little: a model this briefly trained is mostly its "
+            f"initialization (the step count includes warm-up steps).\n\n"
+            + _markdown_table(["study", "trial", "steps", "val_bpb"], rows))
+
+
 def lineage_markdown(name: str, rows: list[dict[str, Any]]) -> str:
     """A study's generations (hybrid.evolution.lineage_table): fate, change, new knobs, best, margin."""
     def text(value: Any) -> str:
@@ -326,7 +339,7 @@ def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid 
              f"written {datetime.datetime.now().isoformat(timespec='seconds')}. Every number below is recomputed from "
              "`results.parquet` (one row per trial) by `hybrid.report`; `summary.json` holds them as data.",
              trust_note(studies),
-             "## Best trial of each study", best_markdown(studies, url),
+             "## Best trial of each study", best_markdown(studies, url), few_steps_markdown(frame),
              "## Per method", methods_markdown(table, unit),
              "Best: the lowest val_bpb of a successful trial in each seed's study; mean ± std (ddof = 1) over seeds. "
              "Failed: share of finished trials with any failure status (OOM: `oom` or `oom-predicted`); failed trials "

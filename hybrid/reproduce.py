@@ -62,6 +62,7 @@ def plan(args: argparse.Namespace, mode: str) -> list[RunConfig]:
     configs = [RunConfig(method=m, study=study_name(m, seed), storage=storage, seed=seed, budget_hours=PROTOCOL_HOURS,
                          objective="surrogate" if mode == "surrogate" else "train", profile="gpu",
                          llm=args.llm, llm_model=args.llm_model, llm_base_url=args.llm_base_url,
+                         llm_max_usd=args.llm_max_usd,
                          vram_cap_gb=PAPER_CAP_GB if mode == "real" else None, sandbox=args.sandbox,
                          memory_model=False).finalize()  # the paper's protocol: failures run and cost their time
                for m in methods for seed in range(args.seeds)]

@@ -16,6 +16,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 import hybrid.loop
+import hybrid.stops
 import hybrid.trial
 from harness.result import PENALTY, TrialResult
 from hybrid import records, store
@@ -38,7 +39,8 @@ class FakeObjective:
             return TrialResult(status="oom", error="fake out of memory", total_seconds=30.0, config=config,
                                log_path=log)
         val = 1.0 + abs(config["MATRIX_LR"] - 0.04) + config["WEIGHT_DECAY"] / 10
-        return TrialResult(val_bpb=val, training_seconds=280.0, total_seconds=300.0, config=config, log_path=log)
+        return TrialResult(val_bpb=val, training_seconds=280.0, total_seconds=300.0, num_steps=500, config=config,
+                           log_path=log)
 
 
 @pytest.fixture
@@ -108,11 +110,12 @@ def test_progress_is_shown_while_running(fake: None, capsys: pytest.CaptureFixtu
     code, err = cli(capsys, "run", "--method", "tpe", "--study", "s", "--trials", "5", "--profile", "test")
     assert code == 0
     lines = err.splitlines()
-    assert lines[0].startswith("hybrid: tpe on study 's'") and "5 trials" in lines[0]
-    assert lines[1].startswith("trial 0 [baseline]") and "4 trials left" in lines[1]
-    summary = next(i for i, line in enumerate(lines) if line.startswith("hybrid: study 's'"))
-    assert "trial 3 [tpe] oom" in err and "trials 5 (1 failed)" in lines[summary]
-    assert "hybrid resume --study s" in lines[summary + 1]
+    assert lines[0].startswith("[s] tpe (train objective, test profile), budget 5 trials")
+    assert lines[1].startswith("[s] trial 0  baseline  gen 0  ok  val_bpb ") and "1/5 trials" in lines[2]
+    assert "[s] trial 3  tpe  gen 0  oom  30 s  fake out of memory  log " in err
+    summary = next(i for i, line in enumerate(lines) if line.startswith("[s] 5/5 trials"))
+    assert "1 failed" in lines[summary] and "the study spent its budget" in lines[summary + 1]
+    assert "hybrid resume" not in err  # nothing left to continue
     assert lines[-1].startswith("hybrid: best trial ") and "hybrid best --study s --export" in lines[-1]
 
 
@@ -243,7 +246,7 @@ def test_a_run_whose_every_config_is_over_the_cap_stops_with_one_line(tmp_path: 
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused configs cost no time, so a time budget alone would never end: the run says why and stops."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hybrid.loop, "REFUSALS_IN_A_ROW", 5)
+    monkeypatch.setattr(hybrid.stops, "REFUSALS_IN_A_ROW", 5)
     code, err = cli(capsys, "run", "--method", "random", "--objective", "surrogate", "--budget-hours", "24",
                     "--vram-cap-gb", "0.01", "--study", "s")
     assert code == 2 and "refused 5 configs in a row" in err and "--vram-cap-gb" in err

@@ -23,6 +23,7 @@ from hybrid.classical.move_sampler import MoveSampler
 from hybrid.llm import prompts
 from hybrid.llm.agent import failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
+from hybrid.llm.spending import LLMBudgetSpent, announce
 from hybrid.llm.hp_agent import ConfigRejected, read_config
 from hybrid.move import Move
 from hybrid.space import Knob, SearchSpace
@@ -136,6 +137,9 @@ class CentaurMethod:
             reply = self.advisor.ask(self.prefix, task)
         except ProviderError as e:  # CMA-ES's proposal runs; the failure is recorded with it
             return Move("cmaes", 0, self.code, self.space, config=proposal, attrs=failure_attrs(e))
+        except LLMBudgetSpent as e:
+            announce(e, study.study_name, "centaur goes on with CMA-ES alone")
+            return Move("cmaes", 0, self.code, self.space, config=proposal)
         attrs = reply_attrs(reply)
         try:
             config, note = read_config(reply.text, self.space)

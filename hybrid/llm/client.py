@@ -15,6 +15,7 @@ import anthropic
 import openai
 
 from hybrid.errors import UserError
+from hybrid.llm.spending import SpendingCap
 
 if TYPE_CHECKING:
     from hybrid.config import RunConfig
@@ -120,12 +121,16 @@ class Provider:
     """One chat model behind an SDK: `complete` sends the fixed prefix (cached) and the task, retrying transient errors."""
     name = ""
     errors: tuple[type[Exception], ...] = ()  # the SDK's exceptions
+    cap: SpendingCap | None = None  # --llm-max-usd, set by make_provider
 
     def __init__(self, model: str, policy: RetryPolicy) -> None:
         self.model, self.policy = model, policy
 
     def complete(self, prefix: str, prompt: str) -> Reply:
-        """The model's answer; ProviderError once retries are spent or at once for a permanent error."""
+        """The model's answer; ProviderError once retries are spent or at once for a permanent error;
+        hybrid.llm.spending.LLMBudgetSpent, without a call, once the study's LLM cost reached the cap."""
+        if self.cap is not None:
+            self.cap.check()
         started, attempt = time.monotonic(), 0
         while True:
             attempt += 1
@@ -254,8 +259,15 @@ class OpenAIProvider(Provider):
 
 
 def make_provider(config: RunConfig) -> Provider:
-    """The provider named by --llm, configured by --llm-model and --llm-base-url (UserError for --llm none)."""
-    policy = RetryPolicy.from_env()
+    """The provider named by --llm, configured by --llm-model and --llm-base-url, capped by --llm-max-usd (UserError
+    for --llm none)."""
+    provider = _provider(config, RetryPolicy.from_env())
+    if config.llm_max_usd is not None:
+        provider.cap = SpendingCap(config.llm_max_usd, config.storage, config.study)
+    return provider
+
+
+def _provider(config: RunConfig, policy: RetryPolicy) -> Provider:
     if config.llm == "anthropic":
         return AnthropicProvider(config.llm_model or DEFAULT_MODELS["anthropic"], policy, config.llm_base_url)
     if config.llm == "openai":
