@@ -17,8 +17,9 @@ import optuna
 from hybrid import report, store
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.config import DEFAULT_BUDGET_HOURS, DEFAULT_STORAGE, METHODS, Budget, RunConfig
+from hybrid.gpus import pin_gpu
 from hybrid.loop import run
-from hybrid.processes import pin_gpu, run_each, stop_with
+from hybrid.processes import run_each, stop_with
 
 DEFAULT_METHODS = ("tpe", "cmaes", "random", "hybrid")
 # Trial time per study on the cpu profile when neither --budget-hours nor --trials is given: a quarter of a

@@ -29,7 +29,8 @@ from hybrid.methods import build_method
 from hybrid.move import Method, Move
 from hybrid.objectives import Objective, ensure_prepared, make_objective
 from hybrid.paths import project_file
-from hybrid.processes import pin_gpu, stop_with
+from hybrid.gpus import pin_gpu
+from hybrid.processes import stop_with
 from hybrid.progress import RunProgress
 from hybrid.space import SearchSpace, check_against_source, load_space
 

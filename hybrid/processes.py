@@ -14,8 +14,6 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from hybrid.gpus import pin_gpu  # noqa: F401  (the processes' GPU, re-exported for their starters)
-
 PARENT_POLL_SECONDS = 1.0  # how often a child checks that the process that started it is alive
 
 
