@@ -90,8 +90,9 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-hours", type=_positive(float), help=budget_help)
     budget.add_argument("--trials", type=_positive(int), help="a number of trials instead of a time budget")
-    p.add_argument("--objective", choices=("train", "surrogate"), default="train",
-                   help="train: real trials of train.py; surrogate: a model of the paper's H200 trials (seconds on a CPU)")
+    p.add_argument("--objective", choices=("train", "surrogate", "benchmark"), default="train",
+                   help="train: real trials of train.py; surrogate: a model of the paper's H200 trials (seconds on a CPU); "
+                        "benchmark: the surrogate plus catalog mutations with hidden true effects (hybrid --llm none)")
     p.add_argument("--profile", choices=("gpu", "cpu", "test"), help=PROFILE_HELP)
     p.add_argument("--workers", type=_positive(int), default=1, help=workers_help)
     p.add_argument("--llm", choices=("anthropic", "openai", "none"), default=None,
@@ -111,6 +112,10 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on
                    help="hybrid: trials per generation before a structural move (default: the method's)")
     p.add_argument("--stagnation", type=_positive(int), default=None,
                    help="hybrid: trials without improvement that trigger a structural move (default: the method's)")
+    p.add_argument("--repeats", type=_positive(int), default=None,
+                   help="hybrid: fresh re-runs of an incumbent (and a candidate's control) per verdict (default: 2)")
+    p.add_argument("--benchmark-noise", type=float, default=None,
+                   help="benchmark objective: sd of its measurement noise (default: 1e-4, the paper's seed-to-seed)")
     p.add_argument("--llm-fraction", type=float, default=0.3, help="centaur: share of trials proposed by the LLM")
     p.add_argument("--max-failures-in-a-row", type=_positive(int), default=DEFAULT_MAX_FAILURES_IN_A_ROW,
                    help="stop (exit 2, resumable) after this many trials in a row fail for the same reason")

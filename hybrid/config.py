@@ -35,6 +35,8 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
 )}
 
 DEFAULT_STORAGE = "sqlite:///runs/hybrid.db"
+# Objectives that model the paper's H200 trials instead of training (gpu profile, the paper's 24 hours).
+MODELLED = ("surrogate", "benchmark")
 # The budget of a run given neither --budget-hours nor --trials: the paper's 24 h on a GPU (and on its surrogate),
 # 15 minutes on the cpu profile (about 30 trials of ~28 s), seconds on the test profile. `hybrid compare` gives
 # each of its studies a quarter of the cpu one (hybrid.compare.CPU_BUDGET_HOURS).
@@ -65,12 +67,14 @@ class RunConfig:
     space: str | None = None
     mutate_every: int | None = None
     stagnation: int | None = None
+    repeats: int | None = None    # hybrid: fresh re-runs of an incumbent (and a control) per verdict (hybrid.promotion)
     llm_fraction: float = 0.3
     artifacts: str | None = None
     sandbox: str = "auto"         # the OS sandbox of agent code: auto | required | off (harness.sandbox)
     repo: str | None = None       # an autoresearch checkout whose own train.py, prepare.py and metric run (hybrid.foreign)
     max_failures_in_a_row: int = DEFAULT_MAX_FAILURES_IN_A_ROW  # trials failing the same way that stop the run
     llm_max_usd: float | None = None  # no LLM call once the study's recorded LLM cost reaches this (hybrid.llm.spending)
+    benchmark_noise: float | None = None  # the benchmark objective's measurement noise (hybrid.benchmark_objective)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -98,17 +102,24 @@ class RunConfig:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
         if self.profile is None:
-            self.profile = "gpu" if self.objective == "surrogate" else get_profile(None).name
+            self.profile = "gpu" if self.objective in MODELLED else get_profile(None).name
         if self.llm is None:
             self.llm = "none"
         if self.spec.needs_llm and self.llm == "none":
             raise UserError(f"method {self.method} needs an LLM: add --llm anthropic or --llm openai --llm-base-url URL")
         if self.objective == "surrogate" and self.spec.edits_code:
             raise UserError(f"method {self.method} edits train.py, which the surrogate objective cannot evaluate: use --objective train")
+        if self.objective == "benchmark" and self.spec.edits_code and (self.method != "hybrid" or self.llm != "none"):
+            raise UserError("the benchmark objective knows the effects of the offline catalog's mutations only: "
+                            "use --method hybrid --llm none")
+        if self.benchmark_noise is not None and self.benchmark_noise < 0:
+            raise UserError(f"--benchmark-noise must be >= 0, got {self.benchmark_noise}")
+        if self.repeats is not None and self.repeats < 1:
+            raise UserError(f"--repeats must be >= 1, got {self.repeats}")
         if not 0.0 <= self.llm_fraction <= 1.0:
             raise UserError(f"--llm-fraction must be within [0, 1], got {self.llm_fraction}")
         if self.budget_hours is None and self.trials is None:
-            self.budget_hours = DEFAULT_BUDGET_HOURS["surrogate" if self.objective == "surrogate" else self.profile]
+            self.budget_hours = DEFAULT_BUDGET_HOURS["surrogate" if self.objective in MODELLED else self.profile]
         for name, value in (("budget", self.budget_hours), ("trials", self.trials), ("workers", self.workers),
                             ("max-failures-in-a-row", self.max_failures_in_a_row), ("llm-max-usd", self.llm_max_usd)):
             if value is not None and value <= 0:

@@ -1,6 +1,8 @@
 """The hybrid method: the classical sampler tunes the current generation's knobs; when the generation is due, a
 structural agent proposes a code mutation that opens new knobs, and the new generation, warm-started from
-its parent, is kept only if it beats the parent by more than the measured noise.
+its parent, is kept only if it beats the parent by more than the measured noise. Verdicts compare fresh re-runs
+(hybrid.promotion): of the parent's incumbent, of the candidate's incumbent, and of the candidate's incumbent with its
+move switched off (the control), never the runs that selected an incumbent.
 
 Everything is derived from the study at every move (generations, their trials, repeats, verdicts), so a
 resumed run and the other workers of the study reconstruct the same state. Structural moves and verdicts are
@@ -17,14 +19,15 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.knobs import KnobError
-from hybrid import generations, records
+from hybrid import evidence, generations, records
 from hybrid.classical.move_sampler import MoveSampler
 from hybrid.classical.samplers import make_sampler
 from hybrid.classical.warmstart import best_configs, cma_source_trials
 from hybrid.generations import Generation, Lineage
 from hybrid.move import Move
-from hybrid.promotion import REPEATS, Schedule, judge, pooled_noise, runs_of, score
-from hybrid.records import best_trial, ok_value
+from hybrid.promotion import (REPEATS, Schedule, control_config, fresh_score, incumbent, is_tuning, judge,
+                              pooled_noise, runs_of, score)
+from hybrid.records import ok_value
 from hybrid.space import SearchSpace, SpaceError, check_against_source
 from hybrid.llm.catalog import CatalogAgent
 from hybrid.llm.structural_agent import LLMStructuralAgent
@@ -111,6 +114,7 @@ class HybridMethod:
         self.sampler_name = config.sampler or "tpe"
         default = DEFAULT_SCHEDULES.get(config.profile or "gpu", DEFAULT_SCHEDULES["gpu"])
         self.schedule = Schedule(config.mutate_every or default.mutate_every, config.stagnation or default.stagnation)
+        self.repeats = config.repeats or REPEATS
         self.agent: StructuralAgent = CatalogAgent() if config.llm in (None, "none") else LLMStructuralAgent(config)
         self.sampler = MoveSampler(self._make_sampler)
         self.lineage = Lineage(study, config.artifacts)
@@ -151,9 +155,12 @@ class HybridMethod:
         reason = self.schedule.due(snap.finished[gen.number], snap.epoch_after(gen.number), snap.noise)
         if reason is None:
             return self._tune(gen)
-        best = best_trial(snap.finished[gen.number])
-        if best is not None and len(runs_of(snap.attempted[gen.number], best.params)) < 1 + REPEATS:
-            return self._move("repeat", gen, config=dict(best.params), attrs={"repeat_of": best.number})
+        best = incumbent(snap.finished[gen.number])
+        if best is not None:
+            for config, attrs in _fresh_runs(gen, best):
+                rerun = [t for t in runs_of(snap.attempted[gen.number], config) if not is_tuning(t)]
+                if len(rerun) < self.repeats:
+                    return self._move("repeat", gen, config=config, attrs=attrs)
         return Due(gen, reason)
 
     def _warm_start(self, snap: Snapshot, gen: Generation) -> Move | None:
@@ -188,7 +195,10 @@ class HybridMethod:
         snap = Snapshot.load(study)
         if due.generation.status == "candidate":
             gen = due.generation
-            verdict = judge(score(snap.finished[gen.parent]), score(snap.finished[gen.number]), snap.noise)
+            trials = snap.finished[gen.number]
+            best = incumbent(trials)
+            control = fresh_score(trials, control_config(dict(best.params), gen.new_knobs)) if best else None
+            verdict = judge(score(snap.finished[gen.parent]), score(trials), snap.noise, control)
             if not self.lease.renew():
                 return None  # it expired meanwhile: whoever holds it now decides
             self.lineage.settle(gen, "promoted" if verdict.promoted else "rejected", verdict=verdict,
@@ -198,9 +208,10 @@ class HybridMethod:
 
     def _mutate(self, study: optuna.Study, snap: Snapshot, due: Due) -> Move:
         parent = due.generation
-        best = best_trial(snap.finished[parent.number])
+        best = incumbent(snap.finished[parent.number])
+        found = evidence.gather(snap.generations, snap.finished[parent.number], parent.search_space(), snap.noise)
         context = Context(parent, snap.generations, dict(best.params) if best else parent.search_space().defaults(),
-                          ok_value(best) if best else None)
+                          ok_value(best) if best else None, found)
         proposal = self.agent.propose(context)
         if proposal is None:
             return self._tune(parent)  # the agent has nothing left to try: tuning goes on
@@ -239,6 +250,16 @@ class HybridMethod:
             if sources:
                 return make_sampler("cmaes", seed, source_trials=sources)
         return make_sampler(self.sampler_name, seed, x0=space.defaults(), n_startup=GENERATION_N_STARTUP)
+
+
+def _fresh_runs(gen: Generation, best: FrozenTrial) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The configs to re-run before the generation is judged or mutated, with the attributes of their trials: its
+    incumbent, and for a candidate its control (the incumbent with the move's knobs at their defaults)."""
+    runs = [(dict(best.params), {"repeat_of": best.number})]
+    control = control_config(dict(best.params), gen.new_knobs)
+    if gen.status == "candidate" and control != runs[0][0]:
+        runs.append((control, {"repeat_of": best.number, "control_of": best.number}))
+    return runs
 
 
 def _warm_configs(snap: Snapshot, gen: Generation) -> list[dict[str, Any]]:
@@ -280,7 +301,8 @@ def lineage_table(study: optuna.Study) -> list[dict[str, Any]]:
             "new_knobs": sorted(gen.new_knobs), "knobs": len(gen.space),
             "trials": len(trials), "repeats": sum(t.user_attrs.get("source") == "repeat" for t in trials),
             "best_val_bpb": min(values) if values else None,
-            "score": measured.value if measured else None,
+            "selection": measured.selection if measured else None, "score": measured.value if measured else None,
+            "control_score": verdict.control_score if verdict else None,
             "parent_score": verdict.parent_score if verdict else None, "delta": verdict.delta if verdict else None,
             "margin": verdict.margin if verdict else None, "noise": verdict.noise if verdict else None,
             "reason": gen.reason, "trigger": gen.trigger, "commit": gen.commit,

@@ -6,7 +6,7 @@ import contextlib
 import difflib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,8 @@ class Generation:
         flat.pop("extra", None)
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in flat.items() if k in names}
-        verdict = values.get("verdict") or ({k: flat[k] for k in VERDICT_FIELDS} if VERDICT_FIELDS <= set(flat) else None)
+        verdict = values.get("verdict") or ({k: flat[k] for k in VERDICT_FIELDS & set(flat)}
+                                            if VERDICT_REQUIRED <= set(flat) else None)
         values["verdict"] = Verdict(**verdict) if verdict else None
         loose = {k: v for k, v in flat.items() if k not in names and k not in VERDICT_FIELDS}
         values["proposal"] = {**loose, **(values.get("proposal") or {})}
@@ -77,6 +78,7 @@ class Generation:
 
 
 VERDICT_FIELDS = {f.name for f in fields(Verdict)}
+VERDICT_REQUIRED = {f.name for f in fields(Verdict) if f.default is MISSING}  # what every stored verdict has
 
 
 def unified_diff(old: str, new: str, name: str = "train.py") -> str:

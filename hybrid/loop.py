@@ -217,7 +217,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
                                memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False),
                                stop=interrupt.stop, sandbox=config.sandbox, trusted_code=(base.source,),
-                               repo=config.repo)
+                               repo=config.repo, seed=config.seed, benchmark_noise=config.benchmark_noise)
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
     rules = stops.StopRules(study_name, config.storage, config.max_failures_in_a_row)

@@ -1,4 +1,5 @@
-"""Objectives: what evaluating a config costs and returns. `train` runs train.py; `surrogate` predicts it."""
+"""Objectives: what evaluating a config costs and returns. `train` runs train.py; `surrogate` predicts it; `benchmark`
+adds code generations with hidden true effects to the surrogate (hybrid.benchmark_objective)."""
 from __future__ import annotations
 
 import threading
@@ -134,15 +135,22 @@ class MemoryGuarded:
 def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None, memory_model: bool = False,
                    history: Callable[[], Iterable[FrozenTrial]] = tuple,
                    stop: threading.Event | None = None, sandbox: str = "auto",
-                   trusted_code: tuple[str, ...] = (), repo: str | None = None) -> Objective:
+                   trusted_code: tuple[str, ...] = (), repo: str | None = None, seed: int = 0,
+                   benchmark_noise: float | None = None) -> Objective:
     """The objective `name`, behind the memory model when it is on and a VRAM cap applies. Setting `stop` ends
     a train.py trial in flight (a surrogate trial takes milliseconds: it finishes). `sandbox`: harness.sandbox's mode;
     `trusted_code`: the user's own train.py, which the memory model builds in process (agent code: sandboxed).
-    `repo`: an autoresearch checkout, whose own train.py and metric run instead (hybrid.foreign; no memory model)."""
+    `repo`: an autoresearch checkout, whose own train.py and metric run instead (hybrid.foreign; no memory model).
+    `seed` and `benchmark_noise`: the benchmark's hidden world and its noise (no memory model: its failures are the
+    surrogate's)."""
     if repo:
         from hybrid.foreign import ForeignObjective, Repo
 
         return ForeignObjective(Repo.open(repo), stop=stop, sandbox=sandbox)
+    if name == "benchmark":
+        from hybrid.benchmark_objective import BenchmarkObjective
+
+        return BenchmarkObjective(seed, benchmark_noise, trusted_code[0] if trusted_code else None)
     objective = (SurrogateObjective() if name == "surrogate"
                  else TrainObjective(profile, vram_cap_gb=vram_cap_gb, stop=stop, sandbox=sandbox, history=history))
     if not memory_model:

@@ -11,15 +11,17 @@ from optuna.trial import FrozenTrial
 
 from hybrid.records import best_trial, ok_value
 
-REPEATS = 2      # re-runs of a generation's incumbent before it is judged or mutated
+# Fresh re-runs (each on a seed of its own) of a generation's incumbent before it is judged or mutated, and of a
+# candidate's control: what verdicts compare, since the incumbent's own run was selected for being low.
+REPEATS = 2
 NOISE_Z = 2.0    # margins are this many standard errors of the difference
 # Sources of trials that run a config chosen before the generation's sampler had a say: the baseline, a
-# generation's first trial and its warm starts (configs of the parent), and the repeats of an incumbent.
+# generation's first trial and its warm starts (configs of the parent), and the re-runs of an incumbent or a control.
 PINNED_SOURCES = ("baseline", "catalog", "llm-code", "warmstart", "repeat")
 
 
 def is_tuning(trial: FrozenTrial) -> bool:
-    """A trial that counts towards its generation's best (not a re-measurement of its incumbent)."""
+    """A trial that counts towards its generation's best (not a fresh re-run of a config)."""
     return trial.user_attrs.get("source") != "repeat"
 
 
@@ -62,18 +64,36 @@ def margin(noise: float | None, n_a: int, n_b: int) -> float:
 
 @dataclass(frozen=True)
 class Score:
-    """A generation's measured quality: the mean val_bpb of its incumbent's runs."""
-    value: float
+    """A config's quality measured fresh: the mean val_bpb of its re-runs (`repeat` trials, each on a seed of its own,
+    never used to select it; None before one succeeded), and for an incumbent the tuning run that selected it (the
+    minimum over its generation's trials, so biased low: the winner's curse)."""
+    value: float | None
     runs: int
-    best: float
+    selection: float | None = None
+
+
+def incumbent(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The generation's best tuning trial: selected among the trials that are not re-measurements."""
+    return best_trial([t for t in trials if is_tuning(t)])
+
+
+def fresh_score(trials: list[FrozenTrial], params: dict[str, Any], selection: float | None = None) -> Score:
+    """The mean of the successful re-runs of this config."""
+    values = [v for t in runs_of(trials, params) if not is_tuning(t) and (v := ok_value(t)) is not None]
+    return Score(sum(values) / len(values) if values else None, len(values), selection)
 
 
 def score(trials: list[FrozenTrial]) -> Score | None:
-    best = best_trial(trials)
-    if best is None:
-        return None
-    values = [v for t in runs_of(trials, best.params) if (v := ok_value(t)) is not None]
-    return Score(sum(values) / len(values), len(values), ok_value(best))
+    """The generation's incumbent, scored by its fresh re-runs; None without a successful tuning trial."""
+    best = incumbent(trials)
+    return None if best is None else fresh_score(trials, best.params, ok_value(best))
+
+
+def control_config(incumbent_config: dict[str, Any], new_knobs: dict[str, Any]) -> dict[str, Any]:
+    """The incumbent with the knobs its generation opened at their declared defaults: its move switched off (the
+    defaults reproduce the parent's code), so that tuning progress during probation is not credited to the move."""
+    return {**incumbent_config, **{name: spec["default"] for name, spec in new_knobs.items()
+                                   if name in incumbent_config}}
 
 
 @dataclass(frozen=True)
@@ -82,25 +102,50 @@ class Verdict:
     reason: str
     margin: float
     noise: float | None
-    score: float | None
-    parent_score: float | None
-    delta: float | None  # parent_score - score: how much the candidate improved
+    score: float | None           # the candidate's incumbent, fresh mean
+    parent_score: float | None    # the parent's incumbent, fresh mean
+    delta: float | None           # reference - score: how much the candidate improved on what it was compared with
+    selection: float | None = None         # the candidate's incumbent as selected (its tuning run)
+    parent_selection: float | None = None  # the parent's incumbent as selected
+    control_score: float | None = None     # the candidate's incumbent with its move switched off, fresh mean
+    reference: str | None = None           # what the candidate was compared with: parent or control
 
 
-def judge(parent: Score | None, candidate: Score | None, noise: float | None) -> Verdict:
-    """Promote the candidate only if its score beats the parent's by more than the noise margin."""
+def _reference(parent: Score | None, control: Score | None) -> tuple[str, float, int] | None:
+    """The best fresh measurement of the parent's code: its incumbent, or the control (the candidate's incumbent
+    with its move switched off); the parent's selection run (biased in its favour) when it has no fresh one."""
+    options = []
+    if parent is not None:
+        options.append(("parent", parent.value, parent.runs) if parent.value is not None
+                       else ("parent", parent.selection, 1))
+    if control is not None and control.value is not None:
+        options.append(("control", control.value, control.runs))
+    return min(options, key=lambda o: o[1]) if options else None
+
+
+def judge(parent: Score | None, candidate: Score | None, noise: float | None, control: Score | None = None) -> Verdict:
+    """Promote the candidate only if the fresh mean of its incumbent beats the best fresh measurement of the parent's
+    code (its incumbent, or the control) by more than the noise margin."""
+    details = {"selection": candidate.selection if candidate else None,
+               "parent_selection": parent.selection if parent else None,
+               "control_score": control.value if control else None}
     parent_value = parent.value if parent else None
     if candidate is None:
-        return Verdict(False, "no successful trial", 0.0, noise, None, parent_value, None)
-    if parent is None:
-        return Verdict(True, "the parent has no successful trial", 0.0, noise, candidate.value, None, None)
-    m = margin(noise, parent.runs, candidate.runs)
-    delta = parent.value - candidate.value
+        return Verdict(False, "no successful trial", 0.0, noise, None, parent_value, None, **details)
+    if candidate.value is None:
+        return Verdict(False, "no successful re-run of its incumbent", 0.0, noise, None, parent_value, None, **details)
+    reference = _reference(parent, control)
+    if reference is None:
+        return Verdict(True, "the parent has no successful trial", 0.0, noise, candidate.value, None, None, **details)
+    name, value, runs = reference
+    m = margin(noise, runs, candidate.runs)
+    delta = value - candidate.value
+    against = "the parent" if name == "parent" else "its incumbent with the move switched off"
     if delta > m:
-        return Verdict(True, f"beats the parent by {delta:.4f} > margin {m:.4f}", m, noise, candidate.value,
-                       parent.value, delta)
-    return Verdict(False, f"improves on the parent by {delta:.4f}, not more than the margin {m:.4f}", m, noise,
-                   candidate.value, parent.value, delta)
+        reason = f"beats {against} by {delta:.4f} > margin {m:.4f} (fresh re-runs)"
+    else:
+        reason = f"improves on {against} by {delta:.4f}, not more than the margin {m:.4f} (fresh re-runs)"
+    return Verdict(delta > m, reason, m, noise, candidate.value, parent_value, delta, reference=name, **details)
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,10 @@ def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
 
 def few_steps(trial: FrozenTrial, objective: str | None) -> bool:
     """A successful trial that ran fewer than MIN_STEPS optimizer steps, where the objective counts them (the
-    surrogate predicts whole runs; imported trials record no steps)."""
+    surrogate and the benchmark predict whole runs; imported trials record no steps)."""
     steps = trial.user_attrs.get(NUM_STEPS)
-    return objective != "surrogate" and isinstance(steps, int) and steps < MIN_STEPS and ok_value(trial) is not None
+    return (objective not in ("surrogate", "benchmark") and isinstance(steps, int) and steps < MIN_STEPS
+            and ok_value(trial) is not None)
 
 
 def failure_reason(trial: FrozenTrial) -> str | None:

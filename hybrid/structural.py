@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from hybrid.evidence import Evidence
 from hybrid.generations import Generation
 from hybrid.space import Knob
 
@@ -22,11 +23,13 @@ class Proposal:
 
 @dataclass(frozen=True)
 class Context:
-    """What an agent is told: the generation to mutate, its best run so far, and every generation of the run."""
+    """What an agent is told: the generation to mutate, its best run so far, every generation of the run, and the
+    evidence gathered from them (verdicts, importances, noise)."""
     parent: Generation
     lineage: dict[int, Generation]
     best_config: dict[str, Any]
     best_value: float | None
+    evidence: Evidence | None = None  # None: the agent reads the earlier moves from the lineage alone
 
 
 class StructuralAgent(Protocol):
@@ -35,8 +38,3 @@ class StructuralAgent(Protocol):
     def propose(self, context: Context) -> Proposal | None:
         """A mutation of context.parent; None when the agent has nothing left to try."""
         ...
-
-
-def tried_mutations(lineage: dict[int, Generation]) -> dict[str, str]:
-    """Mutation name -> status of the generation that tried it (candidate, promoted or rejected)."""
-    return {g.mutation: g.status for g in lineage.values() if g.mutation}

@@ -15,8 +15,9 @@ import torch
 
 from harness.knobs import find_knobs, inject_knobs
 from harness.profiles import get_profile
+from hybrid.evidence import Attempt, Evidence
 from hybrid.generations import Generation
-from hybrid.llm.catalog import BY_NAME, MUTATIONS, CatalogAgent, MutationError
+from hybrid.llm.catalog import BY_NAME, MUTATIONS, CatalogAgent, MutationError, carried, ranked
 from hybrid.llm.guard import check_patch
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import Knob, check_against_source, load_space
@@ -114,8 +115,7 @@ def test_at_their_defaults_the_mutations_reproduce_the_baseline_model_and_step(m
 
 
 def _generation(number: int, parent: int | None, source: str, status: str, mutation: str | None) -> Generation:
-    return Generation(number, parent, mutation or "base", source, SPACE.to_dict(), status=status,
-                      extra={"mutation": mutation} if mutation else {})
+    return Generation(number, parent, mutation or "base", source, SPACE.to_dict(), status=status, mutation=mutation)
 
 
 def test_the_agent_skips_what_it_tried_and_says_so() -> None:
@@ -130,6 +130,37 @@ def test_the_agent_skips_what_it_tried_and_says_so() -> None:
     everything = compose(NAMES)[0]
     lineage[3] = _generation(3, 1, everything, "promoted", None)
     assert agent.propose(Context(lineage[3], lineage, SPACE.defaults(), None)) is None  # all in its code already
+
+
+# -- choosing from evidence: ranked(evidence, parent) -----------------------------------------------------------
+
+def _attempt(mutation: str, parent: int, status: str, delta: float | None = None) -> Attempt:
+    return Attempt(mutation, 99, parent, status, delta, 0.0 if delta is not None else None)
+
+
+@pytest.mark.parametrize("evidence, parent, first, absent", [
+    (Evidence(), 0, "muon_momentum", ()),                                                # nothing known: catalog order
+    (Evidence(importances={"DEPTH": 0.9}), 0, "swiglu", ()),                             # untried kinds: by importance
+    (Evidence((_attempt("muon_momentum", 0, "rejected", -0.001),), noise=0.001), 0,      # a kind that lost: others
+     "short_window", ("muon_momentum",)),                                                # first, never retried here
+    (Evidence((_attempt("muon_momentum", 0, "promoted", 0.004), _attempt("short_window", 1, "rejected", -0.001),
+               _attempt("swiglu", 1, "rejected", -0.001), _attempt("softcap", 1, "rejected", -0.001)), noise=0.001),
+     1, "adam_betas", ("short_window", "swiglu", "softcap")),                            # the kind that paid off
+    (Evidence((_attempt("muon_momentum", 0, "rejected", -0.001),), noise=0.001), 2,      # its parent changed: it may
+     "short_window", ()),                                                                # run again, after the untried
+], ids=["catalog-order", "importance", "lost-kind", "winning-kind", "parent-changed"])
+def test_the_catalog_chooses_from_evidence(evidence: Evidence, parent: int, first: str, absent: tuple[str, ...]) -> None:
+    order = [m.name for m in ranked(evidence, parent)]
+    assert order[0] == first, order
+    assert not set(absent) & set(order)
+    tried = {a.mutation for a in evidence.attempts}
+    retried = [i for i, name in enumerate(order) if name in tried]
+    assert all(i >= len(order) - len(retried) for i in retried)  # a retry only after every untried mutation
+
+
+def test_a_train_py_says_which_mutations_it_carries() -> None:
+    assert carried(BASELINE) == set()
+    assert carried(compose([NAMES[0], NAMES[3]])[0]) == {NAMES[0], NAMES[3]}
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""The hybrid method's pure decision functions, table by table: the noise margin, the pooled noise, the verdict on
-a candidate generation (hybrid.promotion.judge) and when a generation is due for a structural move (Schedule.due)."""
+"""The hybrid method's pure decision functions, table by table: the noise margin, the pooled noise, a generation's
+score from fresh re-runs, the verdict on a candidate generation (hybrid.promotion.judge) and when a generation is due
+for a structural move (Schedule.due)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.result import PENALTY
 from hybrid.generations import Generation
-from hybrid.promotion import NOISE_Z, Schedule, Score, judge, margin, pooled_noise
+from hybrid.promotion import NOISE_Z, Schedule, Score, control_config, judge, margin, pooled_noise, score
 
 X = {"x": FloatDistribution(0.0, 1.0)}
 
@@ -95,6 +96,66 @@ def test_judge(parent: Score | None, candidate: Score | None, noise: float | Non
     assert verdict.parent_score == (parent.value if parent else None)
     stored = Generation(1, 0, "a candidate", "X = 1\n", {}, status="promoted", verdict=verdict)
     assert Generation.from_record(json.loads(json.dumps(stored.to_record()))).verdict == verdict  # as the study keeps it
+
+
+# -- score(trials): the incumbent selected among tuning trials, scored by its fresh re-runs only --------------------
+
+@pytest.mark.parametrize("trials, expected", [
+    ([], None),                                                                         # nothing ran
+    ([trial(0, None)], None),                                                           # nothing succeeded
+    ([trial(0, 1.0)], Score(None, 0, 1.0)),                                             # selected, not re-run yet
+    ([trial(0, 1.0, x=0.1), trial(1, 0.99, x=0.2), trial(2, 1.01, source="repeat", x=0.2)],
+     Score(1.01, 1, 0.99)),                                                             # the re-run, not the selection
+    ([trial(0, 1.0, x=0.1), trial(1, 0.99, x=0.2), trial(2, 0.95, source="repeat", x=0.1),
+      trial(3, 1.01, source="repeat", x=0.2), trial(4, 1.03, source="repeat", x=0.2)],
+     Score(1.02, 2, 0.99)),                                                             # a low re-run selects nothing
+    ([trial(0, 0.99), trial(1, None, source="repeat")], Score(None, 0, 0.99)),          # a failed re-run: no value
+], ids=["empty", "failed", "not-re-run", "fresh", "re-runs-never-select", "failed-re-run"])
+def test_score_is_the_fresh_mean_of_the_incumbent(trials: list[FrozenTrial], expected: Score | None) -> None:
+    measured = score(trials)
+    assert (measured is None) == (expected is None)
+    if expected is not None:
+        assert measured.runs == expected.runs and measured.selection == expected.selection
+        assert measured.value == (None if expected.value is None else pytest.approx(expected.value, abs=1e-12))
+
+
+def test_the_control_switches_the_move_off() -> None:
+    new = {"NEW": {"type": "float", "low": 0.0, "high": 1.0, "default": 0.5}}
+    assert control_config({"x": 0.2, "NEW": 0.9}, new) == {"x": 0.2, "NEW": 0.5}
+    assert control_config({"x": 0.2}, {}) == {"x": 0.2}
+
+
+# -- judge with fresh re-runs: selection values never decide; the control guards against tuning progress ----------
+
+MARGIN_2_2 = NOISE_Z * 0.001 * math.sqrt(2 / 2)
+
+
+@pytest.mark.parametrize("parent, candidate, control, promoted, reason, reference, delta", [
+    # Selection bias alone: the candidate's lucky selection run (0.995) beats the parent's (0.999) by more than
+    # one-run margins, but fresh re-runs show the same model.
+    (Score(1.000, 2, 0.999), Score(1.000, 2, 0.995), None, False, "not more than the margin", "parent", 0.0),
+    (Score(1.000, 2, 0.999), Score(0.996, 2, 0.995), None, True, "beats the parent", "parent", 0.004),
+    (Score(1.000, 2, 0.999), Score(None, 0, 0.990), None, False, "no successful re-run", None, None),
+    (Score(None, 0, 1.000), Score(0.990, 2, 0.985), None, True, "beats the parent", "parent", 0.010),
+    # Tuning progress, not the move: the incumbent with the move switched off is as good.
+    (Score(1.000, 2, 0.999), Score(0.995, 2, 0.994), Score(0.995, 2), False, "switched off", "control", 0.0),
+    (Score(1.000, 2, 0.999), Score(0.995, 2, 0.994), Score(1.010, 2), True, "beats the parent", "parent", 0.005),
+    (Score(1.000, 2, 0.999), Score(0.995, 2, 0.994), Score(None, 0), True, "beats the parent", "parent", 0.005),
+], ids=["selection-bias-alone", "fresh-gain", "not-reproduced", "parent-not-re-run", "tuning-progress",
+        "control-worse", "control-failed"])
+def test_judge_compares_fresh_re_runs(parent: Score, candidate: Score, control: Score | None, promoted: bool,
+                                      reason: str, reference: str | None, delta: float | None) -> None:
+    verdict = judge(parent, candidate, 0.001, control)
+    assert verdict.promoted is promoted and reason in verdict.reason, verdict.reason
+    assert verdict.reference == reference
+    assert verdict.delta == (None if delta is None else pytest.approx(delta, abs=1e-12))
+    assert verdict.selection == candidate.selection and verdict.parent_selection == parent.selection
+    assert verdict.score == candidate.value and verdict.parent_score == parent.value
+    if verdict.reference == "parent" and parent.value is not None:
+        assert verdict.margin == pytest.approx(MARGIN_2_2)
+    selection_margin = margin(0.001, 1, 1)
+    if reason == "not more than the margin" and reference == "parent":  # what comparing selections would have done
+        assert parent.selection - candidate.selection > selection_margin
 
 
 # -- Schedule.due(trials, epoch_after, noise): mutate every M sampled trials, or after W without improvement -----

@@ -37,6 +37,7 @@ from hybrid.lease import StructuralLease
 from hybrid.llm.catalog import MUTATIONS
 from hybrid.llm.guard import PatchRejected
 from hybrid.llm.structural_agent import read_knobs, structural_task
+from hybrid.promotion import control_config
 from hybrid.paths import PROJECT_ROOT
 from hybrid.promotion import REPEATS
 from hybrid.space import SearchSpace, load_space
@@ -112,8 +113,8 @@ def check_invariants(study: optuna.Study) -> None:
     trials = store.finished_trials(study)
     assert sorted(gens) == list(range(len(gens)))
     assert sum(g.status == "candidate" for g in gens.values()) <= 1
-    mutations = [g.mutation for g in gens.values() if g.agent == "catalog"]
-    assert len(mutations) == len(set(mutations)), mutations
+    mutations = [(g.parent, g.mutation) for g in gens.values() if g.agent == "catalog"]
+    assert len(mutations) == len(set(mutations)), mutations  # a move is retried only from another parent
     for t in trials:
         gen = gens[t.user_attrs["generation"]]
         if t.user_attrs["status"] != "rejected":
@@ -133,8 +134,11 @@ def check_invariants(study: optuna.Study) -> None:
         assert first.params == best_configs(parent_trials, gen.search_space(), 1)[0]  # the parent's incumbent
     for t in trials:
         if t.user_attrs["source"] == "repeat":
+            gen = gens[t.user_attrs["generation"]]
+            switched_off = {o.number for o in trials if "control_of" in t.user_attrs
+                            and control_config(o.params, gen.new_knobs) == t.params}
             same = [o for o in trials if o.user_attrs["generation"] == t.user_attrs["generation"]
-                    and o.params == t.params and o.number < t.number]
+                    and (o.params == t.params or o.number in switched_off) and o.number < t.number]
             assert same and t.user_attrs["repeat_of"] in {o.number for o in same}
             assert t.user_attrs["seed"] not in {o.user_attrs["seed"] for o in same}  # a seed of its own
 

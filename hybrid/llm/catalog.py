@@ -5,19 +5,29 @@ the real train.py (exact text that must occur once, or a top-level constant foun
 with MutationError naming the missing anchor, and declares its knobs with defaults that reproduce the code it
 replaced, so a new generation's first trial (the parent's incumbent) measures the same model. The mutations
 touch disjoint code, so they apply in any order on top of each other.
+
+The catalog agent chooses from evidence (hybrid.evidence), not in a fixed order: a UCB bandit over the kinds of
+mutation, rewarded by each verdict's improvement beyond its margin in noise units, then the importance of the knobs a
+mutation interacts with in the generation being mutated. A mutation tried from the current parent is not retried;
+one rejected from an earlier parent is, after every untried one.
 """
 from __future__ import annotations
 
 import ast
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hybrid.evidence import Evidence, attempts
 from hybrid.space import Knob
-from hybrid.structural import Context, Proposal, tried_mutations
+from hybrid.structural import Context, Proposal
 
 KNOB_ANCHOR = "\n# Fixed constants\n"  # new knobs are declared just above this line of train.py
+DECLARATION = re.compile(r"^[A-Z][A-Z0-9_]* = .*  # ([a-z0-9_]+): ", re.MULTILINE)  # a knob line _declare writes
+UCB_C = 2.0  # exploration weight of the bandit over kinds, in noise units of reward
 
 
 class MutationError(ValueError):
@@ -41,6 +51,8 @@ class Mutation:
     name: str
     description: str
     edit: Callable[[str], tuple[str, list[NewKnob]]]  # the edited source, and the knobs it reads
+    kind: str                                          # what the bandit learns about: optimizer, attention, ...
+    related: tuple[str, ...] = ()                      # knobs of the base space it interacts with
 
     def apply(self, source: str) -> Applied:
         """The mutated train.py with its new knobs declared; MutationError if an anchor is missing."""
@@ -251,40 +263,88 @@ def _gqa(source: str) -> tuple[str, list[NewKnob]]:
                             "query heads per key/value head (grouped-query attention; 1 = multi-head)")]
 
 
-# In the order the catalog proposes them: the ones most likely to matter at a small scale and short budget first.
+# In the order the catalog breaks ties: the ones most likely to matter at a small scale and short budget first.
 MUTATIONS: tuple[Mutation, ...] = (
-    Mutation("muon_momentum", "Muon momentum schedule as knobs: start, end and warmup steps", _muon_momentum),
-    Mutation("adam_betas", "AdamW betas of the embeddings, lm_head and scalars as knobs", _adam_betas),
-    Mutation("short_window", "the short attention window as a fraction of the sequence (was 1/2)", _short_window),
-    Mutation("swiglu", "MLP: SwiGLU as an alternative to squared ReLU, and the MLP width ratio", _swiglu),
-    Mutation("x0_lambda", "initial weight of the x0 (input embedding) skip into every layer", _x0_lambda),
-    Mutation("softcap", "the logit soft cap as a knob", _softcap),
-    Mutation("rope_base", "the rotary base frequency as a knob", _rope_base),
-    Mutation("value_embed_every", "value embeddings every k-th layer (was every other)", _value_embed_every),
-    Mutation("embedding_wd", "AdamW weight decay on the token and value embeddings (was none)", _embedding_wd),
-    Mutation("muon_ns_steps", "the number of Muon orthogonalization steps", _muon_ns_steps),
-    Mutation("gqa", "grouped-query attention: fewer key/value heads than query heads", _gqa),
+    Mutation("muon_momentum", "Muon momentum schedule as knobs: start, end and warmup steps", _muon_momentum,
+             "optimizer", ("MATRIX_LR", "WARMUP_RATIO")),
+    Mutation("adam_betas", "AdamW betas of the embeddings, lm_head and scalars as knobs", _adam_betas,
+             "optimizer", ("EMBEDDING_LR", "UNEMBEDDING_LR", "SCALAR_LR")),
+    Mutation("short_window", "the short attention window as a fraction of the sequence (was 1/2)", _short_window,
+             "attention", ("WINDOW_PATTERN",)),
+    Mutation("swiglu", "MLP: SwiGLU as an alternative to squared ReLU, and the MLP width ratio", _swiglu,
+             "architecture", ("DEPTH", "ASPECT_RATIO")),
+    Mutation("x0_lambda", "initial weight of the x0 (input embedding) skip into every layer", _x0_lambda,
+             "architecture", ("SCALAR_LR", "DEPTH")),
+    Mutation("softcap", "the logit soft cap as a knob", _softcap, "regularization", ("UNEMBEDDING_LR",)),
+    Mutation("rope_base", "the rotary base frequency as a knob", _rope_base, "attention", ("HEAD_DIM", "WINDOW_PATTERN")),
+    Mutation("value_embed_every", "value embeddings every k-th layer (was every other)", _value_embed_every,
+             "architecture", ("EMBEDDING_LR", "DEPTH")),
+    Mutation("embedding_wd", "AdamW weight decay on the token and value embeddings (was none)", _embedding_wd,
+             "regularization", ("WEIGHT_DECAY", "EMBEDDING_LR")),
+    Mutation("muon_ns_steps", "the number of Muon orthogonalization steps", _muon_ns_steps, "optimizer",
+             ("MATRIX_LR",)),
+    Mutation("gqa", "grouped-query attention: fewer key/value heads than query heads", _gqa, "attention",
+             ("HEAD_DIM", "DEPTH")),
 )
 BY_NAME = {m.name: m for m in MUTATIONS}
 
 
+def carried(source: str) -> set[str]:
+    """The catalog mutations whose knob declarations this train.py holds."""
+    return {name for name in DECLARATION.findall(source) if name in BY_NAME}
+
+
+def kind_values(evidence: Evidence, mutations: tuple[Mutation, ...]) -> dict[str, float]:
+    """UCB1 over the kinds of mutation: the mean reward of the decided moves of a kind plus an exploration bonus;
+    infinite for a kind not tried yet."""
+    kinds = {m.name: m.kind for m in mutations}
+    rewards: dict[str, list[float]] = {m.kind: [] for m in mutations}
+    for attempt in evidence.attempts:
+        reward = attempt.reward(evidence.noise)
+        if reward is not None and attempt.mutation in kinds:
+            rewards[kinds[attempt.mutation]].append(reward)
+    total = sum(len(r) for r in rewards.values())
+    return {kind: (sum(r) / len(r) + UCB_C * math.sqrt(math.log(total + 1) / len(r))) if r else math.inf
+            for kind, r in rewards.items()}
+
+
+def ranked(evidence: Evidence, parent: int, mutations: tuple[Mutation, ...] = MUTATIONS) -> list[Mutation]:
+    """The mutations worth trying from `parent`, best first: untried before retried, then by the value of their
+    kind, then by the importance of the knobs they interact with, then in catalog order. Those tried from this
+    parent already are left out."""
+    blocked = evidence.blocked(parent)
+    tried = {a.mutation for a in evidence.attempts}
+    values = kind_values(evidence, mutations)
+
+    def key(indexed: tuple[int, Mutation]) -> tuple[bool, float, float, int]:
+        index, m = indexed
+        importance = sum(evidence.importances.get(k, 0.0) for k in m.related)
+        return m.name in tried, -values[m.kind], -importance, index
+
+    return [m for _, m in sorted(enumerate(mutations), key=key) if m.name not in blocked]
+
+
 class CatalogAgent:
-    """Proposes the first catalog mutation not tried in this run that applies to the parent; never one that
-    was rejected, nor one already in the parent's code."""
+    """Proposes the best-ranked catalog mutation (see `ranked`) that applies to the parent."""
     source = "catalog"
 
     def __init__(self, mutations: tuple[Mutation, ...] = MUTATIONS) -> None:
         self.mutations = mutations
 
     def propose(self, context: Context) -> Proposal | None:
-        tried = tried_mutations(context.lineage)
-        for mutation in self.mutations:
-            if mutation.name in tried:
-                continue
+        found = context.evidence or Evidence(attempts(context.lineage))
+        values = kind_values(found, self.mutations)
+        for mutation in ranked(found, context.parent.number, self.mutations):
             try:
                 applied = mutation.apply(context.parent.source)
             except MutationError:
                 continue  # in the parent's code already, or its anchor is gone
             return Proposal(mutation.name, mutation.description, applied.source, applied.knobs,
-                            attrs={"tried_before": [f"{name}: {status}" for name, status in tried.items()]})
+                            attrs={"kind": mutation.kind, "kind_value": _finite(values[mutation.kind]),
+                                   "tried_before": [f"{a.mutation}: {a.status}" for a in found.attempts]})
         return None
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an untried kind's value is recorded as None."""
+    return value if math.isfinite(value) else None

@@ -1,7 +1,8 @@
 """The LLM as the hybrid method's structural agent: one code mutation of train.py, with the knobs it opens.
 
 The model sees the research brief, the current generation's train.py and knob space, its best config, and
-every earlier mutation of the run with its verdict. It answers with an edit (a whole file or a unified diff,
+every earlier mutation of the run with its verdict, and the run's evidence compactly (hybrid.evidence: the noise,
+the knob importances, each move's delta, margin and reward). It answers with an edit (a whole file or a unified diff,
 read by hybrid.llm.edits) and a ```json block declaring its new knobs. Knobs the edit no longer assigns
 leave the space. The patch guard is applied by the caller, before anything runs.
 """
@@ -32,7 +33,7 @@ ANSWER = """Propose ONE structural change to train.py that opens a new sub-space
 become new knobs (top-level ALL_CAPS assignments of a literal), whose defaults reproduce the current behaviour
 where possible. The classical optimizer then tunes the new knobs together with the old ones, starting from the
 best config above; the change is kept only if it beats the current generation by more than the measured noise.
-Do not repeat a change that was rejected.
+Do not repeat a change that was rejected from the current generation.
 
 Answer in this form:
 
@@ -56,6 +57,8 @@ def structural_task(context: Context) -> str:
     if context.best_value is not None:
         parts.append(f"The best run of the train.py above: val_bpb {context.best_value:.4f} with "
                      f"{prompts.config_text(context.best_config)}\n")
+    if context.evidence is not None:
+        parts.append(f"## What the run has measured\n\n{context.evidence.text()}\n")
     tried = [g for g in context.lineage.values() if g.parent is not None]
     if tried:
         parts.append(f"## Mutations tried in this run ({len(tried)})\n")

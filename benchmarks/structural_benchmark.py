@@ -1,0 +1,162 @@
+"""How often the hybrid's structural verdicts are right, and what it ends with, on the benchmark objective (the paper
+surrogate plus catalog mutations with hidden true effects: hybrid.benchmark_objective).
+
+For every seed: hybrid studies at several (--mutate-every, --stagnation, --repeats) settings, and tpe, cmaes and the
+hybrid at its defaults at equal budget. Each verdict is scored against the move's hidden true effect: a false promotion
+is a move with true effect >= 0 (no better) promoted; power is the share of moves better by at least 2x the noise that
+were promoted. Writes benchmarks/results/structural_benchmark.md and the raw log (one JSON line per study) beside it.
+
+    python benchmarks/structural_benchmark.py [--seeds 10] [--workers 2] [--grid-trials 60] [--budget-hours 8]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+# Hybrid settings of the grid: (mutate every, stagnation, repeats); the first is the centre the others vary from.
+GRID = ((10, 5, 2), (10, 5, 1), (20, 10, 2))
+POWER_FACTOR = 2.0  # power counts moves better by at least this many noise sd
+Z95 = 1.96
+
+
+def run_study(job: dict[str, Any]) -> dict[str, Any]:
+    """One study on the benchmark objective in a temporary database; its verdicts and final truth."""
+    import optuna
+
+    from hybrid import generations, loop, store
+    from hybrid.benchmark_objective import DEFAULT_NOISE, hidden_world, read_truth
+    from hybrid.config import RunConfig
+    from hybrid.records import ok_value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.process_time()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = RunConfig(method=job["method"], study="s", storage=f"sqlite:///{tmp}/b.db", seed=job["seed"],
+                           objective="benchmark", memory_model=False, sandbox="off", artifacts=f"{tmp}/art",
+                           budget_hours=job.get("budget_hours"), trials=job.get("trials"),
+                           mutate_every=job.get("mutate_every"), stagnation=job.get("stagnation"),
+                           repeats=job.get("repeats"))
+        with contextlib.redirect_stderr(io.StringIO()):
+            loop.run(config)
+        study = optuna.load_study(study_name="s", storage=store.open_storage(config.storage))
+        truth = read_truth(config.artifacts)
+        gens = generations.load_all(study)
+        world = hidden_world(job["seed"], gens[0].source)
+        decisions = [{"generation": g.number, "mutation": g.mutation, "kind": world[g.mutation].kind,
+                      "true_effect": world[g.mutation].size, "promoted": g.status == "promoted",
+                      "delta": g.verdict.delta if g.verdict else None, "margin": g.verdict.margin if g.verdict else None}
+                     for g in gens.values() if g.parent is not None and g.status in ("promoted", "rejected")
+                     and g.mutation in world]
+        ok = [t for t in study.get_trials(deepcopy=False) if ok_value(t) is not None]
+        best = min(ok, key=ok_value)
+    return {**job, "noise": DEFAULT_NOISE, "trials_run": len(study.trials), "decisions": decisions,
+            "best_measured": ok_value(best), "best_true": truth[best.number]["true"],
+            "cpu_seconds": round(time.process_time() - started, 1)}
+
+
+def jobs(seeds: int, grid_trials: int, budget_hours: float) -> list[dict[str, Any]]:
+    """The grid (a trial budget) and the head-to-head (a time budget), every seed."""
+    out = []
+    for seed in range(seeds):
+        for m, w, r in GRID:
+            out.append({"part": "grid", "method": "hybrid", "seed": seed, "trials": grid_trials, "mutate_every": m,
+                        "stagnation": w, "repeats": r})
+        for method in ("tpe", "cmaes", "hybrid"):
+            out.append({"part": "h2h", "method": method, "seed": seed, "budget_hours": budget_hours})
+    return out
+
+
+def rate(hits: int, n: int) -> str:
+    """A proportion with its Wilson 95 % interval."""
+    if n == 0:
+        return "- (0 moves)"
+    p = hits / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return f"{100 * p:.0f} % [{100 * max(0, centre - half):.0f}, {100 * min(1, centre + half):.0f}] ({hits}/{n})"
+
+
+def mean_ci(values: list[float]) -> str:
+    """Mean +- the normal 95 % half-width."""
+    if len(values) < 2:
+        return f"{values[0]:.5f}" if values else "-"
+    return f"{statistics.mean(values):.5f} ± {Z95 * statistics.stdev(values) / math.sqrt(len(values)):.5f}"
+
+
+def grid_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| mutate every | stagnation | repeats | verdicts | false promotions (true effect >= 0) | "
+             f"power (better by >= {POWER_FACTOR:g} x noise) | final true val_bpb | CPU s/study |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, w, r in GRID:
+        runs = [x for x in rows if (x["mutate_every"], x["stagnation"], x["repeats"]) == (m, w, r)]
+        moves = [d for x in runs for d in x["decisions"]]
+        noise = runs[0]["noise"] if runs else 0.0
+        false = [d for d in moves if d["true_effect"] >= 0]
+        good = [d for d in moves if d["true_effect"] <= -POWER_FACTOR * noise]
+        lines.append(f"| {m} | {w} | {r} | {len(moves)} | {rate(sum(d['promoted'] for d in false), len(false))} | "
+                     f"{rate(sum(d['promoted'] for d in good), len(good))} | "
+                     f"{mean_ci([x['best_true'] for x in runs])} | {statistics.mean(x['cpu_seconds'] for x in runs):.0f} |")
+    return lines
+
+
+def h2h_table(rows: list[dict[str, Any]]) -> list[str]:
+    by = {m: {x["seed"]: x for x in rows if x["method"] == m} for m in ("tpe", "cmaes", "hybrid")}
+    lines = ["| method | seeds | final true val_bpb (best measured trial's truth) | hybrid - method, paired |",
+             "|---|---|---|---|"]
+    for method, runs in by.items():
+        paired = [by["hybrid"][s]["best_true"] - r["best_true"] for s, r in runs.items() if s in by["hybrid"]]
+        diff = "-" if method == "hybrid" else mean_ci(paired)
+        lines.append(f"| {method} | {len(runs)} | {mean_ci([r['best_true'] for r in runs.values()])} | {diff} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--grid-trials", type=int, default=60, help="trials per grid study")
+    parser.add_argument("--budget-hours", type=float, default=8.0, help="trial hours per head-to-head study")
+    parser.add_argument("--out", type=Path, default=RESULTS / "structural_benchmark.md")
+    args = parser.parse_args()
+    todo = jobs(args.seeds, args.grid_trials, args.budget_hours)
+    log_path = args.out.with_suffix(".log")
+    started = time.time()
+    rows = []
+    with open(log_path, "w") as log, multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        for row in pool.imap_unordered(run_study, todo):
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(f"{len(rows)}/{len(todo)} {row['part']} {row['method']} seed {row['seed']} "
+                  f"true {row['best_true']:.5f} ({row['cpu_seconds']} s)", file=sys.stderr)
+    minutes = (time.time() - started) / 60
+    grid = [r for r in rows if r["part"] == "grid"]
+    h2h = [r for r in rows if r["part"] == "h2h"]
+    text = [f"# Structural decisions against ground truth ({args.seeds} seeds)", "",
+            f"`python benchmarks/structural_benchmark.py --seeds {args.seeds} --workers {args.workers} "
+            f"--grid-trials {args.grid_trials} --budget-hours {args.budget_hours:g}`: {len(rows)} studies in "
+            f"{minutes:.0f} minutes on a shared 2-core machine; raw log `{log_path.name}` (one JSON line per study).",
+            "", f"Benchmark objective (hybrid.benchmark_objective), noise sd {rows[0]['noise']:g} (the paper's "
+            "seed-to-seed noise). Intervals: Wilson 95 % for rates, normal 95 % for means.", "",
+            f"## Verdicts by schedule ({args.grid_trials} trials per study, hybrid with the catalog)", "",
+            *grid_table(grid), "",
+            f"## Head-to-head at equal budget ({args.budget_hours:g} h of modelled H200 time per study)", "",
+            *h2h_table(h2h), ""]
+    args.out.write_text("\n".join(text))
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

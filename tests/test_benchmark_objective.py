@@ -1,0 +1,95 @@
+"""The benchmark objective: its hidden truth is deterministic per seed, kept out of the study, and the hybrid's verdicts
+on it promote a known large effect and never a known zero effect on a noise-free run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from hybrid import generations, store
+from hybrid.benchmark_objective import BenchmarkObjective, Effect, hidden_world, read_truth, unit
+from hybrid.config import RunConfig
+from hybrid.llm.catalog import BY_NAME, MUTATIONS
+from hybrid.loop import run
+from hybrid.paths import PROJECT_ROOT
+
+BASELINE = (PROJECT_ROOT / "train.py").read_text()
+CONFIG = {"DEPTH": 8, "ASPECT_RATIO": 64, "HEAD_DIM": 128, "DEVICE_BATCH_SIZE": 128, "TOTAL_BATCH_SIZE": 524288,
+          "EMBEDDING_LR": 0.6, "UNEMBEDDING_LR": 0.004, "MATRIX_LR": 0.04, "SCALAR_LR": 0.5, "WEIGHT_DECAY": 0.2,
+          "WARMUP_RATIO": 0.0, "WARMDOWN_RATIO": 0.5, "FINAL_LR_FRAC": 0.0, "WINDOW_PATTERN": "SSSL"}
+
+
+def test_the_truth_is_deterministic_per_seed(tmp_path: Path) -> None:
+    assert hidden_world(3, BASELINE) == hidden_world(3, BASELINE)
+    assert hidden_world(3, BASELINE) != hidden_world(4, BASELINE)
+    assert len(hidden_world(3, BASELINE)) == len(MUTATIONS)
+    source = BY_NAME["swiglu"].apply(BASELINE).source
+    a, b = BenchmarkObjective(3), BenchmarkObjective(3)
+    ran = [o.evaluate(source, CONFIG, seed=0, trial_number=5, trial_dir=tmp_path / d / "trial-00005")
+           for o, d in ((a, "a"), (b, "b"))]
+    assert ran[0].val_bpb == ran[1].val_bpb
+    record = read_truth(tmp_path / "a")[5]
+    assert record["true"] == pytest.approx(a.truth(source, CONFIG)[0]) and record["mutations"] == ["swiglu"]
+    assert record["measured"] == ran[0].val_bpb
+
+
+@pytest.mark.parametrize("kind", ["neutral", "better", "retune", "interact"])
+def test_a_moves_knobs_at_their_defaults_change_nothing_but_the_best_setting_does(kind: str) -> None:
+    world = {e.kind: e for e in hidden_world(3, BASELINE).values()}
+    effect = world[kind]
+    at_defaults = {k.name: k.default for k in effect.knobs}
+    assert effect.value(at_defaults) == pytest.approx(0.0, abs=1e-12)
+    if kind != "neutral":
+        best = {k.name: _value(k, u) for k, u in zip(effect.knobs, effect.optimum)}
+        if effect.partner is not None:
+            best[effect.partner.name] = _value(effect.partner, effect.partner_optimum)
+        assert effect.value(best) == pytest.approx(effect.size, rel=0.05)
+
+
+def _value(knob, u: float):  # noqa: ANN001, ANN202
+    """The knob value at unit coordinate u (the inverse of hybrid.benchmark_objective.unit)."""
+    import math
+
+    if knob.type == "categorical":
+        return knob.choices[round(u * (len(knob.choices) - 1))]
+    low, high = (math.log(knob.low), math.log(knob.high)) if knob.log else (knob.low, knob.high)
+    x = low + u * (high - low)
+    x = math.exp(x) if knob.log else x
+    return round(x) if knob.type == "int" else x
+
+
+def _uniform_world(kind: str, size: float):  # noqa: ANN202
+    """Every catalog mutation with the same kind of hidden effect, its best setting far from the defaults."""
+    def world(seed: int, train_py: str) -> dict[str, Effect]:
+        return {name: Effect(name, kind, size, e.knobs, tuple(0.9 if unit(k, k.default) < 0.5 else 0.1
+                                                              for k in e.knobs))
+                for name, e in hidden_world(seed, train_py).items()}
+    return world
+
+
+def _noise_free_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, size: float) -> dict:
+    monkeypatch.setattr("hybrid.benchmark_objective.hidden_world", _uniform_world(kind, size))
+    config = RunConfig(method="hybrid", study="s", storage=f"sqlite:///{tmp_path}/b.db", seed=1, objective="benchmark",
+                       memory_model=False, sandbox="off", trials=40, mutate_every=6, stagnation=6, repeats=1,
+                       benchmark_noise=0.0)
+    assert run(config) == 0
+    study = optuna.load_study(study_name="s", storage=store.open_storage(config.storage))
+    for t in study.get_trials():  # the truth stays out of the study
+        assert not any("true" in key for key in t.user_attrs)
+    return {n: g for n, g in generations.load_all(study).items() if g.status in ("promoted", "rejected")}
+
+
+def test_a_known_zero_effect_is_never_promoted_on_a_noise_free_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    decided = _noise_free_run(tmp_path, monkeypatch, "neutral", 0.0)
+    assert decided and all(g.status == "rejected" for g in decided.values()), {n: g.reason for n, g in decided.items()}
+
+
+@pytest.mark.xfail(strict=True, reason="found by this benchmark: a candidate's sampler varies every knob at once, so "
+                   "a gain of its new knobs shows only where a sampled config is also good in the base knobs; "
+                   "needs probes of the new knobs at the parent's incumbent (issue 12, left open)")
+def test_a_known_large_effect_is_promoted_on_a_noise_free_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    decided = _noise_free_run(tmp_path, monkeypatch, "better", -0.05)
+    assert any(g.status == "promoted" for g in decided.values()), {n: g.reason for n, g in decided.items()}
