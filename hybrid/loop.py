@@ -127,13 +127,15 @@ def _work_all(study_name: str, config: RunConfig) -> int:
               for i in range(1, config.workers)]
     for p in others:
         p.start()
+    stopped = True
     try:
         code = work(study_name, config, worker=0, show=True)
-        if code == EXIT_INTERRUPTED:  # Ctrl-C reaches the whole process group; a `kill` only this process
+        stopped = code == EXIT_INTERRUPTED
+    finally:
+        if stopped:  # Ctrl-C reaches the whole process group; a `kill`, or a stop for an error, only this process
             for p in others:
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGTERM)
-    finally:
         for p in others:
             p.join()
     return code
@@ -230,7 +232,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if budget.spent(finished) and not running:
                 break
-            rules.check(finished)  # UserError: the baseline failed, or trials keep failing the same way
+            rules.check(trials)  # UserError: the baseline failed, or trials keep failing the same way
             if budget.spent(finished) or (budget.trials is not None and len(finished) + running >= budget.trials):
                 time.sleep(POLL_SECONDS)  # the last trials are in flight elsewhere (or their worker died)
                 continue

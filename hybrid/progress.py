@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 LINE_EVERY_SECONDS = 30.0  # without a terminal: a progress line at most this often (and after the first trial)
 RATE_WINDOW = 20           # the last trials finished in this run, whose pace gives the ETA
-BAR_WIDTH = 20
+BAR_WIDTH = 12
 LABEL_WIDTH = 24           # columns of the bar's label (method and study) at most
 SEPARATOR = "  "
 UNITS = (("h", 3600.0), ("min", 60.0), ("s", 1.0))
@@ -139,10 +139,11 @@ class RunProgress:
     def parts(self, *, eta: bool = True) -> list[str]:
         """The progress, most important first."""
         s = self.stats
-        parts = [self.budget_text(), f"best {s.best:.4f}" if s.best is not None else "best -", f"{s.failed} failed"]
+        parts = [self.budget_text()]
         if eta and s.eta_seconds is not None:
             parts.append(f"ETA {duration(s.eta_seconds)}")
-        parts.append(f"elapsed {duration(time.monotonic() - self.started)}")
+        parts += [f"best {s.best:.4f}" if s.best is not None else "best -", f"{s.failed} failed",
+                  f"elapsed {duration(time.monotonic() - self.started)}"]
         if s.llm.tokens or self.config.llm not in (None, "none"):
             cap = f" of ${self.config.llm_max_usd:g}" if self.config.llm_max_usd is not None else ""
             parts.append(f"LLM {s.llm.tokens / 1000:.1f}k tok ${s.llm.usd:.2f}{cap}")
@@ -161,7 +162,7 @@ class RunProgress:
             self.task = self.bar.add_task(label, total=self.total, completed=min(self.stats.done, self.total))
         elif self.enabled:
             self.say(f"{self.config.method} ({self.config.objective} objective, {self.config.profile} profile), "
-                     f"budget {self._describe_total()}; {SEPARATOR.join(self.parts()[:3])}")
+                     f"budget {self._describe_total()}; {SEPARATOR.join(self.parts(eta=False)[:3])}")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,6 +1,7 @@
 """When a run stops before its budget, with exit status 2 and one line (the study stays resumable): its baseline
 failed (nothing after it can be judged), or its trials keep failing for the same reason. Only trials finished
-since the run started count, so that `hybrid resume` after a fix starts afresh (and runs a failed baseline again)."""
+since the run started count towards a streak, so that `hybrid resume` after a fix starts afresh; a failed baseline
+is run again by the resumed run (retry_failed_baseline) before anything else."""
 from __future__ import annotations
 
 import datetime
@@ -27,22 +28,26 @@ class StopRules:
         self.max_failures_in_a_row = max_failures_in_a_row
         self.since = since or datetime.datetime.now()  # Optuna's datetime_complete: local time, naive
 
-    def check(self, finished: Iterable[FrozenTrial]) -> None:
-        recent = sorted((t for t in finished if t.datetime_complete and t.datetime_complete >= self.since),
+    def check(self, trials: Iterable[FrozenTrial]) -> None:
+        """`trials`: the study's, finished or not."""
+        trials = list(trials)
+        self._baseline(trials)
+        recent = sorted((t for t in trials if records.is_finished(t) and t.datetime_complete >= self.since),
                         key=lambda t: (t.datetime_complete, t.number))
-        self._baseline(recent)
         self._streak(recent)
 
     def _resume(self) -> str:
         return f"`hybrid resume --study {self.study_name} --storage {self.storage}`"
 
-    def _baseline(self, recent: list[FrozenTrial]) -> None:
-        failed = next((t for t in recent if t.user_attrs.get(records.SOURCE) == BASELINE
-                       and t.user_attrs.get(records.STATUS) != records.OK), None)
-        if failed is not None:
-            raise UserError(f"study {self.study_name!r}: the baseline (trial {failed.number}) failed, so nothing after "
-                            f"it can be judged: {records.failure_reason(failed)}{_log(failed)}; fix it, then "
-                            f"{self._resume()} runs the baseline again")
+    def _baseline(self, trials: list[FrozenTrial]) -> None:
+        """The study's last baseline failed (and none is waiting to run again)."""
+        baselines = [t for t in trials if t.user_attrs.get(records.SOURCE) == BASELINE]
+        if not baselines or not records.is_finished(last := baselines[-1]) or records.ok_value(last) is not None:
+            return
+        hint = " (raise --vram-cap-gb, or --no-memory-model)" if last.user_attrs.get(records.STATUS) == REFUSED else ""
+        raise UserError(f"study {self.study_name!r}: the baseline (trial {last.number}) failed, so nothing after it "
+                        f"can be judged: {records.failure_reason(last)}{_log(last)}; fix it{hint}, then "
+                        f"{self._resume()} runs the baseline again")
 
     def _streak(self, recent: list[FrozenTrial]) -> None:
         if not recent:

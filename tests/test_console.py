@@ -3,6 +3,7 @@ progress (units, the bar of a resumed study, 80 columns), Ctrl-C, studies named 
 their command (SIGTERM), and LLM spending (shown, capped)."""
 from __future__ import annotations
 
+import datetime
 import io
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 from llm_server import FakeLLM, config_answer
-from optuna.trial import TrialState, create_trial
+from optuna.trial import FrozenTrial, TrialState, create_trial
 from rich.console import Console
 from test_llm_methods import SPACE, llm_env, load, quick, run_config  # noqa: F401 (fixtures)
 from test_resume import ENV, TRIALS, _alive, _children, count, hybrid_cmd, wait_for
@@ -21,8 +22,9 @@ from test_resume import ENV, TRIALS, _alive, _children, count, hybrid_cmd, wait_
 import hybrid.loop
 import hybrid.progress
 from harness.result import TrialResult
-from hybrid import loop, records, store
+from hybrid import loop, records, stops, store
 from hybrid.config import Budget, RunConfig
+from hybrid.errors import UserError
 from hybrid.generations import load_all
 from hybrid.llm import centaur
 from hybrid.llm.structural_agent import LLMStructuralAgent
@@ -133,6 +135,29 @@ def test_failures_for_different_reasons_do_not_stop_the_run(objective, capsys) -
     code, err = cli(capsys, *RUN, "--trials", "7", "--max-failures-in-a-row", "2")
     assert code == 0, err
     assert len(store.finished_trials(load_study())) == 7
+
+
+def finished(number: int, status: str, error: str = "", source: str = "tpe") -> FrozenTrial:
+    trial = create_trial(value=1.0 if status == "ok" else 100.0,
+                         user_attrs={"source": source, "status": status, "error": error, "val_bpb": 1.0})
+    trial.number = number
+    return trial
+
+
+def test_refusals_and_failures_in_a_row_are_one_rule(monkeypatch) -> None:
+    """Refusals of the memory model (no time spent) stop after REFUSALS_IN_A_ROW whatever their figures; other
+    failures after --max-failures-in-a-row with the same reason."""
+    monkeypatch.setattr(stops, "REFUSALS_IN_A_ROW", 4)
+    rules = stops.StopRules("s", "sqlite:///x.db", 3, since=datetime.datetime(2000, 1, 1))
+    base = [finished(0, "ok", source="baseline")]
+    refused = [finished(n, "oom-predicted", f"predicted peak {n}0 GB > cap 1 GB") for n in range(1, 5)]
+    rules.check(base + refused[:3])
+    with pytest.raises(UserError, match="refused 4 configs in a row"):
+        rules.check(base + refused)
+    crashes = [finished(n, "crash", "ValueError: boom") for n in range(5, 8)]
+    rules.check(base + refused + crashes[:2] + [finished(8, "crash", "another reason")])
+    with pytest.raises(UserError, match="3 trials in a row failed the same way"):
+        rules.check(base + refused + crashes)
 
 
 def load_study(name: str = "s") -> optuna.Study:
