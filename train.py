@@ -360,6 +360,7 @@ def main() -> None:
     session = api.start()
     device = torch.device(session.device)
     model = build_model(session.vocab_size, session.seq_len, device)
+    session.watch(model)  # evaluated at checkpoints of the budget when the run prunes (off the clock)
     tokens_per_pass = DEVICE_BATCH_SIZE * session.seq_len
     assert TOTAL_BATCH_SIZE % tokens_per_pass == 0, \
         f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * seq_len = {tokens_per_pass}"

@@ -10,12 +10,16 @@ CONTRACT (implemented by the harness; train.py relies on exactly this):
     progress = session.tick(loss)          # once per optimizer step, loss a float; returns the fraction of
                                            # the training budget spent (0..1); the trial fails as `nan` on nan/inf/>100
     session.done                           # True once the budget is spent
+    session.watch(model)                   # optional: the model the harness may evaluate inside tick() at
+                                           # checkpoints of the budget (off the clock; steers pruning only)
     session.finish(model)                  # hand the model over; the harness scores it (model(idx) -> logits)
 
 In a trial, this process runs in the sandbox and holds neither data files nor the metric: batches come from the
 trusted harness through a pipe, the clock is the harness's (it starts at tick number `warmup_steps`; batches
 before it are random tokens, so that compilation steps off the clock learn nothing), and finish() saves the
-model for a fresh evaluation process whose logits the trusted scorer turns into val_bpb. The model's forward
+model for a fresh evaluation process whose logits the trusted scorer turns into val_bpb. When the run prunes, a
+tick() at a checkpoint of the budget also answers requests for the watched model's logits of a fixed slice of
+validation rows (never those of the final score), while the clock pauses. The model's forward
 `model(idx)` must return logits (B, T, vocab) and must be picklable (torch.save of the whole module).
 Outside the harness (`python train.py`), a local session reads the prepared data itself and prints a val_bpb
 that is not recorded.
@@ -48,6 +52,10 @@ class Session:
         self.seq_len, self.time_budget = spec["seq_len"], spec["time_budget"]
         self.vocab_size, self.bos_id = spec["vocab_size"], spec["bos_id"]
         self.progress, self.done = 0.0, False
+        self._rows = spec.get("intermediate_rows", 0)       # rows of one intermediate request (0: none come)
+        self._logits_path = spec.get("intermediate_logits")  # where their logits go (a file the harness reads)
+        self._logits: np.ndarray | None = None
+        self._watched: torch.nn.Module | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
@@ -69,9 +77,24 @@ class Session:
                 tokens = tokens.pin_memory().to(self.device, non_blocking=True)
             yield tokens[:, :-1], tokens[:, 1:]
 
+    def watch(self, model: torch.nn.Module) -> None:
+        """The model to evaluate at the budget's checkpoints (intermediate val_bpb, for pruning); none: never."""
+        self._watched = model
+        self._channel.send({"op": "watch"})
+
     def tick(self, loss: float) -> float:
-        """Count one optimizer step; returns the fraction of the budget spent."""
-        answer, _ = self._ask({"op": "tick", "loss": float(loss)})
+        """Count one optimizer step; returns the fraction of the budget spent. At a checkpoint, the watched model's
+        logits are asked for first (the clock pauses)."""
+        most = self._rows * self.seq_len * 4
+        answer, payload = self._ask({"op": "tick", "loss": float(loss)}, most)
+        while answer.get("op") == "logits":
+            if self._logits is None:
+                self._logits = np.memmap(self._logits_path, dtype=np.float32, mode="r+",
+                                         shape=(self._rows, self.seq_len, self.vocab_size))
+            error = write_logits(self._watched, payload, self._logits, self.device, self.autocast())
+            if error:
+                raise RuntimeError(error)
+            answer, payload = self._ask({"op": "logits"}, most)
         if "diverged" in answer:
             raise Diverged(answer["diverged"])
         self.progress, self.done = float(answer["progress"]), bool(answer["done"])
@@ -86,6 +109,27 @@ class Session:
                   "flops_per_token": model.estimate_flops() if hasattr(model, "estimate_flops") else None,
                   "peak_memory_mb": peak_memory_mb(self.device), "peak_reserved_mb": peak_reserved_mb(self.device)}
         self._ask(report)  # the harness ends this process when it has the model
+
+
+def write_logits(model: torch.nn.Module, ids: bytes, out: np.ndarray, device: torch.device,
+                 autocast: contextlib.AbstractContextManager) -> str | None:
+    """The model's logits of the token ids (int32 rows of out's length) written into out[:rows], the model in eval
+    mode and without gradients (its mode restored after); the error if they are not of shape (rows, T, vocab)."""
+    seq_len, vocab = out.shape[1:]
+    x = torch.from_numpy(np.frombuffer(ids, dtype=np.int32).reshape(-1, seq_len).astype(np.int64))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            logits = model(x.to(device))
+    finally:
+        model.train(training)
+    want = (len(x), seq_len, vocab)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        return f"model(idx) must return logits of shape {want} (B, T, vocab), got {got}"
+    out[:len(x)] = logits.float().cpu().numpy()
+    return None
 
 
 def peak_reserved_mb(device: torch.device) -> float | None:

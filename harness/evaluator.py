@@ -57,16 +57,10 @@ def main(spec_path: str, train_py: str, model_path: str, logits_path: str, in_fd
         channel.send({"op": "ready"})
         while True:
             _, payload = channel.receive(max_payload=rows * seq_len * 4)
-            x = torch.from_numpy(np.frombuffer(payload, dtype=np.int32).reshape(-1, seq_len).astype(np.int64))
-            with torch.no_grad(), autocast:
-                logits = model(x.to(device))
-            want = (len(x), seq_len, vocab)
-            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
-                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                channel.send({"op": "error", "status": "invalid",
-                              "error": f"model(idx) must return logits of shape {want} (B, T, vocab), got {got}"})
+            error = api.write_logits(model, payload, out, device, autocast)
+            if error:
+                channel.send({"op": "error", "status": "invalid", "error": error})
                 return
-            out[:len(x)] = logits.float().cpu().numpy()
             channel.send({"op": "logits"})
     except ChannelError:
         pass  # the scorer is done with this process

@@ -9,6 +9,17 @@ from pathlib import Path
 # The reference protocol's GPU memory cap, GiB: the paper's runs set CUDA_MEM_FRACTION 0.543 of an H200's 140 GiB.
 PAPER_CAP_GB = 76.0
 
+# The slice of the intermediate evaluations, per profile, sized so that the three of a trial cost at most 3 % of
+# its wall time on the gpu profile (benchmarks/results/pruning.md). Each costs a forward pass of the slice in the
+# training process and its logits through a shared file (tokens x vocabulary x 4 bytes) to the trusted scorer.
+# gpu: 32768 tokens, 1 GiB of logits each; at about 1 GB/s through the file and a forward pass of ~0.1 s, about
+#      1.2 s each, 3.6 s of a ~330 s trial: 1.1 % (an estimate: not yet measured on a GPU).
+# cpu: 8192 tokens (32 rows), measured 0.16 s each on 2 cores: 0.5 s of a ~24 s trial, 2 %.
+# test: 1024 tokens (16 rows).
+GPU_INTERMEDIATE_TOKENS = 32768
+CPU_INTERMEDIATE_TOKENS = 8192
+TEST_INTERMEDIATE_TOKENS = 1024
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -22,21 +33,25 @@ class Profile:
     max_startup_seconds: float  # wall time allowed before the clock must be running
     timeout_seconds: float   # hard wall-clock cap of a whole trial
     eval_batch_tokens: int   # tokens per forward pass of the evaluation (capped: harness.scorer.MAX_LOGIT_TOKENS)
+    # Intermediate evaluations (for pruning): at these fractions of the budget, off the clock, val_bpb of a fixed
+    # slice of this many validation tokens, the rows right after the final evaluation's (harness.scorer).
+    intermediate_tokens: int = 0
+    intermediate_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
 
 
 PROFILES: dict[str, Profile] = {
     # The reference protocol: one GPU, 5 minutes of training, climbmix.
     "gpu": Profile("gpu", seq_len=2048, time_budget=300.0, eval_tokens=40 * 524288, vocab_size=8192,
                    source="climbmix", warmup_steps=10, max_startup_seconds=240.0, timeout_seconds=900.0,
-                   eval_batch_tokens=262144),
+                   eval_batch_tokens=262144, intermediate_tokens=GPU_INTERMEDIATE_TOKENS),
     # The same code path scaled to a laptop: seconds per trial on 2 cores, offline corpus.
     "cpu": Profile("cpu", seq_len=256, time_budget=20.0, eval_tokens=32768, vocab_size=2048,
                    source="builtin", warmup_steps=1, max_startup_seconds=60.0, timeout_seconds=180.0,
-                   eval_batch_tokens=8192),
+                   eval_batch_tokens=8192, intermediate_tokens=CPU_INTERMEDIATE_TOKENS),
     # The test suite's scale: a trial in a few seconds. Shares the cpu profile's data and tokenizer.
     "test": Profile("test", seq_len=64, time_budget=1.5, eval_tokens=4096, vocab_size=2048,
                     source="builtin", warmup_steps=1, max_startup_seconds=60.0, timeout_seconds=120.0,
-                    eval_batch_tokens=4096),
+                    eval_batch_tokens=4096, intermediate_tokens=TEST_INTERMEDIATE_TOKENS),
 }
 
 

@@ -9,6 +9,8 @@ from typing import Any
 OK = "ok"
 # Failure classes. The first five come from running train.py; the others are decided before it runs.
 FAILURES = ("oom", "crash", "timeout", "nan", "invalid", "rejected", "oom-predicted")
+# Stopped by the run's pruner on an intermediate val_bpb (harness.training): no final value, and not a failure.
+PRUNED = "pruned"
 PENALTY = 100.0  # the val_bpb a failed trial is reported as to the samplers (the paper's convention)
 # Words of allocation failures, lower case: the CUDA caching allocator and runtime, cuBLAS, cuDNN, the CPU allocator.
 OOM_PATTERNS = ("out of memory", "cuda_error_out_of_memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
@@ -39,9 +41,11 @@ class TrialResult:
     total_tokens: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # the knob values that ran (after snapping)
     # Where the wall time went, seconds: imports (interpreter, torch), data (tokenizer, token cache), setup
-    # (train.py until its clock ran: model, optimizers, compilation, warm-up steps), training, eval, teardown.
+    # (train.py until its clock ran: model, optimizers, compilation, warm-up steps), training, intermediate
+    # (evaluations at checkpoints, off the clock), eval, teardown.
     phases: dict[str, float] = field(default_factory=dict)
     log_path: str | None = None
+    intermediate: list[list[float]] = field(default_factory=list)  # [fraction of the budget, val_bpb of the slice]
 
     @property
     def ok(self) -> bool:

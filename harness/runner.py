@@ -21,6 +21,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,16 @@ import torch
 
 from harness.agent_process import AgentProcess, TrialLog
 from harness.data import prepared
+from harness.errors import UserError
 from harness.knobs import find_knobs, inject_knobs
 from harness.profiles import Profile, data_dir
 from harness.result import TrialResult, is_oom
 from harness.sandbox import Jail, Limits, default_memory_bytes
-from harness.scorer import RESCORE_TOLERANCE, Evaluation, forward_rows, score
+from harness.scorer import (RESCORE_TOLERANCE, Evaluation, forward_rows, intermediate_rows, score,
+                            score_intermediate)
 from harness.scrub import scrub
 from harness.tokenizer import Tokenizer
-from harness.training import Feed, supervise
+from harness.training import Checkpoints, Feed, supervise
 
 IMPLAUSIBLE_GAIN = 0.03  # bits per byte below the best so far that earn a rescore on another order before they count
 ERROR_CHARS = 500        # of a failure's message, stored and shown to agents
@@ -46,6 +49,7 @@ PEAK_BF16_FLOPS = {"H200": 989.5e12, "H200 NVL": 835.5e12, "GH200": 989.5e12, "H
                    "L4": 121e12, "A10G": 70e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12}
 # Trials on CUDA: segments that grow instead of fragmenting (the reference sets it; reserved stays near allocated).
 CUDA_ALLOCATOR = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+INTERMEDIATE_CALL_TOKENS = 8192  # tokens of one intermediate request: its logits stay far below a training step's
 
 
 def snap_batch_size(code: str, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
@@ -101,12 +105,15 @@ def _fresh(folder: Path) -> Path:
 def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Path, *, seed: int = 0,
               device: str | None = None, vram_cap_gb: float | None = None, timeout: float | None = None,
               stop: threading.Event | None = None, sandbox: str = "auto", startup_limit: float | None = None,
-              rescore_below: float | None = None) -> TrialResult:
+              rescore_below: float | None = None, report: Callable[[float, float], bool] | None = None,
+              fractions: tuple[float, ...] | None = None) -> TrialResult:
     """Run train.py `code` with `config` injected in trial_dir; every failure of the trial is a result, never raised.
 
     TOTAL_BATCH_SIZE is snapped first (see snap_batch_size); result.config is the snapped config that ran.
     `startup_limit` bounds the seconds before the clock runs (default profile.max_startup_seconds); a val_bpb
-    below `rescore_below` is scored again on another row order and must agree. Setting `stop` (Ctrl-C) kills
+    below `rescore_below` is scored again on another row order and must agree. With `report`, the slice's val_bpb
+    at each of `fractions` of the budget (default profile.intermediate_fractions) is told to report(fraction,
+    val_bpb), and True ends the trial `pruned` (harness.training). Setting `stop` (Ctrl-C) kills
     the trial and raises KeyboardInterrupt. Raises UserError when the profile's data is not prepared or the
     sandbox is required and missing, KnobError for knobs train.py does not define.
     """
@@ -139,13 +146,18 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
     limits = Limits(memory_bytes=default_memory_bytes())
     cache = compile_cache(code)
     allocator = CUDA_ALLOCATOR if gpu is not None else {}
+    probe = _fresh(trial_dir / "intermediate") / "logits.bin" if report is not None else None
+    handed_train = {"compile-cache": cache} | ({"logits.bin": probe} if probe else {})
 
     def jail(folder: Path, handed: dict[str, Path], writable: tuple[str, ...] = ()) -> Jail:
         return Jail(sandbox, folder, handed={"train.py": trial_dir / "train.py", "spec.json": trial_dir / "spec.json",
                                              **handed}, writable=writable, gpu=gpu, limits=limits)
 
-    train_jail = jail(scratch, {"compile-cache": cache}, ("compile-cache",))
+    train_jail = jail(scratch, handed_train, ("compile-cache", "logits.bin"))
     spec["model_path"] = f"{train_jail.home}/model.pt"
+    if probe:
+        spec["intermediate_rows"] = max(1, min(forward_rows(profile), INTERMEDIATE_CALL_TOKENS // profile.seq_len))
+        spec["intermediate_logits"] = train_jail.path("logits.bin")
     (trial_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     caches = {"TORCHINDUCTOR_CACHE_DIR": f"{train_jail.path('compile-cache')}/inductor",
               "TRITON_CACHE_DIR": f"{train_jail.path('compile-cache')}/triton",
@@ -164,14 +176,33 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
 
     limit = timeout or profile.timeout_seconds
     deadline = t0 + limit
+
+    def start_trainer(logits: Path | None = None) -> AgentProcess:
+        args = [train_jail.path("spec.json"), train_jail.path("train.py")]
+        return AgentProcess(train_jail, "harness.trainer", args, log, "train", env=caches)
+
     launched = time.perf_counter()
-    trainer = AgentProcess(train_jail, "harness.trainer", [train_jail.path("spec.json"), train_jail.path("train.py")],
-                           log, "train", env=caches)
+    checkpoints = None
+    if probe:
+        try:
+            rows = intermediate_rows(profile, data)
+        except RuntimeError as e:
+            raise UserError(f"{e}: too little validation data for the intermediate evaluations of pruning (the rows "
+                            "after the final evaluation's); run without --pruner") from None
+        answering = Evaluation(start_trainer, probe, spec["intermediate_rows"], profile.seq_len, tokenizer.vocab_size)
+        token_bytes = torch.from_numpy(tokenizer.token_bytes())
+        checkpoints = Checkpoints(fractions or profile.intermediate_fractions, rows.shape[0] * profile.seq_len,
+                                  lambda: score_intermediate(answering, rows, token_bytes, scoring_device, deadline),
+                                  report)
+        trainer = answering.process
+    else:
+        trainer = start_trainer()
     feed = Feed(data, profile, seed, tokenizer.bos_id)
     evaluations = new_evaluations() if gpu is not None else None  # on a GPU, they start while it trains
     try:
         training = supervise(trainer, feed, profile, startup_limit=startup_limit or profile.max_startup_seconds,
-                             deadline=deadline, model_bytes=lambda: _size(scratch / "model.pt"), stop=stop)
+                             deadline=deadline, model_bytes=lambda: _size(scratch / "model.pt"), stop=stop,
+                             checkpoints=checkpoints)
     except BaseException:
         for evaluation in evaluations or ():
             evaluation.process.kill()
@@ -197,6 +228,7 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
     elif evaluations:
         for evaluation in evaluations:
             evaluation.process.kill()
+    result.intermediate = [list(point) for point in training.intermediate]
     _measure(result, training, launched - t0, scoring_device)
     return _finish(result, config, log, trial_dir, t0)
 
@@ -227,7 +259,8 @@ def _measure(result: TrialResult, training, before_launch: float, device: torch.
     clock = training.clock_start or training.finished or time.perf_counter()
     result.startup_seconds = before_launch + clock - training.launched
     result.phases = {"imports": ready - training.launched, "data": before_launch, "setup": max(0.0, clock - ready),
-                     "training": result.training_seconds, "eval": result.eval_seconds}
+                     "training": result.training_seconds, "intermediate": training.evaluating,
+                     "eval": result.eval_seconds}
     if result.training_seconds > 0:
         result.tokens_per_second = training.tokens / result.training_seconds
     reported = training.reported

@@ -48,16 +48,29 @@ def forward_rows(profile: Profile) -> int:
     return max(1, min(profile.eval_batch_tokens, MAX_LOGIT_TOKENS) // profile.seq_len)
 
 
+def _split_rows(profile: Profile, data: Prepared, tokens: int) -> np.ndarray:
+    """The first rows of the validation split that hold `tokens` tokens: (rows, seq_len + 1) int64."""
+    rows = -(-tokens // profile.seq_len)
+    got = list(zip(range(rows), token_rows(data, "val", profile.seq_len)))
+    if len(got) < rows:
+        raise RuntimeError(f"the validation split ran out after {len(got) * profile.seq_len} of {tokens} tokens")
+    return np.stack([row for _, row in got]).astype(np.int64)
+
+
 @functools.lru_cache(maxsize=4)
 def val_rows(profile: Profile, data: Prepared) -> np.ndarray:
     """The validation rows every trial is scored on: (rows, seq_len + 1) int64, inputs then shifted targets; packed
     once per process (the seal keeps the token cache unchanged); callers do not modify it."""
-    rows = -(-profile.eval_tokens // profile.seq_len)
-    got = list(zip(range(rows), token_rows(data, "val", profile.seq_len)))
-    if len(got) < rows:
-        raise RuntimeError(f"the validation split ran out after {len(got) * profile.seq_len} of "
-                           f"{profile.eval_tokens} tokens")
-    return np.stack([row for _, row in got]).astype(np.int64)
+    return _split_rows(profile, data, profile.eval_tokens)
+
+
+@functools.lru_cache(maxsize=4)
+def intermediate_rows(profile: Profile, data: Prepared) -> np.ndarray:
+    """The fixed slice of the intermediate evaluations: the validation rows right after the final evaluation's,
+    profile.intermediate_tokens of them. The training process gets them (train.py could learn them): they are
+    never part of the final val_bpb."""
+    final = len(val_rows(profile, data))
+    return _split_rows(profile, data, final * profile.seq_len + profile.intermediate_tokens)[final:]
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -112,7 +125,8 @@ class Score:
 
 
 class Evaluation:
-    """One fresh evaluation process: logits of (rows, T) token ids, read from its shared file by the scorer."""
+    """A process that answers with logits of (rows, T) token ids, read from its shared file by the scorer: a fresh
+    evaluation process, or the training process at an intermediate evaluation (started by `start` either way)."""
 
     def __init__(self, start: Callable[[Path], AgentProcess], logits_path: Path, rows: int, seq_len: int, vocab: int):
         self.shape = (rows, seq_len, vocab)
@@ -156,6 +170,20 @@ class _Failed(Exception):
     def __init__(self, status: str, error: str):
         super().__init__(error)
         self.status, self.error = status, error
+
+
+def score_intermediate(training: Evaluation, rows: np.ndarray, token_bytes: torch.Tensor, device: torch.device,
+                       deadline: float) -> Score:
+    """Bits per byte of the slice `rows` from the logits the training process wrote, a forward pass of
+    training.shape[0] rows at a time. Advisory (it steers pruning, never the final val_bpb): no causality check."""
+    t0 = time.perf_counter()
+    chunk, targets = training.shape[0], torch.from_numpy(rows[:, 1:])
+    try:
+        lp = torch.cat([training.logprobs(rows[i:i + chunk, :-1], targets[i:i + chunk], device, deadline).cpu()
+                        for i in range(0, len(rows), chunk)])
+    except _Failed as e:
+        return Score(status=e.status, error=e.error, eval_seconds=time.perf_counter() - t0)
+    return Score(val_bpb=bits_per_byte(lp, targets, token_bytes), eval_seconds=time.perf_counter() - t0)
 
 
 def score(evaluations: list[Evaluation], profile: Profile, data: Prepared, device: torch.device, deadline: float, *,

@@ -9,6 +9,11 @@ answers from the prepared training split, keeps the clock and decides when the b
 - Once running, the clock counts all wall time until the model is handed over (saving it included). A trial
   that keeps training after `done` is told, for longer than its own longest step allows, is `invalid`.
 - Tokens, steps and seconds are counted here; the process's own reports (size, peak memory) are informational.
+- Intermediate evaluations (when the run prunes, and train.py watches its model): at the first tick past each
+  checkpoint of the budget, the clock pauses while the training process writes the logits of the validation
+  slice and the trusted scorer turns them into val_bpb, told to the run, which may stop the trial (`pruned`).
+  The pause counts off the clock up to PAUSE_STEPS steps' worth of the slice's tokens plus PAUSE_SLACK of the
+  budget: what is longer is the trial's own time (work hidden in a pause is bounded).
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from harness.agent_process import CLOSED, AgentProcess
 from harness.prepared import Prepared
 from harness.loader import token_rows
 from harness.profiles import Profile
+from harness.result import PRUNED
+from harness.scorer import Score
 
 MAX_BATCH_ROWS = 1 << 16   # rows in one batch request, at most
 LATE_STEPS = 2             # finish() may come this many of the trial's longest steps after `done` ...
@@ -34,6 +41,8 @@ SAVE_BYTES_PER_SECOND = 100e6
 OVERRUN = 30.0             # seconds past the budget (plus a quarter of it) before the watchdog gives up
 POLL = 0.1                 # seconds between looks at the watchdog and the stop event
 REPORTED = ("num_params", "flops_per_token", "peak_memory_mb", "peak_reserved_mb")  # informational, from finish()
+PAUSE_STEPS = 1.0          # an evaluation is off the clock for as long as training on its slice took so far ...
+PAUSE_SLACK = 0.01         # ... plus this share of the budget (its logits through a file, the scoring)
 
 
 class Feed:
@@ -80,6 +89,16 @@ class Feed:
 
 
 @dataclass
+class Checkpoints:
+    """The intermediate evaluations of one trial: at each fraction of the budget, `measure()` (the slice's val_bpb
+    from the training process's logits), then `report(fraction, val_bpb)`, True to stop the trial."""
+    fractions: tuple[float, ...]
+    tokens: int                           # in the slice
+    measure: Callable[[], Score]
+    report: Callable[[float, float], bool]
+
+
+@dataclass
 class Training:
     """What the trusted side saw of one training process."""
     status: str = "ok"                    # ok, or the failure class
@@ -92,12 +111,16 @@ class Training:
     tokens: int = 0                       # tokens handed out while the clock ran
     longest_step: float = 0.0
     reported: dict[str, Any] = field(default_factory=dict)  # REPORTED: size and memory, as the process said
+    watched: bool = False                 # train.py named the model to evaluate at checkpoints
+    paused: float = 0.0                   # seconds of intermediate evaluations kept off the clock
+    evaluating: float = 0.0               # seconds the intermediate evaluations took (wall time)
+    intermediate: list[tuple[float, float]] = field(default_factory=list)  # (fraction, val_bpb) as measured
 
     @property
     def training_seconds(self) -> float:
         if self.clock_start is None:
             return 0.0
-        return (self.finished or time.perf_counter()) - self.clock_start
+        return (self.finished or time.perf_counter()) - self.clock_start - self.paused
 
     def fail(self, status: str, error: str) -> None:
         if self.status == "ok":
@@ -109,13 +132,32 @@ def _number(value: Any) -> float | None:
     return float(value) if ok else None
 
 
+def _evaluate(t: Training, checkpoints: Checkpoints, fraction: float, budget: float) -> None:
+    """One intermediate evaluation, the clock paused (within the bound); the trial ends `pruned` if the run says so."""
+    began = time.perf_counter()
+    scored = checkpoints.measure()
+    if scored.status != "ok":
+        t.fail(scored.status, f"at the intermediate evaluation at {fraction:.0%} of the budget: {scored.error}")
+        return
+    t.intermediate.append((fraction, scored.val_bpb))
+    stop = checkpoints.report(fraction, scored.val_bpb)
+    per_token = t.training_seconds / max(1, t.tokens)
+    took = time.perf_counter() - began
+    t.evaluating += took
+    t.paused += min(took, PAUSE_STEPS * checkpoints.tokens * per_token + PAUSE_SLACK * budget)
+    if stop:
+        t.fail(PRUNED, f"pruned at {fraction:.0%} of the budget: intermediate val_bpb {scored.val_bpb:.4f}")
+
+
 def supervise(process: AgentProcess, feed: Feed, profile: Profile, *, startup_limit: float, deadline: float,
-              model_bytes: Callable[[], int], stop: threading.Event | None = None) -> Training:
+              model_bytes: Callable[[], int], stop: threading.Event | None = None,
+              checkpoints: Checkpoints | None = None) -> Training:
     """Serve the training process until it hands over its model, fails, or a limit ends it (`deadline`: the trial's
     wall-clock limit, perf_counter); never raises for what the process does. `model_bytes()` is the size of the
-    saved model; setting `stop` raises KeyboardInterrupt."""
+    saved model; setting `stop` raises KeyboardInterrupt; `checkpoints`: the intermediate evaluations, if any."""
     t = Training()
     budget, last_tick, done_at, done_steps = profile.time_budget, None, None, 0
+    pending = list(checkpoints.fractions) if checkpoints else []
     while t.status == "ok" and t.finished is None:
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt
@@ -127,7 +169,7 @@ def supervise(process: AgentProcess, feed: Feed, profile: Profile, *, startup_li
             t.fail("timeout", f"the training clock did not start within {startup_limit:g}s (startup: imports, model, "
                               f"compilation and {profile.warmup_steps} warm-up step(s))")
             break
-        if t.clock_start is not None and now - t.clock_start > budget * 1.25 + OVERRUN:
+        if t.training_seconds > budget * 1.25 + OVERRUN:
             t.fail("timeout", f"training ran past {budget * 1.25 + OVERRUN:.0f}s on the clock without finish() "
                               f"(budget {budget:.0f}s: stop when session.done)")
             break
@@ -139,6 +181,8 @@ def supervise(process: AgentProcess, feed: Feed, profile: Profile, *, startup_li
             t.fail("crash", "the training process ended without handing over a model")
         elif op == "ready" and t.ready is None:
             t.ready = time.perf_counter()
+        elif op == "watch":
+            t.watched = True
         elif op == "batch":
             rows = message.get("rows")
             if not isinstance(rows, int) or isinstance(rows, bool) or not 0 < rows <= MAX_BATCH_ROWS:
@@ -167,8 +211,15 @@ def supervise(process: AgentProcess, feed: Feed, profile: Profile, *, startup_li
                 t.fail("invalid", f"trained {t.steps - done_steps} step(s) past session.done")
                 break
             spent = t.training_seconds
+            reached = [f for f in pending if spent >= f * budget]
+            if reached and spent < budget and t.watched:
+                _evaluate(t, checkpoints, reached[-1], budget)
+                if t.status != "ok":
+                    break
+                spent = t.training_seconds
+            pending = [f for f in pending if f not in reached]
             if spent >= budget:
-                done_at, done_steps = now, t.steps
+                done_at, done_steps = time.perf_counter(), t.steps
             process.send({"progress": min(1.0, spent / budget), "done": spent >= budget})
         elif op == "finish":
             t.finished = time.perf_counter()

@@ -70,7 +70,8 @@ def test_a_trial(prepared_test, tiny_train_py, tmp_path, monkeypatch):
 
     assert r.training_seconds >= TEST.time_budget
     assert r.total_seconds > r.training_seconds + r.startup_seconds > 0 and r.eval_seconds > 0
-    assert list(r.phases) == ["imports", "data", "setup", "training", "eval", "teardown"]
+    assert list(r.phases) == ["imports", "data", "setup", "training", "intermediate", "eval", "teardown"]
+    assert r.phases["intermediate"] == 0 and r.intermediate == []  # no pruning: no intermediate evaluation
     assert min(r.phases.values()) >= 0 and r.phases["imports"] > 0.1  # at least the interpreter and torch
     assert sum(r.phases.values()) == pytest.approx(r.total_seconds, abs=1e-6)
     assert r.phases["imports"] + r.phases["data"] + r.phases["setup"] == pytest.approx(r.startup_seconds, abs=1e-6)

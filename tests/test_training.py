@@ -22,7 +22,8 @@ from harness.loader import load_split, token_rows
 from harness.profiles import get_profile
 from harness.sandbox import Jail
 from harness.tokenizer import Tokenizer
-from harness.training import REPORTED, Feed, supervise
+from harness.scorer import Score
+from harness.training import PAUSE_SLACK, REPORTED, Checkpoints, Feed, supervise
 
 TEST = get_profile("test")
 ROWS = 4  # rows per batch request
@@ -88,7 +89,8 @@ def run(prepared_test, tmp_path):
     started: list[AgentProcess] = []
 
     def run_(steps: list, profile=None, *, startup_limit: float = 120.0, deadline: float = 300.0,  # noqa: ANN001
-             model_bytes: int = 0, stop: threading.Event | None = None, rows: int = ROWS):
+             model_bytes: int = 0, stop: threading.Event | None = None, rows: int = ROWS,
+             checkpoints: Checkpoints | None = None):
         profile = profile or replace(TEST, time_budget=0.3, warmup_steps=2)
         scratch = tmp_path / f"run-{len(started)}"
         scratch.mkdir()
@@ -100,7 +102,8 @@ def run(prepared_test, tmp_path):
         feed = Feed(prepared_test, profile, 7, Tokenizer.load(prepared_test.tokenizer).bos_id)
         try:
             training = supervise(process, feed, profile, startup_limit=startup_limit,
-                                 deadline=time.perf_counter() + deadline, model_bytes=lambda: model_bytes, stop=stop)
+                                 deadline=time.perf_counter() + deadline, model_bytes=lambda: model_bytes, stop=stop,
+                                 checkpoints=checkpoints)
         finally:
             process.kill()
             feed.close()
@@ -241,6 +244,74 @@ def test_stop_raises_keyboard_interrupt(run):
         run(["ready", "step", ["sleep", 600]], stop=stop)
 
 
+WATCHED = ["ready", ["send", {"op": "watch"}]]  # train.py called session.watch(model)
+
+
+def checkpoints(told: list, *, prune_at: float = 2.0, seconds: float = 0.0, tokens: int = 10**9,
+                score: Score | None = None) -> Checkpoints:
+    """Checkpoints at a quarter, half and three quarters of the budget whose measurement takes `seconds`; what is
+    told goes into `told`, and the trial is pruned from `prune_at` on. `tokens` in the slice set the pause's bound."""
+    def measure() -> Score:
+        time.sleep(seconds)
+        return score or Score(val_bpb=5.0 - len(told))
+
+    def report(fraction: float, value: float) -> bool:
+        told.append((fraction, value, time.perf_counter()))
+        return fraction >= prune_at
+    return Checkpoints((0.25, 0.5, 0.75), tokens, measure, report)
+
+
+def test_intermediate_evaluations_pause_the_clock(run):
+    told: list = []
+    t, answers, _ = run([*WATCHED, "until-done", ["send", {"op": "finish"}]], replace(TEST, time_budget=0.6),
+                        checkpoints=checkpoints(told, seconds=0.2))
+    assert t.status == "ok", t.error
+    assert [f for f, _, _ in told] == [0.25, 0.5, 0.75] and t.intermediate == [(f, v) for f, v, _ in told]
+    # each evaluation is off the clock: the budget is trained in full beside them
+    assert t.evaluating >= 0.6 and t.paused == pytest.approx(t.evaluating)
+    assert 0.6 <= t.training_seconds < t.finished - t.clock_start - 0.5
+
+
+def test_a_pause_is_off_the_clock_only_up_to_its_bound(run):
+    told: list = []
+    t, _, _ = run([*WATCHED, "until-done", ["send", {"op": "finish"}]], replace(TEST, time_budget=0.6),
+                  checkpoints=checkpoints(told, seconds=0.2, tokens=0))
+    assert t.status == "ok" and t.evaluating >= 0.2
+    assert t.paused <= len(told) * PAUSE_SLACK * 0.6 + 1e-9  # longer than the bound: the trial's own time
+
+
+def test_no_intermediate_evaluation_of_an_unwatched_model(run):
+    told: list = []
+    t, _, _ = run(["ready", "until-done", ["send", {"op": "finish"}]], checkpoints=checkpoints(told))
+    assert t.status == "ok" and told == [] and t.intermediate == [] and t.paused == 0
+
+
+def test_a_condemned_trial_ends_at_the_decision(run):
+    told: list = []
+    t, answers, _ = run([*WATCHED, "until-done", ["send", {"op": "finish"}]], replace(TEST, time_budget=5.0),
+                        checkpoints=checkpoints(told, prune_at=0.5))
+    assert t.status == "pruned" and t.error == "pruned at 50% of the budget: intermediate val_bpb 4.0000"
+    assert [f for f, _, _ in told] == [0.25, 0.5] and t.finished is None
+    assert not any(a.get("done") for a in answers)  # no answer after the decision: the runner kills the process
+    assert t.training_seconds < 5.0 * 0.75
+
+
+@pytest.mark.parametrize("status", ["crash", "oom", "nan", "timeout"])
+def test_a_failed_intermediate_evaluation_fails_the_trial(run, status):
+    told: list = []
+    t, _, _ = run([*WATCHED, "until-done", ["send", {"op": "finish"}]], replace(TEST, time_budget=5.0),
+                  checkpoints=checkpoints(told, score=Score(status=status, error="it broke")))
+    assert t.status == status and t.error == "at the intermediate evaluation at 25% of the budget: it broke"
+    assert told == []
+
+
+def test_a_failure_still_stops_at_once_with_checkpoints(run):
+    told: list = []
+    t, _, _ = run([*WATCHED, "step", "step", ["step", float("nan")], "step"], replace(TEST, time_budget=5.0),
+                  checkpoints=checkpoints(told))
+    assert t.status == "nan" and "at step 3" in t.error and told == []
+
+
 def session_over(answers: bytes, tmp_path: Path) -> tuple[api.Session, io.BytesIO]:
     """train.py's side of the channel, reading `answers` from the harness; what it asks goes into the buffer."""
     sent = io.BytesIO()
@@ -266,6 +337,26 @@ def test_the_session_of_train_py(tmp_path):
         session.tick(float("nan"))
     asked = [json.loads(line) for line in sent.getvalue().splitlines()]
     assert asked[0] == {"op": "batch", "rows": 2, "bytes": 0} and asked[1] == {"op": "tick", "loss": 3.0, "bytes": 0}
+
+
+def test_a_tick_at_a_checkpoint_answers_with_the_watched_models_logits(tmp_path):
+    """The harness asks for logits in answer to a tick; the session writes them into the shared file, in eval mode
+    and without gradients, and the tick returns once the harness answers the progress."""
+    logits_path = tmp_path / "logits.bin"
+    logits_path.write_bytes(bytes(3 * 4 * 11 * 4))
+    ids = np.arange(2 * 4, dtype=np.int32).reshape(2, 4)
+    answers = message({"op": "logits", "rows": 2}, ids.tobytes()) + message({"progress": 0.5, "done": False})
+    sent = io.BytesIO()
+    spec = {"model_path": str(tmp_path / "model.pt"), "device": "cpu", "seq_len": 4, "time_budget": 1.0,
+            "vocab_size": 11, "bos_id": 10, "intermediate_rows": 3, "intermediate_logits": str(logits_path)}
+    session = api.Session(spec, Channel(io.BytesIO(answers), sent))
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 11), torch.nn.Dropout(0.5))
+    session.watch(model)
+    assert session.tick(3.0) == 0.5 and model.training
+    written = np.memmap(logits_path, dtype=np.float32, mode="r", shape=(3, 4, 11))
+    assert np.array_equal(written[:2], model[0](torch.from_numpy(ids).long()).detach().numpy())  # no dropout
+    asked = [json.loads(line) for line in sent.getvalue().splitlines()]
+    assert [a["op"] for a in asked] == ["watch", "tick", "logits"]
 
 
 def test_finish_saves_the_model_and_reports_its_size(tmp_path):
