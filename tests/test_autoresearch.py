@@ -417,3 +417,32 @@ def test_a_discarded_commit_gone_from_git_is_imported_without_its_code(night, tm
     assert code == 0 and "results.tsv line 8: discard commit 0badc0d is missing from git" in err
     last = trials_of(url, "s")[-1]
     assert last.user_attrs["val_bpb"] == 1.9 and "generation" not in last.user_attrs and last.params == {}
+
+
+def test_the_llm_code_agent_edits_the_repository_train_py_under_the_same_guard(night, tmp_path, capsys, monkeypatch):
+    """The agent sees the repository's train.py and brief; an edit is guarded against what that file itself does."""
+    from llm_server import FakeLLM, file_answer, shown_train_py
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    monkeypatch.setenv("HYBRID_LLM_BACKOFF_SECONDS", "0.01")
+    (night / "program.md").write_text("Make the tiny byte model better. Only train.py changes.\n")
+    seen: list[str] = []
+
+    def respond(system: str, prompt: str) -> str:
+        seen.append(system)
+        shown = shown_train_py(system)
+        if len(seen) == 1:
+            return file_answer(shown.replace("nn.ReLU()", "nn.GELU()"), "GELU instead of ReLU in the MLP")
+        return file_answer(shown.replace("import math\n", "import math\nimport subprocess\n"), "profile the run")
+
+    url = storage(tmp_path)
+    with FakeLLM(responder=respond) as llm:
+        code, err = cli(capsys, "run", "--method", "llm-code", "--study", "code", "--repo", str(night), "--trials",
+                        "3", "--storage", url, "--llm", "anthropic", "--llm-base-url", llm.base_url)
+    (night / "program.md").unlink()
+    assert code == 0, err
+    assert "Make the tiny byte model better" in seen[0] and "from prepare import" in seen[0]
+    base, edit, hostile = trials_of(url, "code")
+    assert [t.user_attrs["status"] for t in (base, edit)] == ["ok", "ok"], edit.user_attrs.get("error")
+    assert "nn.GELU()" in (Path(edit.user_attrs["log_path"]).parent / "train.py").read_text()
+    assert hostile.user_attrs["status"] == "rejected" and "import of subprocess" in hostile.user_attrs["error"]

@@ -160,3 +160,62 @@ def test_the_first_refused_line_is_named():
     source = with_lines("x = eval('1')", "import os")
     line = next(i for i, text in enumerate(source.splitlines(), 1) if "eval(" in text)
     assert reason(source).startswith(f"line {line}: `eval`")
+
+
+# -- a foreign repository's train.py (hybrid run --repo): its own constructs allowed, line for line --------------
+
+FOREIGN = '''import os
+os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+import math
+import time
+
+import torch
+from kernels import get_kernel
+fa3 = get_kernel("kernels-community/flash-attn3").flash_attn_interface
+
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb
+
+DEPTH = 8
+MATRIX_LR = 0.04
+
+
+def main():
+    model = torch.nn.Linear(4, 4)
+    t0 = time.time()
+    val_bpb = evaluate_bpb(model, Tokenizer.from_directory(), 32)
+    print("---")
+    print(f"val_bpb:          {val_bpb:.6f}")
+    print(f"training_seconds: {time.time() - t0:.1f}")
+
+
+main()
+'''
+
+
+def foreign_reason(source: str) -> str:
+    with pytest.raises(PatchRejected) as e:
+        check_patch(FOREIGN, source, foreign_base=FOREIGN)
+    return e.value.reason
+
+
+def test_a_foreign_train_py_passes_as_it_is_and_with_its_knobs_changed():
+    check_source(FOREIGN, foreign_base=FOREIGN)
+    check_patch(FOREIGN, FOREIGN.replace("DEPTH = 8", "DEPTH = 10").replace("= 0.04", "= 0.02"), foreign_base=FOREIGN)
+    assert "harness.api" in reason(FOREIGN)  # without the foreign rules, its imports are refused
+
+
+@pytest.mark.parametrize("edit, why", [
+    (("import time\n", "import time\nimport subprocess\n"), "import of subprocess is not allowed"),
+    (("DEPTH = 8\n", "DEPTH = 8\nos.environ['HOME'] = '/tmp'\n"), "`.environ` is not allowed"),
+    (("    print(\"---\")\n", "    val_bpb = val_bpb * 0.5\n    print(\"---\")\n"), "may not compute it otherwise"),
+    (("    val_bpb = evaluate_bpb(model, Tokenizer.from_directory(), 32)\n",
+      "    val_bpb = evaluate_bpb(model, Tokenizer.from_directory(), 32) - 0.1\n"), "may not compute it otherwise"),
+    (("    print(\"---\")\n", "    print(\"---\")\n    print('val_bpb: 0.5')\n"), "may not print metric lines"),
+    (("DEPTH = 8\n", "DEPTH = 8\ndef evaluate_bpb(*a):\n    return 0.5\n"), "may not define evaluate_bpb"),
+    (("make_dataloader, evaluate_bpb", "make_dataloader"), "no longer imports evaluate_bpb from prepare"),
+    (("from prepare import", "from harness.api import start\nfrom prepare import"), "only through harness.api"),
+])
+def test_a_foreign_edit_is_refused_for_what_the_repository_never_did(edit, why):
+    old, new = edit
+    assert FOREIGN.count(old) == 1
+    assert why in foreign_reason(FOREIGN.replace(old, new))

@@ -1,6 +1,7 @@
 """What the LLM methods share: the research brief and the trial attributes of an LLM call."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hybrid.errors import UserError
@@ -10,9 +11,9 @@ from hybrid.paths import project_file
 ANSWER_CHARS = 20_000  # of the raw answer kept with the trial, for reading what the model said
 
 
-def read_program() -> str:
-    """program.md: ./program.md if the user has one, else the project's default brief."""
-    path = project_file("program.md")
+def read_program(repo: str | None = None) -> str:
+    """program.md: a --repo checkout's own, else ./program.md if the user has one, else the project's default brief."""
+    path = Path(repo) / "program.md" if repo and (Path(repo) / "program.md").is_file() else project_file("program.md")
     try:
         return path.read_text()
     except OSError as e:

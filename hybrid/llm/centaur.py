@@ -111,7 +111,7 @@ class CentaurMethod:
         self.told: set[int] = set()
         self._catch_up(study)
         self.advisor = Advisor(make_provider(config))
-        self.prefix = prompts.prefix(read_program(), inject_knobs(code, space.defaults()), space)
+        self.prefix = prompts.prefix(read_program(config.repo), inject_knobs(code, space.defaults()), space)
 
     def _catch_up(self, study: optuna.Study) -> None:
         """Tell CMA-ES the finished trials it has not seen, in trial order (all of them when resuming)."""

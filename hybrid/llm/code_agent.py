@@ -111,7 +111,8 @@ class LLMCodeMethod:
         self.space, self.code = space, code
         self.sampler = MoveSampler.random(seed)
         self.advisor = Advisor(make_provider(config))
-        self.program = read_program()
+        self.program = read_program(config.repo)
+        self.foreign_base = code if config.repo else None  # the repository's own train.py (guard.check_source)
         self.lineage = Lineage(study, config.artifacts)
         with self.lineage.held():
             self.lineage.commit(self.lineage.load()[0])
@@ -129,7 +130,7 @@ class LLMCodeMethod:
         try:
             edit = read_edit(reply.text, current)
             attrs["edit_form"] = edit.form
-            check_patch(current, edit.source)
+            check_patch(current, edit.source, foreign_base=self.foreign_base)
             space, config = generation_space(self.space, edit.source)
         except PatchRejected as e:
             return self._refused(inc, e.reason, attrs)

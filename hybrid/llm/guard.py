@@ -24,6 +24,10 @@ MAX_LINES = 3000
 
 ALLOWED_MODULES = ("torch", "numpy", "math", "time", "dataclasses", "functools", "typing", "collections",
                    "itertools", "contextlib", "enum", "abc", "random", "gc", "__future__", "harness.api")
+# Under `hybrid run --repo`: the repository's prepare.py instead of the harness (its own train.py may use more: see
+# check_source), and the function whose value is its val_bpb.
+FOREIGN_PREPARE, FOREIGN_METRIC = "prepare", "evaluate_bpb"
+FOREIGN_MODULES = tuple(m for m in ALLOWED_MODULES if m != "harness.api") + (FOREIGN_PREPARE,)
 # Submodules of allowed packages that read or write files, start processes or open sockets.
 DENIED_MODULES = ("torch.hub", "torch.utils.cpp_extension", "torch.utils.data", "torch.utils.collect_env",
                   "torch.utils.tensorboard", "torch.multiprocessing", "torch.distributed", "torch.package",
@@ -66,15 +70,21 @@ class PatchRejected(Exception):
         self.reason = reason
 
 
-def check_patch(old_source: str, new_source: str) -> None:
-    """PatchRejected(reason) unless `new_source` is an acceptable replacement for train.py `old_source`."""
+def check_patch(old_source: str, new_source: str, *, foreign_base: str | None = None) -> None:
+    """PatchRejected(reason) unless `new_source` is an acceptable replacement for train.py `old_source`.
+    `foreign_base`: the repository's own train.py of a `hybrid run --repo` (see check_source)."""
     if new_source == old_source:
         raise PatchRejected("the edit changes nothing")
-    check_source(new_source)
+    check_source(new_source, foreign_base=foreign_base)
 
 
-def check_source(source: str) -> None:
-    """PatchRejected(reason) naming the first line the guard refuses, unless the whole train.py passes."""
+def check_source(source: str, *, foreign_base: str | None = None) -> None:
+    """PatchRejected(reason) naming the first line the guard refuses, unless the whole train.py passes.
+
+    With `foreign_base` (an autoresearch checkout's own train.py), what that file does itself is allowed (its
+    environment switches, kernel downloads, imports from its prepare.py, its summary lines), line for line; only
+    what it lacks is refused, and the metric stays the repository's: evaluate_bpb imported from prepare and
+    called, never defined, and no line that computes val_bpb otherwise than the repository's own."""
     size = len(source.encode("utf-8"))
     if size > MAX_BYTES:
         raise PatchRejected(f"train.py would be {size:,} bytes, more than the {MAX_BYTES:,} allowed")
@@ -87,11 +97,17 @@ def check_source(source: str) -> None:
         raise PatchRejected(f"train.py does not parse: line {e.lineno}: {e.msg}") from None
     except ValueError as e:  # null bytes
         raise PatchRejected(f"train.py does not parse: {e}") from None
-    problems = sorted(_problems(tree), key=lambda p: p[:2])  # reading order; of nested constructs, the outermost
+    foreign = foreign_base is not None
+    problems = sorted(_problems(tree, foreign), key=lambda p: p[:2])  # reading order; of nested ones, the outermost
+    if foreign:
+        problems = _not_in_base(problems, source, foreign_base)
     if problems:
         line, _, message = problems[0]
         raise PatchRejected(f"line {line}: {message}")
     nodes = list(ast.walk(tree))
+    if foreign:
+        _check_foreign_metric(nodes)
+        return
     if not any(_imports_api(node) for node in nodes):
         raise PatchRejected("train.py no longer imports harness.api: it must train through the harness's session")
     if not any(isinstance(n, ast.Call) and _called_name(n) == "finish" for n in nodes):
@@ -110,8 +126,29 @@ def _imports_api(node: ast.AST) -> bool:
     return False
 
 
-def _problems(tree: ast.Module) -> Iterator[tuple[int, int, str]]:
-    """(line, column, reason) for every construct the guard refuses."""
+def _not_in_base(problems: list[tuple[int, int, str]], source: str, base: str) -> list[tuple[int, int, str]]:
+    """The problems of `source` whose line (its text, and the reason) the foreign repository's own train.py lacks."""
+    def keyed(found: list[tuple[int, int, str]], text: str) -> list[tuple[str, str]]:
+        lines = text.splitlines()
+        return [(lines[line - 1].strip() if 0 < line <= len(lines) else "", message) for line, _, message in found]
+
+    allowed = set(keyed(list(_problems(ast.parse(base), True)), base))
+    return [p for p, key in zip(problems, keyed(problems, source)) if key not in allowed]
+
+
+def _check_foreign_metric(nodes: list[ast.AST]) -> None:
+    """The foreign repository's val_bpb must stay its prepare.py's evaluate_bpb."""
+    imported = any(isinstance(n, ast.ImportFrom) and n.module == FOREIGN_PREPARE
+                   and any(a.name == FOREIGN_METRIC and a.asname is None for a in n.names) for n in nodes)
+    if not imported:
+        raise PatchRejected(f"train.py no longer imports {FOREIGN_METRIC} from {FOREIGN_PREPARE}: val_bpb must be the "
+                            "repository's own evaluation")
+    if not any(isinstance(n, ast.Call) and _called_name(n) == FOREIGN_METRIC for n in nodes):
+        raise PatchRejected(f"train.py never calls {FOREIGN_METRIC}: val_bpb must be the repository's own evaluation")
+
+
+def _problems(tree: ast.Module, foreign: bool = False) -> Iterator[tuple[int, int, str]]:
+    """(line, column, reason) for every construct the guard refuses (under the foreign rules: see check_source)."""
     nodes = list(ast.walk(tree))
     modules = _imported_modules(nodes)
     called = {id(n.func) for n in nodes if isinstance(n, ast.Call)}
@@ -119,9 +156,15 @@ def _problems(tree: ast.Module) -> Iterator[tuple[int, int, str]]:
         where = (getattr(node, "lineno", 0), getattr(node, "col_offset", 0))
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield from ((*where, m) for m in _import_problems(alias.name))
+                yield from ((*where, m) for m in _import_problems(alias.name, foreign))
         elif isinstance(node, ast.ImportFrom):
-            yield from ((*where, m) for m in _from_import_problems(node))
+            yield from ((*where, m) for m in _from_import_problems(node, foreign))
+        elif foreign and isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == FOREIGN_METRIC:
+            yield *where, f"train.py may not define {FOREIGN_METRIC}: val_bpb is the repository's own evaluation"
+        elif foreign and isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and any(
+                isinstance(t, ast.Name) and (METRIC.search(t.id) or t.id == FOREIGN_METRIC) for t in _targets(node)):
+            yield *where, ("val_bpb is the repository's own evaluation: train.py may not compute it otherwise than "
+                           "the repository's train.py does")
         elif isinstance(node, ast.Name):
             if node.id in DENIED_NAMES:
                 yield *where, f"`{node.id}` is not allowed in train.py ({OFF_LIMITS})"
@@ -143,15 +186,21 @@ def _problems(tree: ast.Module) -> Iterator[tuple[int, int, str]]:
                          "batches from the session")
 
 
-def _import_problems(name: str) -> Iterator[str]:
-    if name.split(".")[0] == "harness" and name != "harness.api":
+def _targets(node: ast.Assign | ast.AugAssign | ast.AnnAssign) -> list[ast.AST]:
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return [n for t in targets for n in ast.walk(t)]
+
+
+def _import_problems(name: str, foreign: bool = False) -> Iterator[str]:
+    modules = FOREIGN_MODULES if foreign else ALLOWED_MODULES
+    if name.split(".")[0] == "harness" and (foreign or name != "harness.api"):
         yield f"import of {name}: train.py may use the harness only through harness.api"
-    elif not _under(name, ALLOWED_MODULES) or _under(name, DENIED_MODULES):
-        allowed = ", ".join(m for m in ALLOWED_MODULES if m != "__future__")
+    elif not _under(name, modules) or _under(name, DENIED_MODULES):
+        allowed = ", ".join(m for m in modules if m != "__future__")
         yield f"import of {name} is not allowed (allowed: {allowed})"
 
 
-def _from_import_problems(node: ast.ImportFrom) -> Iterator[str]:
+def _from_import_problems(node: ast.ImportFrom, foreign: bool = False) -> Iterator[str]:
     if node.level:
         yield "relative imports are not allowed: train.py is a single file"
         return
@@ -160,9 +209,9 @@ def _from_import_problems(node: ast.ImportFrom) -> Iterator[str]:
         if alias.name == "*":
             yield f"`from {module} import *` is not allowed: import the names you use"
         elif module == "harness":
-            yield from _import_problems(f"harness.{alias.name}")
+            yield from _import_problems(f"harness.{alias.name}", foreign)
         else:
-            yield from _import_problems(module)
+            yield from _import_problems(module, foreign)
             if alias.name in DENIED_ATTRIBUTES or _under(f"{module}.{alias.name}", DENIED_MODULES):
                 yield f"`from {module} import {alias.name}` is not allowed ({OFF_LIMITS})"
 

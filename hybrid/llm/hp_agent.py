@@ -115,7 +115,7 @@ class LLMHPMethod:
         self.space, self.code = space, code
         self.sampler = MoveSampler.random(seed)
         self.advisor = Advisor(make_provider(config))
-        self.prefix = prompts.prefix(read_program(), inject_knobs(code, space.defaults()), space)
+        self.prefix = prompts.prefix(read_program(config.repo), inject_knobs(code, space.defaults()), space)
 
     def next_move(self, study: optuna.Study) -> Move:
         task = prompts.hp_task(store.finished_trials(study), self.space)

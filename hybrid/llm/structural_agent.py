@@ -103,7 +103,7 @@ class LLMStructuralAgent:
 
     def __init__(self, config: RunConfig) -> None:
         self.advisor = Advisor(make_provider(config))
-        self.program = read_program()
+        self.program = read_program(config.repo)
         self.study_name = config.study
 
     def propose(self, context: Context) -> Proposal | None:
