@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness.knobs import KnobError
 from hybrid.config import DEFAULT_MAX_FAILURES_IN_A_ROW, DEFAULT_STORAGE, METHODS
+from hybrid.pruners import DEFAULT_PRUNER, PRUNERS
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.space import SpaceError
 
@@ -117,6 +118,9 @@ def _add_run_flags(p: argparse.ArgumentParser, workers_help: str = "processes on
     p.add_argument("--benchmark-noise", type=float, default=None,
                    help="benchmark objective: sd of its measurement noise (default: 1e-4, the paper's seed-to-seed)")
     p.add_argument("--llm-fraction", type=float, default=0.3, help="centaur: share of trials proposed by the LLM")
+    p.add_argument("--pruner", choices=PRUNERS, default=None,
+                   help=f"stop trials whose intermediate val_bpb is hopeless (Optuna's pruners; train objective only; "
+                        f"default: {DEFAULT_PRUNER} for train, none otherwise)")
     p.add_argument("--max-failures-in-a-row", type=_positive(int), default=DEFAULT_MAX_FAILURES_IN_A_ROW,
                    help="stop (exit 2, resumable) after this many trials in a row fail for the same reason")
     _add_llm_max_usd(p)

@@ -75,6 +75,7 @@ class RunConfig:
     max_failures_in_a_row: int = DEFAULT_MAX_FAILURES_IN_A_ROW  # trials failing the same way that stop the run
     llm_max_usd: float | None = None  # no LLM call once the study's recorded LLM cost reaches this (hybrid.llm.spending)
     benchmark_noise: float | None = None  # the benchmark objective's measurement noise (hybrid.benchmark_objective)
+    pruner: str | None = None     # none | median | sha | hyperband | wilcoxon (hybrid.pruners); None stored: none
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -97,6 +98,11 @@ class RunConfig:
     def spec(self) -> MethodSpec:
         return METHODS[self.method]
 
+    @property
+    def prunes(self) -> bool:
+        """Whether trials report intermediate val_bpb to a pruner (None: a study stored before pruners existed)."""
+        return self.pruner not in (None, "none")
+
     def finalize(self) -> RunConfig:
         """Fill the defaults that depend on the machine, and refuse impossible combinations (UserError)."""
         if self.method not in METHODS:
@@ -118,6 +124,7 @@ class RunConfig:
             raise UserError(f"--repeats must be >= 1, got {self.repeats}")
         if not 0.0 <= self.llm_fraction <= 1.0:
             raise UserError(f"--llm-fraction must be within [0, 1], got {self.llm_fraction}")
+        self._finalize_pruner()
         if self.budget_hours is None and self.trials is None:
             self.budget_hours = DEFAULT_BUDGET_HOURS["surrogate" if self.objective in MODELLED else self.profile]
         for name, value in (("budget", self.budget_hours), ("trials", self.trials), ("workers", self.workers),
@@ -131,6 +138,19 @@ class RunConfig:
         if self.artifacts is None:
             self.artifacts = str(artifacts_root(self.storage) / self.study)
         return self
+
+    def _finalize_pruner(self) -> None:
+        """The run's pruner: refused where no learning curve exists, else the default of real training."""
+        from hybrid.pruners import DEFAULT_PRUNER, PRUNERS
+
+        if self.pruner is not None and self.pruner not in PRUNERS:
+            raise UserError(f"unknown pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
+        curves = self.objective == "train" and not self.repo
+        if self.pruner not in (None, "none") and not curves:
+            what = "a --repo trial reports" if self.repo else f"the {self.objective} objective has"
+            raise UserError(f"--pruner {self.pruner}: {what} no intermediate val_bpb to prune on; drop --pruner")
+        if self.pruner is None:
+            self.pruner = DEFAULT_PRUNER if curves else "none"
 
 
 def artifacts_root(storage: str) -> Path:

@@ -32,6 +32,7 @@ from hybrid.paths import project_file
 from hybrid.gpus import pin_gpu
 from hybrid.processes import stop_with
 from hybrid.progress import RunProgress
+from hybrid.pruners import UNPRUNED, make_pruner, reporter
 from hybrid.space import SearchSpace, check_against_source, load_space
 
 # Seed offset per worker: a prime far above a study's trial count (hundreds), so that a worker's seed, which also
@@ -203,7 +204,7 @@ class _Interrupt:
 def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = True) -> int:
     """Run moves until the budget is spent and no trial is in flight; returns the exit status (130 after Ctrl-C)."""
     storage = store.open_storage(config.storage)
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(config.pruner))
     base = generations.load_all(study)[0]
     space = SearchSpace.from_dict(study.user_attrs[store.SPACE_KEY])
     budget = Budget.of(config)
@@ -279,8 +280,11 @@ def _one_trial(study: optuna.Study, method: Method, objective: Objective, config
             else:
                 if interrupt.requested:  # Ctrl-C while the trial was being proposed: it never runs
                     raise KeyboardInterrupt
+                # intermediate val_bpb for the pruner, from an objective with learning curves (the train objective)
+                prunes = config.prunes and getattr(objective, "curves", False)
+                pruning = {"report": reporter(trial, move.source not in UNPRUNED)} if prunes else {}
                 result = objective.evaluate(move.code, dict(trial.params), seed=seed, trial_number=trial.number,
-                                            trial_dir=Path(config.artifacts) / f"trial-{trial.number:05d}")
+                                            trial_dir=Path(config.artifacts) / f"trial-{trial.number:05d}", **pruning)
         except BaseException as e:  # Ctrl-C, or a bug: the trial is failed, never counted
             store.settle(study, optuna_compat.trial_id(trial))
             if isinstance(e, KeyboardInterrupt):
@@ -299,6 +303,8 @@ def _start(trial: optuna.Trial, move: Move, sampler: MoveSampler) -> None:
     the sampler of its generation's."""
     trial.set_user_attr(records.GENERATION, move.generation)
     trial.set_user_attr(records.SOURCE, move.source)
+    if move.prune_with:
+        trial.set_user_attr(records.PRUNE_WITH, list(move.prune_with))
     sampler.prepare(move.generation, move.config)
     _suggest(trial, move.space.distributions())
 

@@ -21,6 +21,9 @@ class Move:
     config: dict[str, Any] | None = None
     rejected: str | None = None       # refused before running (patch guard, unreadable answer): the reason
     attrs: dict[str, Any] = field(default_factory=dict)  # extra trial attributes (LLM usage, mutation, ...)
+    # Generations besides its own whose trials the pruner compares it with (hybrid.pruners): a new generation's
+    # first trials screened against its parent's curves, the survivors run the full budget.
+    prune_with: tuple[int, ...] = ()
 
 
 class Method(Protocol):

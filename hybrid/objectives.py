@@ -57,6 +57,7 @@ class TrainObjective:
     sandbox: str = "auto"
     history: Callable[[], Iterable[FrozenTrial]] = tuple  # the study's trials: startup bound, rescoring
     name: str = "train"
+    curves: bool = True  # evaluate() takes `report`: intermediate val_bpb for a pruner (hybrid.pruners)
 
     def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
         """The config run_trial injects: TOTAL_BATCH_SIZE snapped to whole micro-batches (see snap_batch_size)."""
@@ -69,13 +70,15 @@ class TrainObjective:
             return dict(config)
 
     def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
-                 trial_dir: Path) -> TrialResult:
+                 trial_dir: Path, report: Callable[[float, float], bool] | None = None) -> TrialResult:
+        """`report`: told the intermediate val_bpb at each checkpoint, True stops the trial (harness.runner)."""
         from harness.runner import run_trial
 
         history = list(self.history())
         return run_trial(source, config, self.profile, trial_dir, seed=seed, device=self.device,
                          vram_cap_gb=self.vram_cap_gb, stop=self.stop, sandbox=self.sandbox,
-                         startup_limit=startup_limit(self.profile, history), rescore_below=rescore_below(history))
+                         startup_limit=startup_limit(self.profile, history), rescore_below=rescore_below(history),
+                         report=report)
 
 
 class SurrogateObjective:
@@ -123,6 +126,10 @@ class MemoryGuarded:
     @property
     def name(self) -> str:
         return self.objective.name
+
+    @property
+    def curves(self) -> bool:
+        return getattr(self.objective, "curves", False)
 
     def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
         return self.objective.runs_as(source, config)

@@ -5,7 +5,8 @@ Trial attributes: SOURCE (who proposed the move: tpe, cmaes, llm-hp, catalog, re
 GENERATION (the code generation that ran), CODE_SHA, SEED, METHOD, STATUS (ok or a failure class, written last),
 VAL_BPB and the other measurements of harness.result.TrialResult (NUM_STEPS: optimizer steps, warm-up included),
 ERROR (a failure's one-line reason), LOG_PATH, CONFIG_RAN (the knob values the trial ran), SURPLUS (a slot another
-worker filled first: never counted), and the LLM usage of the move (LLM_TOKENS, LLM_COST_USD: hybrid.llm.client).
+worker filled first: never counted), PRUNE_WITH (generations besides its own that the pruner compares it with:
+hybrid.pruners), and the LLM usage of the move (LLM_TOKENS, LLM_COST_USD: hybrid.llm.client).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
+
+from harness.result import PRUNED  # the STATUS of a trial the pruner stopped early (Optuna's PRUNED)
 
 SOURCE = "source"
 GENERATION = "generation"
@@ -26,6 +29,7 @@ ERROR = "error"
 LOG_PATH = "log_path"
 CONFIG_RAN = "config_ran"
 SURPLUS = "surplus"
+PRUNE_WITH = "prune_with"
 TOTAL_SECONDS = "total_seconds"
 NUM_STEPS = "num_steps"
 LLM_TOKENS = ("llm_input_tokens", "llm_output_tokens", "llm_cache_read_tokens", "llm_cache_write_tokens")
@@ -37,7 +41,7 @@ MIN_STEPS = 10  # a successful trial of fewer optimizer steps is flagged: its va
 
 def is_finished(trial: FrozenTrial) -> bool:
     """A trial whose outcome was recorded (not an interrupted or still-running one)."""
-    return trial.state in (TrialState.COMPLETE, TrialState.FAIL) and STATUS in trial.user_attrs
+    return trial.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) and STATUS in trial.user_attrs
 
 
 def ok_value(trial: FrozenTrial) -> float | None:
@@ -63,9 +67,9 @@ def few_steps(trial: FrozenTrial, objective: str | None) -> bool:
 
 
 def failure_reason(trial: FrozenTrial) -> str | None:
-    """`status: error` of a failed trial (its one-line reason), None for a success."""
+    """`status: error` of a failed trial (its one-line reason), None for a success or a pruned trial."""
     status = trial.user_attrs.get(STATUS)
-    if status == OK:
+    if status in (OK, PRUNED):
         return None
     error = " ".join(str(trial.user_attrs.get(ERROR) or "").split())
     return f"{status}: {error}" if error else str(status)

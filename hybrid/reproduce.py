@@ -64,8 +64,8 @@ def plan(args: argparse.Namespace, mode: str) -> list[RunConfig]:
                          llm=args.llm, llm_model=args.llm_model, llm_base_url=args.llm_base_url,
                          llm_max_usd=args.llm_max_usd,
                          vram_cap_gb=PAPER_CAP_GB if mode == "real" else None, sandbox=args.sandbox,
-                         memory_model=False).finalize()  # the paper's protocol: failures run and cost their time
-               for m in methods for seed in range(args.seeds)]
+                         memory_model=False, pruner="none").finalize()  # the paper's protocol: failures run
+               for m in methods for seed in range(args.seeds)]  # and cost their time; no trial is cut short
     check_existing(configs)
     return configs
 

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLAlchemyError
 
-from harness.result import TrialResult
+from harness.result import PRUNED, TrialResult
 from harness.scrub import scrub
 from hybrid import optuna_compat
 from hybrid.errors import UserError
@@ -191,6 +191,8 @@ def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
 def _outcome(result: TrialResult) -> tuple[TrialState, list[float] | None]:
     if result.status == "rejected":
         return TrialState.FAIL, None
+    if result.status == PRUNED:  # Optuna records its last intermediate value as its value
+        return TrialState.PRUNED, None
     return TrialState.COMPLETE, [result.objective]
 
 
