@@ -215,7 +215,8 @@ class HybridMethod:
         proposal = self.agent.propose(context)
         if proposal is None:
             return self._tune(parent)  # the agent has nothing left to try: tuning goes on
-        rejected = proposal.rejected or _check(parent, proposal)
+        foreign_base = snap.generations[0].source if self.config.repo else None  # the repository's own train.py
+        rejected = proposal.rejected or _check(parent, proposal, foreign_base)
         space = parent.search_space() if rejected else parent.search_space().with_changes(proposal.added,
                                                                                           proposal.removed)
         if not self.lease.renew():
@@ -268,12 +269,13 @@ def _warm_configs(snap: Snapshot, gen: Generation) -> list[dict[str, Any]]:
     return best_configs(snap.parent_trials(gen), space, WARM_CONFIGS) or [space.defaults()]
 
 
-def _check(parent: Generation, proposal: Proposal) -> str | None:
-    """Why the proposal may not run (the patch guard, or knobs it declares that its code lacks), or None."""
+def _check(parent: Generation, proposal: Proposal, foreign_base: str | None) -> str | None:
+    """Why the proposal may not run (the patch guard, or knobs it declares that its code lacks), or None.
+    `foreign_base`: a --repo run's own train.py (the guard's foreign rules)."""
     from hybrid.llm.guard import PatchRejected, check_patch
 
     try:
-        check_patch(parent.source, proposal.source)
+        check_patch(parent.source, proposal.source, foreign_base=foreign_base)
         space = parent.search_space().with_changes(proposal.added, proposal.removed)
         check_against_source(space, proposal.source)
     except PatchRejected as e:
