@@ -59,8 +59,9 @@ def load_studies(url: str, names: list[str] | None) -> list[optuna.Study]:
 
 
 def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
-    """One row per trial: run columns, number, state, value, params_<knob>, every user attribute, and derived
-    columns finished, ok, failed, oom, few_steps (a success of fewer than records.MIN_STEPS optimizer steps),
+    """One row per trial: run columns, number, state, value, params_<knob>, every user attribute, intermediate (its
+    intermediate val_bpb by percent of the budget, JSON), and derived columns finished, ok, pruned, failed (neither
+    ok nor pruned), oom, few_steps (a success of fewer than records.MIN_STEPS optimizer steps),
     gpu_hours (cumulative within the study, in completion order) and incumbent (best val_bpb so far within the study)."""
     rows = []
     for study in studies:
@@ -71,6 +72,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
             row: dict[str, Any] = {**run, "number": t.number, "state": t.state.name, "value": t.value,
                                    "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
                                    "finished": store.is_finished(t),
+                                   "intermediate": json.dumps(t.intermediate_values) if t.intermediate_values else None,
                                    "few_steps": records.few_steps(t, run["objective"])}
             row.update({f"params_{k}": v for k, v in t.params.items()})
             for key, value in t.user_attrs.items():
@@ -84,7 +86,8 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
         if column not in frame:
             frame[column] = None
     frame["ok"] = frame["finished"] & (frame["status"] == "ok")
-    frame["failed"] = frame["finished"] & (frame["status"] != "ok")
+    frame["pruned"] = frame["finished"] & (frame["status"] == records.PRUNED)
+    frame["failed"] = frame["finished"] & ~frame["ok"] & ~frame["pruned"]
     frame["oom"] = frame["finished"] & frame["status"].isin(OOM_STATUSES)
     frame = frame.sort_values(["study", "datetime_complete", "number"], na_position="last").reset_index(drop=True)
     cost = frame["total_seconds"].astype(float).fillna(0.0).where(frame["finished"], 0.0)
@@ -145,6 +148,7 @@ def method_table(frame: pd.DataFrame) -> pd.DataFrame:
             "fail_rate": trials["failed"].mean() if len(trials) else math.nan,
             "oom_rate": trials["oom"].mean() if len(trials) else math.nan,
             "gpu_hours": seconds.sum() / 3600, "gpu_hours_failed": seconds[trials["failed"]].sum() / 3600,
+            "pruned": int(trials["pruned"].sum()), "gpu_hours_pruned": seconds[trials["pruned"]].sum() / 3600,
             "llm_tokens": float(trials[tokens].apply(pd.to_numeric, errors="coerce").sum().sum()),
             "llm_cost_usd": float(trials[costs].apply(pd.to_numeric, errors="coerce").sum().sum()),
             "baseline": baseline.mean() if len(baseline) else math.nan,
@@ -243,11 +247,13 @@ def best_markdown(studies: list[optuna.Study], url: str) -> str:
 
 
 def what_there_is(frame: pd.DataFrame) -> str:
-    """`12 finished trials: 9 successful, 3 failed (oom 2, crash 1); 1 interrupted or running, not counted`."""
+    """`12 finished trials: 9 successful, 3 failed (oom 2, crash 1); 1 interrupted or running, not counted`
+    (`..., 2 pruned, ...` when the pruner stopped some)."""
     done = frame[frame["finished"]]
-    ok = int(done["ok"].sum())
+    ok, pruned = int(done["ok"].sum()), int(done["pruned"].sum())
     failed = done.loc[done["failed"], "status"].value_counts()
-    text = f"{len(done)} finished {'trial' if len(done) == 1 else 'trials'}: {ok} successful, {len(done) - ok} failed"
+    text = (f"{len(done)} finished {'trial' if len(done) == 1 else 'trials'}: {ok} successful, "
+            + (f"{pruned} pruned, " if pruned else "") + f"{len(done) - ok - pruned} failed")
     if len(failed):
         text += " (" + ", ".join(f"{s} {n}" for s, n in failed.items()) + ")"
     interrupted = int((~frame["finished"]).sum())

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from harness.profiles import get_profile
 from harness.runner import run_trial
-from hybrid import pruners, records, store
+from hybrid import pruners, records, report, store
 from tests.conftest import TINY_TRAIN_PY
 from tests.util import cli
 
@@ -92,6 +92,9 @@ def test_a_run_records_pruned_trials_and_their_curves(data_dir, tmp_path, capsys
     assert store.seconds_used(study.get_trials()) == pytest.approx(
         sum(t.user_attrs["total_seconds"] for t in study.get_trials()))
     assert store.run_info(study)["pruner"] == "median"
+    frame = report.trials_frame([study])  # the report counts it pruned, not failed, and keeps its curve
+    assert frame["pruned"].tolist() == [False, True] and not frame["failed"].any()
+    assert frame["intermediate"].notna().all()
 
 
 def test_a_resumed_study_keeps_its_pruner(data_dir, tmp_path, capsys, monkeypatch):
