@@ -7,6 +7,7 @@ Values are shown plainly (no offset notation); a flat range is padded to MIN_SPA
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -270,6 +271,54 @@ def plot_trials(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figu
                   "each plot, one row per seed.")
 
 
+# -- learning curves (pruning) ----------------------------------------------------------------------------
+
+PRUNED_COLOR = "#7f7f7f"
+
+
+def curve_points(row: pd.Series) -> tuple[list[float], list[float]]:
+    """A trial's intermediate val_bpb by percent of the budget, then its final val_bpb at 100 if it has one."""
+    points = sorted((float(k), v) for k, v in json.loads(row["intermediate"]).items())
+    if row["ok"]:
+        points.append((100.0, float(row["val_bpb"])))
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def plot_curves(frame: pd.DataFrame, palette: dict[str, str], out: Path) -> Figure | str:
+    """Per method: every trial's intermediate val_bpb at the checkpoints and its final one; pruned trials in grey."""
+    curved = frame[frame["finished"] & frame["intermediate"].notna()] if "intermediate" in frame else frame[:0]
+    if curved.empty:
+        return "Learning curves: skipped, no trial reported intermediate val_bpb (no --pruner)."
+    methods = [m for m in palette if m in set(curved["method"])]
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 4.4), squeeze=False, sharey=True)
+    pfig = make_subplots(rows=1, cols=len(methods), shared_yaxes=True, subplot_titles=methods)
+    for i, method in enumerate(methods):
+        ax = axes[0][i]
+        for _, row in curved[curved["method"] == method].iterrows():
+            x, y = curve_points(row)
+            color = PRUNED_COLOR if row["pruned"] else palette[method]
+            ax.plot(x, y, color=color, alpha=0.5, lw=1, ls="--" if row["pruned"] else "-", marker=".")
+            pfig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", showlegend=False, opacity=0.6,
+                                      line={"color": color, "dash": "dash" if row["pruned"] else "solid"},
+                                      hovertemplate=f"trial {row['number']} ({row['status']}): {BPB_HOVER}"),
+                           row=1, col=i + 1)
+        ax.set_title(method)
+        ax.set_xlabel("percent of the training budget")
+        ax.grid(alpha=0.3)
+        pfig.update_xaxes(title_text="percent of the training budget", row=1, col=i + 1)
+    axes[0][0].set_ylabel(BPB_LABEL)
+    title = "Learning curves: intermediate val_bpb on the validation slice, then the final val_bpb"
+    fig.suptitle(title)
+    fig.tight_layout()
+    pfig.update_layout(title=title)
+    pfig.update_yaxes(title_text=BPB_LABEL, tickformat=".4f", row=1, col=1)
+    _save(fig, pfig, out, "curves")
+    return Figure("curves", "Learning curves and pruning",
+                  "Each trial's val_bpb on the small validation slice at the checkpoints of its budget, then its final "
+                  "val_bpb (all validation tokens) at 100 %; pruned trials dashed in grey, ending where they were "
+                  "stopped. Failed trials are left out after their last checkpoint.")
+
+
 # -- Pareto fronts ----------------------------------------------------------------------------------------
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -502,6 +551,7 @@ def write_all(frame: pd.DataFrame, studies: list[optuna.Study], lineages: dict[s
                    plot_pareto(frame, palette, out)]
     else:
         figures = ["Incumbent, every trial and Pareto fronts: skipped, no trial succeeded (nothing has a val_bpb)."]
+    figures.append(plot_curves(frame, palette, out))
     figures += [plot_importances(studies, frame, palette, out, name) for name in IMPORTANCE_KINDS]
     figures += [plot_lineage(name, rows, out) for name, rows in lineages.items()]
     return figures

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from harness.profiles import get_profile
 from harness.runner import run_trial
-from hybrid import pruners, records, report, store
+from hybrid import plots, pruners, records, report, store
 from tests.conftest import TINY_TRAIN_PY
 from tests.util import cli
 
@@ -95,6 +95,8 @@ def test_a_run_records_pruned_trials_and_their_curves(data_dir, tmp_path, capsys
     frame = report.trials_frame([study])  # the report counts it pruned, not failed, and keeps its curve
     assert frame["pruned"].tolist() == [False, True] and not frame["failed"].any()
     assert frame["intermediate"].notna().all()
+    figure = plots.plot_curves(frame, {"random": "#1f77b4"}, tmp_path)  # and draws it
+    assert figure.name == "curves" and (tmp_path / "curves.png").exists() and (tmp_path / "curves.html").exists()
 
 
 def test_a_resumed_study_keeps_its_pruner(data_dir, tmp_path, capsys, monkeypatch):
