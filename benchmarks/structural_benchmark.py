@@ -4,9 +4,11 @@ surrogate plus catalog mutations with hidden true effects: hybrid.benchmark_obje
 For every seed: hybrid studies at several (--mutate-every, --stagnation, --repeats) settings, and tpe, cmaes and the
 hybrid at its defaults at equal budget. Each verdict is scored against the move's hidden true effect: a false promotion
 is a move with true effect >= 0 (no better) promoted; power is the share of moves better by at least 2x the noise that
-were promoted. Writes benchmarks/results/structural_benchmark.md and the raw log (one JSON line per study) beside it.
+were promoted. Writes benchmarks/results/structural_benchmark.md and the raw log (one JSON line per study) beside it;
+--resume keeps the studies already in the log and runs the rest.
 
-    python benchmarks/structural_benchmark.py [--seeds 10] [--workers 2] [--grid-trials 60] [--budget-hours 8]
+    python benchmarks/structural_benchmark.py [--seeds 10] [--workers 2] [--grid-trials 40] [--budget-hours 6]
+                                              [--resume]
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 # Hybrid settings of the grid: (mutate every, stagnation, repeats); the first is the centre the others vary from.
-GRID = ((10, 5, 2), (10, 5, 1), (20, 10, 2))
+GRID = ((10, 5, 2), (10, 5, 1), (10, 5, 3), (5, 3, 2), (20, 10, 2))
+H2H_METHODS = ("tpe", "cmaes", "hybrid")
+JOB_KEYS = ("part", "method", "seed", "trials", "mutate_every", "stagnation", "repeats", "budget_hours")
 POWER_FACTOR = 2.0  # power counts moves better by at least this many noise sd
 Z95 = 1.96
 
@@ -37,10 +41,12 @@ def run_study(job: dict[str, Any]) -> dict[str, Any]:
     from hybrid import generations, loop, store
     from hybrid.benchmark_objective import DEFAULT_NOISE, hidden_world, read_truth
     from hybrid.config import RunConfig
+    from hybrid.evolution import DEFAULT_SCHEDULES
+    from hybrid.promotion import REPEATS, incumbent
     from hybrid.records import ok_value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    started = time.process_time()
+    started, wall = time.process_time(), time.time()
     with tempfile.TemporaryDirectory() as tmp:
         config = RunConfig(method=job["method"], study="s", storage=f"sqlite:///{tmp}/b.db", seed=job["seed"],
                            objective="benchmark", memory_model=False, sandbox="off", artifacts=f"{tmp}/art",
@@ -53,16 +59,27 @@ def run_study(job: dict[str, Any]) -> dict[str, Any]:
         truth = read_truth(config.artifacts)
         gens = generations.load_all(study)
         world = hidden_world(job["seed"], gens[0].source)
-        decisions = [{"generation": g.number, "mutation": g.mutation, "kind": world[g.mutation].kind,
+        trials = study.get_trials(deepcopy=False)
+        decisions = [{"generation": g.number, "mutation": g.mutation, "kind": str(world[g.mutation].kind),
                       "true_effect": world[g.mutation].size, "promoted": g.status == "promoted",
-                      "delta": g.verdict.delta if g.verdict else None, "margin": g.verdict.margin if g.verdict else None}
+                      "delta": g.verdict.delta if g.verdict else None, "margin": g.verdict.margin if g.verdict else None,
+                      "incumbent_source": _incumbent_source(incumbent(
+                          [t for t in trials if t.user_attrs.get("generation") == g.number]))}
                      for g in gens.values() if g.parent is not None and g.status in ("promoted", "rejected")
                      and g.mutation in world]
-        ok = [t for t in study.get_trials(deepcopy=False) if ok_value(t) is not None]
+        ok = [t for t in trials if ok_value(t) is not None]
         best = min(ok, key=ok_value)
-    return {**job, "noise": DEFAULT_NOISE, "trials_run": len(study.trials), "decisions": decisions,
+    schedule = DEFAULT_SCHEDULES[config.profile]
+    return {**job, "noise": DEFAULT_NOISE, "trials_run": len(trials), "decisions": decisions,
+            "schedule_ran": [config.mutate_every or schedule.mutate_every, config.stagnation or schedule.stagnation,
+                             config.repeats or REPEATS] if job["method"] == "hybrid" else None,
             "best_measured": ok_value(best), "best_true": truth[best.number]["true"],
-            "cpu_seconds": round(time.process_time() - started, 1)}
+            "cpu_seconds": round(time.process_time() - started, 1), "wall_seconds": round(time.time() - wall, 1)}
+
+
+def _incumbent_source(trial: Any) -> str | None:
+    """Where a generation's incumbent came from (probe, tpe, catalog: its first trial, warmstart, ...)."""
+    return trial.user_attrs.get("source") if trial is not None else None
 
 
 def jobs(seeds: int, grid_trials: int, budget_hours: float) -> list[dict[str, Any]]:
@@ -72,7 +89,7 @@ def jobs(seeds: int, grid_trials: int, budget_hours: float) -> list[dict[str, An
         for m, w, r in GRID:
             out.append({"part": "grid", "method": "hybrid", "seed": seed, "trials": grid_trials, "mutate_every": m,
                         "stagnation": w, "repeats": r})
-        for method in ("tpe", "cmaes", "hybrid"):
+        for method in H2H_METHODS:
             out.append({"part": "h2h", "method": method, "seed": seed, "budget_hours": budget_hours})
     return out
 
@@ -111,7 +128,7 @@ def grid_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def h2h_table(rows: list[dict[str, Any]]) -> list[str]:
-    by = {m: {x["seed"]: x for x in rows if x["method"] == m} for m in ("tpe", "cmaes", "hybrid")}
+    by = {m: {x["seed"]: x for x in rows if x["method"] == m} for m in H2H_METHODS}
     lines = ["| method | seeds | final true val_bpb (best measured trial's truth) | hybrid - method, paired |",
              "|---|---|---|---|"]
     for method, runs in by.items():
@@ -121,40 +138,68 @@ def h2h_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def kind_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every grid verdict by the move's hidden kind: how often promoted, and how often a probe gave the incumbent."""
+    moves = [d for x in rows for d in x["decisions"]]
+    lines = ["| hidden kind | verdicts | promoted | mean true effect | candidate's incumbent from a probe |",
+             "|---|---|---|---|---|"]
+    for kind in sorted({d["kind"] for d in moves}):
+        of = [d for d in moves if d["kind"] == kind]
+        probe = sum(d["incumbent_source"] == "probe" for d in of)
+        lines.append(f"| {kind} | {len(of)} | {rate(sum(d['promoted'] for d in of), len(of))} | "
+                     f"{statistics.mean(d['true_effect'] for d in of):+.5f} | {probe}/{len(of)} |")
+    return lines
+
+
+def _key(job: dict[str, Any]) -> tuple:
+    return tuple(job.get(k) for k in JOB_KEYS)
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], log_name: str) -> str:
+    """The results page: the command, the grid by schedule and by kind, the head-to-head."""
+    grid = [r for r in rows if r["part"] == "grid"]
+    h2h = [r for r in rows if r["part"] == "h2h"]
+    hours = sum(r["wall_seconds"] for r in rows) / 3600
+    ran = sorted({tuple(r["schedule_ran"]) for r in h2h if r["method"] == "hybrid"})
+    return "\n".join([
+        f"# Structural decisions against ground truth ({args.seeds} seeds)", "",
+        f"`python benchmarks/structural_benchmark.py --seeds {args.seeds} --workers {args.workers} "
+        f"--grid-trials {args.grid_trials} --budget-hours {args.budget_hours:g}`: {len(rows)} studies, "
+        f"{hours:.1f} h of study wall time over {args.workers} processes on a shared 2-core machine; raw log "
+        f"`{log_name}` (one JSON line per study).", "",
+        f"Benchmark objective (hybrid.benchmark_objective), noise sd {rows[0]['noise']:g} (the paper's seed-to-seed "
+        "noise). Intervals: Wilson 95 % for rates, normal 95 % for means.", "",
+        f"## Verdicts by schedule ({args.grid_trials} trials per study, hybrid with the catalog)", "",
+        *grid_table(grid), "", "### Every grid verdict by the move's hidden kind", "", *kind_table(grid), "",
+        f"## Head-to-head at equal budget ({args.budget_hours:g} h of modelled H200 time per study)", "",
+        f"hybrid ran (mutate every, stagnation, repeats) = {', '.join(map(str, ran))}.", "",
+        *h2h_table(h2h), ""])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--grid-trials", type=int, default=60, help="trials per grid study")
-    parser.add_argument("--budget-hours", type=float, default=8.0, help="trial hours per head-to-head study")
+    parser.add_argument("--grid-trials", type=int, default=40, help="trials per grid study")
+    parser.add_argument("--budget-hours", type=float, default=6.0, help="modelled trial hours per head-to-head study")
+    parser.add_argument("--resume", action="store_true", help="keep the studies in the log, run the rest")
     parser.add_argument("--out", type=Path, default=RESULTS / "structural_benchmark.md")
     args = parser.parse_args()
-    todo = jobs(args.seeds, args.grid_trials, args.budget_hours)
     log_path = args.out.with_suffix(".log")
-    started = time.time()
-    rows = []
-    with open(log_path, "w") as log, multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        for row in pool.imap_unordered(run_study, todo):
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if args.resume else []
+    done = {_key(r) for r in rows}
+    todo = [j for j in jobs(args.seeds, args.grid_trials, args.budget_hours) if _key(j) not in done]
+    with open(log_path, "a" if args.resume else "w") as log, \
+            multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        for count, row in enumerate(pool.imap_unordered(run_study, todo), 1):
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(f"{len(rows)}/{len(todo)} {row['part']} {row['method']} seed {row['seed']} "
-                  f"true {row['best_true']:.5f} ({row['cpu_seconds']} s)", file=sys.stderr)
-    minutes = (time.time() - started) / 60
-    grid = [r for r in rows if r["part"] == "grid"]
-    h2h = [r for r in rows if r["part"] == "h2h"]
-    text = [f"# Structural decisions against ground truth ({args.seeds} seeds)", "",
-            f"`python benchmarks/structural_benchmark.py --seeds {args.seeds} --workers {args.workers} "
-            f"--grid-trials {args.grid_trials} --budget-hours {args.budget_hours:g}`: {len(rows)} studies in "
-            f"{minutes:.0f} minutes on a shared 2-core machine; raw log `{log_path.name}` (one JSON line per study).",
-            "", f"Benchmark objective (hybrid.benchmark_objective), noise sd {rows[0]['noise']:g} (the paper's "
-            "seed-to-seed noise). Intervals: Wilson 95 % for rates, normal 95 % for means.", "",
-            f"## Verdicts by schedule ({args.grid_trials} trials per study, hybrid with the catalog)", "",
-            *grid_table(grid), "",
-            f"## Head-to-head at equal budget ({args.budget_hours:g} h of modelled H200 time per study)", "",
-            *h2h_table(h2h), ""]
-    args.out.write_text("\n".join(text))
-    print("\n".join(text))
+            print(f"{count}/{len(todo)} {row['part']} {row['method']} seed {row['seed']} "
+                  f"true {row['best_true']:.5f} ({row['wall_seconds']} s)", file=sys.stderr)
+    text = report(args, rows, log_path.name)
+    args.out.write_text(text)
+    print(text)
     return 0
 
 

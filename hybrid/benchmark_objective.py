@@ -22,6 +22,7 @@ import pandas as pd
 from harness.result import TrialResult
 from hybrid.llm.catalog import MUTATIONS, MutationError, carried
 from hybrid.paths import project_file
+from hybrid.probes import unit
 from hybrid.space import Knob
 from hybrid.surrogate import KNOBS, PAPER_SPACE, SUCCESS_SECONDS, TRAINING_SECONDS, SurrogateTrials, runs_as
 
@@ -40,16 +41,6 @@ PARTNER_SHIFT = (0.15, 0.35)  # an interacting move's hidden setting of its base
 PARTNER_RANGE = 0.3       # its gain turns to a loss (at most as large) this far from that setting
 TRUTH_FILE = "benchmark_truth.jsonl"
 WORLD_SALT, NOISE_SALT = 0xB3, 0x5E  # draws of the hidden world and of the noise never share a stream
-
-
-def unit(knob: Knob, value: Any) -> float:
-    """A knob value as a coordinate in [0, 1]: its place in the range (log where the knob is), or its choice's."""
-    if knob.type == "categorical":
-        return knob.choices.index(value) / max(1, len(knob.choices) - 1) if value in knob.choices else 0.0
-    low, high, v = float(knob.low), float(knob.high), float(value)
-    if knob.log:
-        low, high, v = math.log(low), math.log(high), math.log(max(v, low))
-    return min(1.0, max(0.0, (v - low) / (high - low))) if high > low else 0.0
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The hybrid method: the classical sampler tunes the current generation's knobs; when the generation is due, a
 structural agent proposes a code mutation that opens new knobs, and the new generation, warm-started from
-its parent, is kept only if it beats the parent by more than the measured noise. Verdicts compare fresh re-runs
+its parent and first probed at the parent's incumbent one new knob at a time (hybrid.probes), is kept only if it
+beats the parent by more than the measured noise. Verdicts compare fresh re-runs
 (hybrid.promotion): of the parent's incumbent, of the candidate's incumbent, and of the candidate's incumbent with its
 move switched off (the control), never the runs that selected an incumbent.
 
@@ -25,6 +26,7 @@ from hybrid.classical.samplers import make_sampler
 from hybrid.classical.warmstart import best_configs, cma_source_trials
 from hybrid.generations import Generation, Lineage
 from hybrid.move import Move
+from hybrid.probes import probe_configs
 from hybrid.promotion import (REPEATS, Schedule, control_config, fresh_score, incumbent, is_tuning, judge,
                               pooled_noise, runs_of, score)
 from hybrid.records import ok_value
@@ -164,16 +166,21 @@ class HybridMethod:
         return Due(gen, reason)
 
     def _warm_start(self, snap: Snapshot, gen: Generation) -> Move | None:
-        """A candidate's first trials: the parent's incumbent, then (tpe, gp) the parent's next best configs."""
+        """A candidate's first trials: the parent's incumbent, its probes (each new knob moved alone), then (tpe, gp)
+        the parent's next best configs."""
         if gen.status != "candidate":
             return None
         configs = _warm_configs(snap, gen)
         tried = snap.attempted[gen.number]
         if not tried:
             return self._first_move(gen, configs[0])
+        space = gen.search_space()
+        probes = _untried(tried, probe_configs(configs[0], [space.knobs[name] for name in gen.new_knobs]))
+        if probes:
+            return self._move("probe", gen, config=probes[0])
         if self.sampler_name == "cmaes":
             return None  # CMA-ES is warm-started through its source trials instead
-        fresh = [c for c in configs[1:] if not runs_of(tried, c)]
+        fresh = _untried(tried, configs[1:])
         return self._move("warmstart", gen, config=fresh[0]) if fresh else None
 
     def _first_move(self, gen: Generation, incumbent_config: dict[str, Any]) -> Move:
@@ -261,6 +268,11 @@ def _fresh_runs(gen: Generation, best: FrozenTrial) -> list[tuple[dict[str, Any]
     if gen.status == "candidate" and control != runs[0][0]:
         runs.append((control, {"repeat_of": best.number, "control_of": best.number}))
     return runs
+
+
+def _untried(tried: list[FrozenTrial], configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The configs that no trial of `tried` ran."""
+    return [c for c in configs if not runs_of(tried, c)]
 
 
 def _warm_configs(snap: Snapshot, gen: Generation) -> list[dict[str, Any]]:

@@ -16,8 +16,9 @@ from hybrid.records import best_trial, ok_value
 REPEATS = 2
 NOISE_Z = 2.0    # margins are this many standard errors of the difference
 # Sources of trials that run a config chosen before the generation's sampler had a say: the baseline, a
-# generation's first trial and its warm starts (configs of the parent), and the re-runs of an incumbent or a control.
-PINNED_SOURCES = ("baseline", "catalog", "llm-code", "warmstart", "repeat")
+# generation's first trial, its probes (hybrid.probes) and warm starts (configs of the parent), and the re-runs of an
+# incumbent or a control.
+PINNED_SOURCES = ("baseline", "catalog", "llm-code", "probe", "warmstart", "repeat")
 
 
 def is_tuning(trial: FrozenTrial) -> bool:

@@ -8,11 +8,12 @@ import optuna
 import pytest
 
 from hybrid import generations, store
-from hybrid.benchmark_objective import BenchmarkObjective, Effect, hidden_world, read_truth, unit
+from hybrid.benchmark_objective import BenchmarkObjective, Effect, hidden_world, read_truth
 from hybrid.config import RunConfig
 from hybrid.llm.catalog import BY_NAME, MUTATIONS
 from hybrid.loop import run
 from hybrid.paths import PROJECT_ROOT
+from hybrid.probes import at_unit, unit
 
 BASELINE = (PROJECT_ROOT / "train.py").read_text()
 CONFIG = {"DEPTH": 8, "ASPECT_RATIO": 64, "HEAD_DIM": 128, "DEVICE_BATCH_SIZE": 128, "TOTAL_BATCH_SIZE": 524288,
@@ -41,22 +42,10 @@ def test_a_moves_knobs_at_their_defaults_change_nothing_but_the_best_setting_doe
     at_defaults = {k.name: k.default for k in effect.knobs}
     assert effect.value(at_defaults) == pytest.approx(0.0, abs=1e-12)
     if kind != "neutral":
-        best = {k.name: _value(k, u) for k, u in zip(effect.knobs, effect.optimum)}
+        best = {k.name: at_unit(k, u) for k, u in zip(effect.knobs, effect.optimum)}
         if effect.partner is not None:
-            best[effect.partner.name] = _value(effect.partner, effect.partner_optimum)
+            best[effect.partner.name] = at_unit(effect.partner, effect.partner_optimum)
         assert effect.value(best) == pytest.approx(effect.size, rel=0.05)
-
-
-def _value(knob, u: float):  # noqa: ANN001, ANN202
-    """The knob value at unit coordinate u (the inverse of hybrid.benchmark_objective.unit)."""
-    import math
-
-    if knob.type == "categorical":
-        return knob.choices[round(u * (len(knob.choices) - 1))]
-    low, high = (math.log(knob.low), math.log(knob.high)) if knob.log else (knob.low, knob.high)
-    x = low + u * (high - low)
-    x = math.exp(x) if knob.log else x
-    return round(x) if knob.type == "int" else x
 
 
 def _uniform_world(kind: str, size: float):  # noqa: ANN202
@@ -86,9 +75,6 @@ def test_a_known_zero_effect_is_never_promoted_on_a_noise_free_run(tmp_path: Pat
     assert decided and all(g.status == "rejected" for g in decided.values()), {n: g.reason for n, g in decided.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="found by this benchmark: a candidate's sampler varies every knob at once, so "
-                   "a gain of its new knobs shows only where a sampled config is also good in the base knobs; "
-                   "needs probes of the new knobs at the parent's incumbent (issue 12, left open)")
 def test_a_known_large_effect_is_promoted_on_a_noise_free_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:
     decided = _noise_free_run(tmp_path, monkeypatch, "better", -0.05)

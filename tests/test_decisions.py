@@ -1,6 +1,6 @@
 """The hybrid method's pure decision functions, table by table: the noise margin, the pooled noise, a generation's
-score from fresh re-runs, the verdict on a candidate generation (hybrid.promotion.judge) and when a generation is due
-for a structural move (Schedule.due)."""
+score from fresh re-runs, the verdict on a candidate generation (hybrid.promotion.judge), when a generation is due
+for a structural move (Schedule.due) and where a new generation's knobs are probed (hybrid.probes)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.result import PENALTY
 from hybrid.generations import Generation
-from hybrid.promotion import NOISE_Z, Schedule, Score, control_config, judge, margin, pooled_noise, score
+from hybrid.probes import at_unit, probe_configs, probe_values, unit
+from hybrid.promotion import NOISE_Z, Schedule, Score, control_config, is_sampled, judge, margin, pooled_noise, score
+from hybrid.space import Knob
 
 X = {"x": FloatDistribution(0.0, 1.0)}
 
@@ -207,3 +209,42 @@ def test_schedule_due(schedule: Schedule, trials: list[FrozenTrial], epoch_after
     assert (reason is None) == (expected is None), reason
     if expected is not None:
         assert reason.startswith(expected), reason
+
+
+# -- probes: the parent's incumbent with one new knob moved at a time ----------------------------------------------
+
+@pytest.mark.parametrize("knob, expected", [
+    (Knob("B", "float", 0.9, low=0.5, high=0.98), [0.572, 0.74]),              # 0.908 is within the gap: skipped
+    (Knob("L", "float", 0.1, low=0.0, high=0.5), [0.25, 0.425]),                # 0.075 is within the gap: skipped
+    (Knob("W", "float", 0.6, low=0.0625, high=1.0, log=True), [0.0947, 0.25]),  # log range; 0.66 within the gap
+    (Knob("G", "int", 1, low=1, high=8), [2, 4, 7]),                            # rounded
+    (Knob("V", "int", 2, low=1, high=3), [1, 3]),                               # distinct values only
+    (Knob("A", "categorical", "relu2", choices=("relu2", "swiglu", "gelu")), ["swiglu", "gelu"]),
+    (Knob("F", "float", 1.0, low=1.0, high=1.0), []),                           # a range of one value
+], ids=["float", "near-default", "log", "int", "int-distinct", "categorical", "degenerate"])
+def test_probe_values(knob: Knob, expected: list) -> None:
+    assert probe_values(knob) == (pytest.approx(expected, abs=5e-4) if knob.type == "float" else expected)
+
+
+@pytest.mark.parametrize("knobs, expected", [
+    ([], []),
+    ([Knob("A", "categorical", "a", choices=("a", "b"))], [{"X": 1, "A": "b", "G": 1}]),
+    ([Knob("A", "categorical", "a", choices=("a", "b")), Knob("G", "int", 1, low=1, high=3)],
+     [{"X": 1, "A": "b", "G": 1}, {"X": 1, "A": "a", "G": 2}, {"X": 1, "A": "a", "G": 3}]),
+], ids=["no-new-knobs", "one-knob", "one-knob-at-a-time"])
+def test_probe_configs_move_one_new_knob_at_a_time(knobs: list[Knob], expected: list[dict]) -> None:
+    assert probe_configs({"X": 1, "A": "a", "G": 1}, knobs) == expected
+
+
+@pytest.mark.parametrize("knob, value", [
+    (Knob("F", "float", 0.3, low=0.0, high=2.0), 0.3), (Knob("L", "float", 0.01, low=1e-4, high=1.0, log=True), 0.01),
+    (Knob("I", "int", 5, low=1, high=9), 5), (Knob("C", "categorical", "b", choices=("a", "b", "c")), "b"),
+], ids=["float", "log", "int", "categorical"])
+def test_at_unit_inverts_unit(knob: Knob, value: object) -> None:
+    assert at_unit(knob, unit(knob, value)) == (value if knob.type == "categorical" else pytest.approx(value))
+
+
+@pytest.mark.parametrize("source, sampled", [("probe", False), ("warmstart", False), ("repeat", False),
+                                             ("catalog", False), ("tpe", True), ("cmaes", True)])
+def test_probes_are_pinned_not_sampled(source: str, sampled: bool) -> None:
+    assert is_sampled(trial(0, 1.0, source=source)) == sampled

@@ -217,7 +217,7 @@ class Recording(BaseSampler):
         self.base.after_trial(study, trial, state, values)
 
 
-@pytest.mark.parametrize("sampler, trials", [("tpe", 36), ("cmaes", 36), ("gp", 20)])  # GP fits cost seconds
+@pytest.mark.parametrize("sampler, trials", [("tpe", 36), ("cmaes", 36), ("gp", 28)])  # GP fits cost seconds
 def test_a_generations_sampler_sees_only_that_generations_trials(sampler: str, trials: int, fake: None, capsys,  # noqa: ANN001
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     sources: dict[int, list[FrozenTrial]] = {}
