@@ -12,9 +12,11 @@ PAPER_CAP_GB = 76.0
 # The slice of the intermediate evaluations, per profile, sized so that the three of a trial cost at most 3 % of
 # its wall time on the gpu profile (benchmarks/results/pruning.md). Each costs a forward pass of the slice in the
 # training process and its logits through a shared file (tokens x vocabulary x 4 bytes) to the trusted scorer.
-# gpu: 32768 tokens, 1 GiB of logits each; at about 1 GB/s through the file and a forward pass of ~0.1 s, about
-#      1.2 s each, 3.6 s of a ~330 s trial: 1.1 % (an estimate: not yet measured on a GPU).
-# cpu: 8192 tokens (32 rows), measured 0.16 s each on 2 cores: 0.5 s of a ~24 s trial, 2 %.
+# gpu: 32768 tokens, 1 GiB of logits each (4 requests of 256 MiB, 0.21 s each through the file on a loaded CPU
+#      box), a forward pass of milliseconds: about 1-1.5 s each, 3-4.5 s of a ~330 s trial, 1-1.4 % (an estimate:
+#      not yet measured on a GPU).
+# cpu: 8192 tokens (32 rows): measured 1.57 s each on a loaded 2-core box (8.1 % of a trial's wall time for three),
+#      0.12 of the final evaluation's time there; about 0.1 s each on a quiet one (0.12 x its 0.9 s, estimated).
 # test: 1024 tokens (16 rows).
 GPU_INTERMEDIATE_TOKENS = 32768
 CPU_INTERMEDIATE_TOKENS = 8192
