@@ -5,7 +5,7 @@ For every seed: hybrid studies at several (--mutate-every, --stagnation, --repea
 hybrid at its defaults at equal budget. Each verdict is scored against the move's hidden true effect: a false promotion
 is a move with true effect >= 0 (no better) promoted; power is the share of moves better by at least 2x the noise that
 were promoted. Writes benchmarks/results/structural_benchmark.md and the raw log (one JSON line per study) beside it;
---resume keeps the studies already in the log and runs the rest.
+--resume keeps the studies already in the log and runs the rest (the page reports the studies of these arguments).
 
     python benchmarks/structural_benchmark.py [--seeds 10] [--workers 2] [--grid-trials 40] [--budget-hours 6]
                                               [--resume]
@@ -32,6 +32,7 @@ H2H_METHODS = ("tpe", "cmaes", "hybrid")
 JOB_KEYS = ("part", "method", "seed", "trials", "mutate_every", "stagnation", "repeats", "budget_hours")
 POWER_FACTOR = 2.0  # power counts moves better by at least this many noise sd
 Z95 = 1.96
+NO_EARLY_STOP = 10**9  # failures in a row that stop a study: the protocol spends its budget whatever fails
 
 
 def run_study(job: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def run_study(job: dict[str, Any]) -> dict[str, Any]:
                            objective="benchmark", memory_model=False, sandbox="off", artifacts=f"{tmp}/art",
                            budget_hours=job.get("budget_hours"), trials=job.get("trials"),
                            mutate_every=job.get("mutate_every"), stagnation=job.get("stagnation"),
-                           repeats=job.get("repeats"))
+                           repeats=job.get("repeats"), max_failures_in_a_row=NO_EARLY_STOP)
         with contextlib.redirect_stderr(io.StringIO()):
             loop.run(config)
         study = optuna.load_study(study_name="s", storage=store.open_storage(config.storage))
@@ -186,9 +187,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "structural_benchmark.md")
     args = parser.parse_args()
     log_path = args.out.with_suffix(".log")
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if args.resume else []
+    wanted = {_key(j): j for j in jobs(args.seeds, args.grid_trials, args.budget_hours)}
+    logged = [json.loads(line) for line in log_path.read_text().splitlines()] if args.resume else []
+    rows = [r for r in logged if _key(r) in wanted]  # the log may hold more seeds or other budgets: not reported
     done = {_key(r) for r in rows}
-    todo = [j for j in jobs(args.seeds, args.grid_trials, args.budget_hours) if _key(j) not in done]
+    todo = [j for k, j in wanted.items() if k not in done]
     with open(log_path, "a" if args.resume else "w") as log, \
             multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for count, row in enumerate(pool.imap_unordered(run_study, todo), 1):
