@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from hybrid.config import RunConfig
 
 # (mutate every M trials, stagnation after W) by profile: a few generations within the profile's default budget.
+# Kept as they were by the structural benchmark (benchmarks/results/structural_benchmark.md): no schedule tried
+# differed in false promotions or power; mutating most often ended worst (a hint, within the intervals).
 DEFAULT_SCHEDULES = {"gpu": Schedule(30, 15), "cpu": Schedule(6, 3), "test": Schedule(3, 2)}
 WARM_CONFIGS = 2   # tpe/gp: the parent's best configs (projected) that a new generation runs first
 # tpe/gp: trials of a generation before its model takes over (the baseline, or a child's warm starts): few, so

@@ -12,7 +12,8 @@ from optuna.trial import FrozenTrial
 from hybrid.records import best_trial, ok_value
 
 # Fresh re-runs (each on a seed of its own) of a generation's incumbent before it is judged or mutated, and of a
-# candidate's control: what verdicts compare, since the incumbent's own run was selected for being low.
+# candidate's control: what verdicts compare, since the incumbent's own run was selected for being low. 1, 2 and 3
+# tied in the structural benchmark (benchmarks/results/structural_benchmark.md): a tie keeps the value it had.
 REPEATS = 2
 NOISE_Z = 2.0    # margins are this many standard errors of the difference
 # Sources of trials that run a config chosen before the generation's sampler had a say: the baseline, a
