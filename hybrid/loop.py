@@ -29,7 +29,7 @@ from hybrid.methods import build_method
 from hybrid.move import Method, Move
 from hybrid.objectives import Objective, ensure_prepared, make_objective
 from hybrid.paths import project_file
-from hybrid.gpus import pin_gpu
+from hybrid.gpus import check_workers, pin_gpu
 from hybrid.processes import stop_with
 from hybrid.progress import RunProgress
 from hybrid.pruners import UNPRUNED, make_pruner, reporter
@@ -123,6 +123,8 @@ def _work_all(study_name: str, config: RunConfig) -> int:
     stops.retry_failed_baseline(optuna.load_study(study_name=study_name, storage=store.open_storage(config.storage)))
     if config.workers > 1:  # CPU trials of parallel workers split the cores instead of fighting over them
         os.environ.setdefault("HYBRID_TRIAL_THREADS", str(max(1, (os.cpu_count() or 1) // config.workers)))
+        check_workers(config.workers)
+        pin_gpu(0)
     ctx = multiprocessing.get_context("spawn")
     others = [ctx.Process(target=_worker_process, args=(study_name, config.to_dict(), i, os.getpid()), daemon=False)
               for i in range(1, config.workers)]
