@@ -322,6 +322,7 @@ def test_llm_hp_run_keeps_the_key_out_of_trials_logs_and_the_database(tmp_path, 
         anchor, anchor + '    import os\n    print("TRIAL-ENV", sorted(os.environ.items()), flush=True)\n'))
     entries = {e["file"]: e for e in corpus("hp")}
     script = [answer(entries["hp-garbled-json.md"]), answer(entries["hp-prose-around.md"])]
+    (tmp_path / "runs").mkdir()  # an explicit --storage path's folder is never created
     with FakeLLM(script) as llm:
         env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": llm.base_url}
         run = subprocess.run([sys.executable, "-m", "hybrid.cli", "run", "--method", "llm-hp", "--study", "hp",

@@ -189,6 +189,9 @@ class FakeSession:
     def autocast(self):
         return contextlib.nullcontext()
 
+    def watch(self, model) -> None:  # noqa: ANN001
+        self.watched = model
+
     def train_batches(self, batch_size: int):
         assert batch_size == 2
         generator = torch.Generator().manual_seed(0)
