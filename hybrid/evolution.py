@@ -195,7 +195,11 @@ class HybridMethod:
     def _move(self, source: str, gen: Generation, *, config: dict[str, Any] | None = None,
               rejected: str | None = None, space: SearchSpace | None = None,
               attrs: dict[str, Any] | None = None) -> Move:
-        return Move(source, gen.number, gen.source, space or gen.search_space(), config, rejected, attrs or {})
+        """A move on `gen`; a candidate's trials are screened against its parent's learning curves when the run
+        prunes (low fidelity first; repeats, which judge it, never are: hybrid.pruners.UNPRUNED)."""
+        screen = (gen.parent,) if gen.status == "candidate" and gen.parent is not None else ()
+        return Move(source, gen.number, gen.source, space or gen.search_space(), config, rejected, attrs or {},
+                    prune_with=screen)
 
     # -- structural actions (under the lease) -------------------------------------------------------------
 

@@ -8,8 +8,8 @@ value with the final val_bpb over real cpu-profile trials, and the pruners repla
 
 A trial is compared with the trials of its own code generation, plus those of the generations its move names
 (Move.prune_with, stored as records.PRUNE_WITH): a method screens a new generation's first trials against its
-parent's curves that way (low fidelity first; the survivors run the full budget). Not yet asked for by
-hybrid.evolution, whose candidate moves (its first move and warm starts) would pass prune_with=(parent,).
+parent's curves that way (low fidelity first; the survivors run the full budget): hybrid.evolution does so for
+every trial of a candidate but its repeats.
 Hyperband's brackets (read from the storage) and Wilcoxon's best trial are the whole study's, all generations.
 """
 from __future__ import annotations

@@ -443,6 +443,21 @@ def test_a_baseline_enqueued_again_after_a_mutation_runs_the_base_code_at_its_de
     assert again[1].user_attrs["code_sha"] == store.code_sha(gens[0].source)
 
 
+def test_a_candidates_trials_are_screened_against_its_parent_but_not_its_repeats(fake: None, capsys) -> None:  # noqa: ANN001
+    run(capsys, "--trials", "12", "--mutate-every", "3", "--stagnation", "2")
+    study = load()
+    gens = generations.load_all(study)
+    candidate = [t for t in store.finished_trials(study) if t.user_attrs["generation"] > 0]
+    assert candidate, "no trial of a new generation"
+    for t in candidate:
+        gen = gens[t.user_attrs["generation"]]
+        judged = gen.decided_after_trial is not None and t.number > gen.decided_after_trial  # no candidate any more
+        expected = None if t.user_attrs["source"] == "repeat" or judged else [gen.parent]
+        assert t.user_attrs.get(records.PRUNE_WITH) == expected, (t.number, t.user_attrs["source"])
+    assert all(records.PRUNE_WITH not in t.user_attrs for t in store.finished_trials(study)
+               if t.user_attrs["generation"] == 0)
+
+
 def _hostile(current: str) -> str:
     return ("Change: read the validation data directly\n\n```diff\n--- a/train.py\n+++ b/train.py\n@@ -6,3 +6,4 @@\n"
             " import gc\n+import os\n import math\n import time\n```\n\n```json\n{}\n```\n")
