@@ -113,6 +113,10 @@ def note(trial: FrozenTrial, generation: Generation | None) -> str:
     value = records.ok_value(trial)
     if value is not None:
         lines = [f"## Trial {trial.number}: ok, val_bpb {value:.4f}"]
+    elif attrs.get(records.STATUS) == records.PRUNED:
+        lines = [f"## Trial {trial.number}: pruned", "", "Stopped early by the pruner: its intermediate val_bpb (its "
+                 "learning curve on this page) was worse than the others' at the same point. Not a result: it has "
+                 "no final val_bpb."]
     else:
         lines = [f"## Trial {trial.number}: FAILED ({attrs.get(records.STATUS)})", "",
                  f"**Not a result**: {_value_text(trial)}"]

@@ -309,3 +309,16 @@ def test_a_failed_trial_page_shows_its_note_and_artifacts_in_a_browser(dashboard
     shot = Path(os.environ.get("HYBRID_DASHBOARD_SCREENSHOT") or tmp_path / "trial.png")
     taken = chromium("--window-size=1280,1100", f"--screenshot={shot}", page)
     assert taken.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("status, state, heading", [
+    ("ok", optuna.trial.TrialState.COMPLETE, "Trial 3: ok, val_bpb 1.2345"),
+    ("pruned", optuna.trial.TrialState.PRUNED, "Trial 3: pruned"),
+    ("oom", optuna.trial.TrialState.FAIL, "Trial 3: FAILED (oom)"),
+])
+def test_a_notes_heading_says_what_the_trial_is(status: str, state, heading: str) -> None:  # noqa: ANN001
+    trial = optuna.trial.create_trial(state=state, value=1.2345 if status == "ok" else None,
+                                      user_attrs={"status": status, "val_bpb": 1.2345 if status == "ok" else None})
+    trial.number = 3
+    text = dash.note(trial, None)
+    assert text.startswith(f"## {heading}") and ("Not a result" in text) == (status != "ok")
