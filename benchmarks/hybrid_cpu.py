@@ -119,7 +119,7 @@ def _summary(study: optuna.Study, moment: dict | None, budget_hours: float, wall
             f"{moment['finished_in_study']} finished in the study.",
             f"- the interrupted trial(s) {failed_unfinished} were failed by `resume` and never counted",
             f"- the resumed run went on with generation {gen.number}: {len(after)} more of its trials; "
-            f"its verdict: {gen.status}" + (f" ({gen.reason})" if gen.reason else ""),
+            f"its verdict: {gen.status}" + (f" ({gen.why})" if gen.why else ""),
             f"- mutations tried, each once: {', '.join(mutations)}",
         ]
     return "\n".join(lines) + "\n"

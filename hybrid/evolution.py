@@ -215,7 +215,7 @@ class HybridMethod:
             if not self.lease.renew():
                 return None  # it expired meanwhile: whoever holds it now decides
             self.lineage.settle(gen, "promoted" if verdict.promoted else "rejected", verdict=verdict,
-                                reason=verdict.reason, decided_after_trial=snap.last_trial)
+                                decided_after_trial=snap.last_trial)
             return None
         return self._mutate(study, snap, due)
 
@@ -325,7 +325,7 @@ def lineage_table(study: optuna.Study) -> list[dict[str, Any]]:
             "control_score": verdict.control_score if verdict else None,
             "parent_score": verdict.parent_score if verdict else None, "delta": verdict.delta if verdict else None,
             "margin": verdict.margin if verdict else None, "noise": verdict.noise if verdict else None,
-            "reason": gen.reason, "trigger": gen.trigger, "commit": gen.commit,
+            "reason": gen.why, "trigger": gen.trigger, "commit": gen.commit,
         })
     return rows
 

@@ -47,7 +47,7 @@ class Generation:
     proposal: dict[str, Any] = field(default_factory=dict)      # the agent's own record (LLM usage, notes)
     # what became of it
     commit: str | None = None                      # its commit on the run's branch
-    reason: str | None = None                      # why it was refused, or its verdict's reason
+    reason: str | None = None                      # why it was refused or kept without a verdict (see `why`)
     verdict: Verdict | None = None                 # hybrid: the promotion verdict
     decided_after_trial: int | None = None
     trial: int | None = None                       # llm-code: the trial that decided it, its val_bpb or status
@@ -56,6 +56,11 @@ class Generation:
 
     def search_space(self) -> SearchSpace:
         return SearchSpace.from_dict(self.space)
+
+    @property
+    def why(self) -> str | None:
+        """Why it stands where it does: its verdict's reason, else the reason recorded with it."""
+        return self.verdict.reason if self.verdict else self.reason
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)

@@ -159,7 +159,7 @@ def test_generations_open_new_knobs_with_warm_starts_and_recorded_verdicts(fake:
     decided = [g for g in gens.values() if g.status in ("promoted", "rejected")]
     assert decided
     for g in decided:
-        assert g.verdict.margin >= 0 and g.verdict.noise > 0 and g.reason == g.verdict.reason
+        assert g.verdict.margin >= 0 and g.verdict.noise > 0 and g.why == g.verdict.reason
         assert (g.verdict.delta > g.verdict.margin) == (g.status == "promoted") == g.verdict.promoted
         assert g.agent == "catalog" and g.diff.startswith("--- a/train.py") and g.new_knobs
     repeats = [t for t in trials if t.user_attrs["source"] == "repeat"]

@@ -64,7 +64,7 @@ def structural_task(context: Context) -> str:
         parts.append(f"## Mutations tried in this run ({len(tried)})\n")
     for g in tried:
         knobs = ", ".join(sorted(g.new_knobs)) or "none"
-        verdict = g.reason or ("on probation" if g.status == "candidate" else "")
+        verdict = g.why or ("on probation" if g.status == "candidate" else "")
         parts.append(f"### generation {g.number} (from {g.parent}), {g.status}: {g.description}\n"
                      f"New knobs: {knobs}. {verdict}")
         lines = g.diff.splitlines()
