@@ -50,7 +50,9 @@ def default_storage(out: Path) -> str:
 
 
 def plan(args: argparse.Namespace) -> list[RunConfig]:
-    """One finalized RunConfig per method x seed, checked against studies already in the storage."""
+    """One finalized RunConfig per method x seed, checked against studies already in the storage. Seed-major
+    order: a compare stopped part-way holds whole seeds of every method, and a machine's load, which changes the
+    work a timed trial gets done, falls on every method alike."""
     storage = default_storage(args.out) if args.storage == DEFAULT_STORAGE else args.storage
     template = RunConfig.from_args(argparse.Namespace(**{**vars(args), "method": "random", "study": "-",
                                                          "storage": storage, "workers": 1}))
@@ -62,7 +64,7 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
     prefix = getattr(args, "prefix", None) or ""
     configs = [dataclasses.replace(template, method=m, study=study_name(m, s, prefix), seed=s, sampler=args.sampler,
                                    artifacts=None).finalize()
-               for m in parse_methods(args.methods) for s in seeds]
+               for s in seeds for m in parse_methods(args.methods)]
     check_existing(configs)
     return configs
 

@@ -65,6 +65,13 @@ def test_prefix_and_explicit_storage(fake: None, capsys: pytest.CaptureFixture, 
     assert {c.storage for c in configs} == {f"sqlite:///{tmp_path}/x.db"}
 
 
+def test_studies_run_seed_by_seed(fake: None) -> None:
+    """Every method's seed 0 before any seed 1: a compare stopped part-way holds whole seeds."""
+    configs = plan(build_parser().parse_args(["compare", "--methods", "tpe,random", "--seeds", "2", "--trials", "3",
+                                              "--profile", "test"]))
+    assert [c.study for c in configs] == ["tpe-s0", "random-s0", "tpe-s1", "random-s1"]
+
+
 def test_defaults_are_the_cpu_head_to_head(fake: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(harness.profiles, "default_profile_name", lambda: "cpu")
     configs = plan(build_parser().parse_args(["compare"]))
