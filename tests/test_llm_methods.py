@@ -273,6 +273,18 @@ def test_centaur_consults_the_llm_on_a_seeded_fraction_of_trials(tmp_path, quick
     assert prompt.count("- trial ") == 25  # 5 best and 20 last
 
 
+@pytest.mark.parametrize("state, value, intermediate, told", [
+    (TrialState.COMPLETE, 1.2, {}, 1.2),
+    (TrialState.PRUNED, None, {25: 1.9, 50: 1.7}, 1.7),  # its last intermediate val_bpb, not the penalty
+    (TrialState.PRUNED, None, {}, centaur.PENALTY),
+    (TrialState.FAIL, None, {}, centaur.PENALTY),
+])
+def test_what_cma_es_is_told_of_a_finished_trial(state, value, intermediate, told) -> None:
+    trial = optuna.trial.create_trial(state=state, value=value, intermediate_values=intermediate,
+                                      params={"X": 0.5}, distributions={"X": optuna.distributions.FloatDistribution(0, 1)})
+    assert centaur.told_value(trial) == told
+
+
 def test_centaur_rebuilds_its_cma_state_from_the_study(tmp_path, quick, monkeypatch):
     live = []
     build = loop.build_method

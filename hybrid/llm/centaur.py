@@ -100,6 +100,16 @@ class CMAState:
         return prompts.CMAView(self.cube.decode(self.cma.mean), sigma, self.cube.names, covariance, self.cma.generation)
 
 
+def told_value(trial: FrozenTrial) -> float:
+    """What CMA-ES is told of a finished trial: its val_bpb; a pruned one's last intermediate val_bpb (measured early,
+    so worse than a final one: it ranks among the losers the pruner judged it to be); a failure's penalty."""
+    if trial.state == TrialState.COMPLETE:
+        return trial.value
+    if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return PENALTY
+
+
 class CentaurMethod:
     """CMA-ES on every trial, the LLM instead of it on a seeded fraction of trials after the warm-up."""
 
@@ -120,7 +130,7 @@ class CentaurMethod:
                 continue
             self.told.add(trial.number)
             if trial.user_attrs.get("status") != "rejected" and set(trial.params) == set(self.space.names):
-                self.cma.tell(trial.params, trial.value if trial.state == TrialState.COMPLETE else PENALTY)
+                self.cma.tell(trial.params, told_value(trial))
 
     def llm_turn(self, finished: int) -> bool:
         """Whether the trial after `finished` finished ones is the LLM's: a coin seeded by the run's seed and the count."""
