@@ -134,14 +134,14 @@ class Bench:
         profile = get_profile(mode.profile)
         self.profile = replace(profile, eval_tokens=mode.eval_tokens) if mode.eval_tokens else profile
         self.space_path = ROOT / "search_space.yaml"
-        self.source = (ROOT / "train.py").read_text()
+        self.code = (ROOT / "train.py").read_text()
         self.defaults = load_space(self.space_path, self.profile.name).defaults()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._lock = threading.Lock()
         out.mkdir(parents=True, exist_ok=True)
         self.log = open(out / f"{NAME}.log", "w")
         self.report: dict[str, Any] = {
-            "dry_run": mode is DRY, "profile": self.profile.name, "source": "builtin",
+            "dry_run": mode is DRY, "profile": self.profile.name, "corpus": "builtin",
             "eval_tokens": self.profile.eval_tokens, "device": _device_name(), "minutes": minutes,
             "sandbox": bwrap_problem() or "bubblewrap", "peak_bf16_flops": _peak(),
             "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -162,7 +162,7 @@ class Bench:
         profile = replace(self.profile, time_budget=budget,
                           warmup_steps=self.profile.warmup_steps if warmup_steps is None else warmup_steps)
         timeout = min(profile.timeout_seconds, self.remaining() - RESERVE_SECONDS)
-        result = run_trial(self.source, config, profile, self.work / label, seed=SEED, vram_cap_gb=vram_cap_gb,
+        result = run_trial(self.code, config, profile, self.work / label, seed=SEED, vram_cap_gb=vram_cap_gb,
                            timeout=max(1.0, timeout))
         line = (f"{label}: {result.status} val_bpb={result.val_bpb} total={result.total_seconds:.1f}s "
                 f"training={result.training_seconds:.1f}s tok/s={result.tokens_per_second} mfu={result.mfu} "
@@ -216,14 +216,14 @@ class Bench:
                 "host_memory_gb": self.mode.oom_host_gb}
 
     def memory(self) -> dict[str, Any]:
-        model = MemoryModel(self.profile, trusted=[self.source])
+        model = MemoryModel(self.profile, trusted=[self.code])
         configs = random_configs(self.space_path, self.profile.name, self.mode.memory_configs)
         cap = (MEMORY_SHARE * torch.cuda.get_device_properties(self.device).total_memory / 2**30 / MEMORY_PARALLEL
                if self.device.type == "cuda" else None)
 
         def one(i: int, config: dict[str, Any]) -> dict[str, Any]:
             t = self.trial(f"memory-{i}", config, self.mode.memory_seconds, vram_cap_gb=cap, warmup_steps=1)
-            t["estimate_mb"] = model.estimate_mb(self.source, t["config"] or config)
+            t["estimate_mb"] = model.estimate_mb(self.code, t["config"] or config)
             return t
 
         with ThreadPoolExecutor(MEMORY_PARALLEL) as pool:
@@ -233,7 +233,7 @@ class Bench:
                 "error_vs_allocated": _errors(trials, "peak_memory_mb")}
 
     def profile_step(self) -> dict[str, Any]:
-        return {"table": profile_table(self.source, self.defaults, self.profile, self.device)}
+        return {"table": profile_table(self.code, self.defaults, self.profile, self.device)}
 
     def long_window(self) -> dict[str, Any]:
         t = self.trial("long-window", {**self.defaults, "WINDOW_PATTERN": "LLLL"}, self.mode.long_window_seconds)
@@ -264,7 +264,7 @@ def _errors(trials: list[dict[str, Any]], key: str) -> dict[str, float] | None:
             "mean": statistics.mean(errors)}
 
 
-def profile_table(source: str, config: dict[str, Any], profile: Profile, device: torch.device) -> str:
+def profile_table(code: str, config: dict[str, Any], profile: Profile, device: torch.device) -> str:
     """torch.profiler's table of one training step of train.py with `config`, compiled on CUDA, after
     PROFILE_STEPS unprofiled ones; its compile cache is the trials' (warm by now)."""
     import types
@@ -273,11 +273,11 @@ def profile_table(source: str, config: dict[str, Any], profile: Profile, device:
     from harness.tokenizer import Tokenizer
     from harness.data import prepared
 
-    cache = compile_cache(source)
+    cache = compile_cache(code)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     module = sys.modules[PROFILED_MODULE] = types.ModuleType(PROFILED_MODULE)  # its dataclasses look it up
-    exec(compile(inject_knobs(source, config), "train.py", "exec"), module.__dict__)
+    exec(compile(inject_knobs(code, config), "train.py", "exec"), module.__dict__)
     vocab = Tokenizer.load(prepared(profile).tokenizer).vocab_size
     model = module.build_model(vocab, profile.seq_len, device)
     optimizers = module.build_optimizers(model)
@@ -332,7 +332,7 @@ def markdown(r: dict[str, Any]) -> str:
     title = "# The gpu profile on a GPU" + (" (DRY RUN on the CPU: a smoke test, not a measurement)"
                                             if r["dry_run"] else "")
     lines = [title, "",
-             f"Device: {r['device']}; profile {r['profile']}, data {r['source']}, {r['eval_tokens']:,} validation "
+             f"Device: {r['device']}; profile {r['profile']}, data {r['corpus']}, {r['eval_tokens']:,} validation "
              f"tokens; Python {r['machine']['python']}, torch {r['machine']['torch']} (CUDA {r['machine']['cuda']}); "
              f"sandbox: {r['sandbox']}; measured {r.get('measured_at')}. Produced by "
              f"`python benchmarks/gpu_trials.py{' --dry-run' if r['dry_run'] else ''}` within {r['minutes']:g} "

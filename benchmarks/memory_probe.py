@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--architectures", type=int, default=20)
     args = parser.parse_args()
-    source = (ROOT / "train.py").read_text()
+    code = (ROOT / "train.py").read_text()
     sandboxed, plain = ShapeProbe("auto"), ShapeProbe("off")
     contained = bwrap_problem() is None
     log_lines = [f"load average before: {os.getloadavg()[0]:.2f}", f"bubblewrap: {bwrap_problem() or 'yes'}"]
@@ -78,22 +78,22 @@ def main() -> None:
     for i in range(args.repeats):
         sandboxed.clear()
         before = sandboxed.processes
-        first.append(timed(lambda: sandboxed.model_shapes(source, {"DEPTH": 7}, GPU)))
+        first.append(timed(lambda: sandboxed.model_shapes(code, {"DEPTH": 7}, GPU)))
         log_lines.append(f"first estimate {i}: {first[-1]:.3f} s, {sandboxed.processes - before} processes at once")
     build, build_off, cpu_off, cached, in_process = [], [], [], [], []
-    plain.model_shapes(source, {}, GPU)  # its shapeless check, as `sandboxed` has done
-    build_shapes(source, (), GPU)  # this process's first build imports torch._dynamo (a probe's, before "ready")
+    plain.model_shapes(code, {}, GPU)  # its shapeless check, as `sandboxed` has done
+    build_shapes(code, (), GPU)  # this process's first build imports torch._dynamo (a probe's, before "ready")
     for config in architectures:
         before = sandboxed.processes, plain.processes
-        build.append(timed(lambda: sandboxed.model_shapes(source, config, GPU)))
+        build.append(timed(lambda: sandboxed.model_shapes(code, config, GPU)))
         children = children_cpu()
-        build_off.append(timed(lambda: plain.model_shapes(source, config, GPU)))
+        build_off.append(timed(lambda: plain.model_shapes(code, config, GPU)))
         cpu_off.append(children_cpu() - children)
         assert (sandboxed.processes, plain.processes) == (before[0] + 1, before[1] + 1)
-        cached.append(timed(lambda: sandboxed.model_shapes(source, {**config, "MATRIX_LR": 0.02}, GPU)))
+        cached.append(timed(lambda: sandboxed.model_shapes(code, {**config, "MATRIX_LR": 0.02}, GPU)))
         assert sandboxed.processes == before[0] + 1
         knobs = tuple(sorted(config.items()))
-        in_process.append(timed(lambda: build_shapes(source, knobs, GPU)))
+        in_process.append(timed(lambda: build_shapes(code, knobs, GPU)))
         log_lines.append(f"{config}: sandboxed {build[-1] * 1000:.1f} ms, off {build_off[-1] * 1000:.1f} ms "
                          f"(its CPU {cpu_off[-1] * 1000:.0f} ms), "
                          f"cached {cached[-1] * 1000:.3f} ms, in process {in_process[-1] * 1000:.1f} ms")

@@ -73,14 +73,14 @@ def main() -> None:
     args = parser.parse_args()
     profile = get_profile("cpu")
     prepare(profile)
-    source = args.train_py.read_text()
+    code = args.train_py.read_text()
     config = load_space(ROOT / "search_space.yaml", "cpu").defaults()
     RESULTS.mkdir(parents=True, exist_ok=True)
     trials = []
     with tempfile.TemporaryDirectory() as work, open(RESULTS / "overhead_cpu.log", "w") as log:
         for i in range(args.trials):
             load = os.getloadavg()[0]
-            r = run_trial(source, config, profile, Path(work) / f"trial-{i}", seed=0)
+            r = run_trial(code, config, profile, Path(work) / f"trial-{i}", seed=0)
             row = {k: getattr(r, k) for k in FIELDS} | {"overhead_seconds": r.total_seconds - r.training_seconds,
                                                        "phases": r.phases, "load_average_before": load,
                                                        "error": r.error}

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness.data import prepare  # noqa: E402
 from harness.profiles import get_profile  # noqa: E402
 from harness.result import TrialResult  # noqa: E402
-from hostile.arena import TOLERANCE, Baseline, Outcome, Scene, TrustedSide, outcome_table, run_source  # noqa: E402
+from hostile.arena import TOLERANCE, Baseline, Outcome, Scene, TrustedSide, outcome_table, run_code  # noqa: E402
 from hostile.cases import CASES, TRAIN_PY, Case  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,19 +43,19 @@ sys.path.insert(0, {tests!r})
 from harness.profiles import get_profile
 from harness.runner import run_trial
 from hostile.arena import trial_config
-source, trial_dir, sandbox, out = sys.argv[1:5]
+train_py, trial_dir, sandbox, out = sys.argv[1:5]
 kwargs = {{}} if sandbox == "none" else {{"sandbox": sandbox}}
-result = run_trial(Path(source).read_text(), trial_config(), get_profile("test"), Path(trial_dir), seed=0, **kwargs)
+result = run_trial(Path(train_py).read_text(), trial_config(), get_profile("test"), Path(trial_dir), seed=0, **kwargs)
 Path(out).write_text(json.dumps(result.to_dict()))
 """
 
 
 def driver(scene: Scene, work: Path, sandbox: str, data_dir: Path):  # noqa: ANN201
-    """A runner for run_source: run_trial in a driver process whose environment is the trusted side's."""
+    """A runner for run_code: run_trial in a driver process whose environment is the trusted side's."""
 
-    def run(source: str, trial_dir: Path) -> TrialResult:
+    def run(code: str, trial_dir: Path) -> TrialResult:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "train.py").write_text(source)
+        (work / "train.py").write_text(code)
         out = work / "result.json"
         env = {**os.environ, **scene.env(), "HYBRID_DATA_DIR": str(data_dir)}
         proc = subprocess.run([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests")), str(work / "train.py"),
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         def measure() -> Outcome:
             name = f"baseline-{len(baselines)}"
             scene = Scene(tmp / "cases" / name, trusted, "baseline")
-            base = run_source(TRAIN_PY.read_text(), Case("baseline", "forge", "honest", []), scene,
-                              driver(scene, tmp / "driver" / name, args.sandbox, data_dir), None, data_dir)
+            base = run_code(TRAIN_PY.read_text(), Case("baseline", "forge", "honest", []), scene,
+                            driver(scene, tmp / "driver" / name, args.sandbox, data_dir), None, data_dir)
             baselines.append(base)
             log_lines.extend([json.dumps(base.to_dict()), log_tail(scene.trial_dir), ""])
             print(f"baseline: {base.status} val_bpb {base.val_bpb} ({base.seconds:.1f}s) {base.problems}", flush=True)
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         outcomes.append(baselines[0])
         for c in cases:
             scene = Scene(tmp / "cases" / c.name, trusted, c.name)
-            outcome = run_source(c.source(marker=scene.marker), c, scene,
-                                 driver(scene, tmp / "driver" / c.name, args.sandbox, data_dir), baseline, data_dir)
+            outcome = run_code(c.code(marker=scene.marker), c, scene,
+                               driver(scene, tmp / "driver" / c.name, args.sandbox, data_dir), baseline, data_dir)
             outcomes.append(outcome)
             log_lines += [json.dumps(outcome.to_dict()), log_tail(scene.trial_dir), ""]
             val = "-" if outcome.val_bpb is None else f"{outcome.val_bpb:.4f}"

@@ -59,7 +59,7 @@ def run_study(job: dict[str, Any]) -> dict[str, Any]:
         study = optuna.load_study(study_name="s", storage=store.open_storage(config.storage))
         truth = read_truth(config.artifacts)
         gens = generations.load_all(study)
-        world = hidden_world(job["seed"], gens[0].source)
+        world = hidden_world(job["seed"], gens[0].code)
         trials = study.get_trials(deepcopy=False)
         decisions = [{"generation": g.number, "mutation": g.mutation, "kind": str(world[g.mutation].kind),
                       "true_effect": world[g.mutation].size, "promoted": g.status == "promoted",

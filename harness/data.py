@@ -1,11 +1,11 @@
-"""Data sources, tokenizer and token cache: everything `hybrid prepare` builds under data_dir()/<source-id>/.
+"""Corpora, tokenizer and token cache: everything `hybrid prepare` builds under data_dir()/<corpus-id>/.
 
-    <source-id>/train/*.parquet, val/*.parquet   documents, one `text` column
-    <source-id>/tokenizer-<vocab>.pkl            BPE ranks + split pattern
-    <source-id>/tokens-<vocab>/                  {train,val}.bin (uint16 ids, every document starts with BOS),
+    <corpus-id>/train/*.parquet, val/*.parquet   documents, one `text` column
+    <corpus-id>/tokenizer-<vocab>.pkl            BPE ranks + split pattern
+    <corpus-id>/tokens-<vocab>/                  {train,val}.bin (uint16 ids, every document starts with BOS),
                                                  {train,val}.idx.npy (document starts, plus the end), meta.json
 
-Sources: `builtin` (Shakespeare, shipped in harness/corpus), `climbmix` (downloaded), or a local PATH.
+Corpora: `builtin` (Shakespeare, shipped in harness/corpus), `climbmix` (downloaded), or a local PATH.
 """
 from __future__ import annotations
 
@@ -49,20 +49,20 @@ EXTENSIONS = (".txt", ".jsonl", ".parquet")
 Log = Callable[[str], None]
 
 
-def prepare(profile: Profile, source: str | None = None, log: Log = print) -> Prepared:
-    """Build (or find) the documents, tokenizer and token cache of a source for a profile; skips what exists."""
+def prepare(profile: Profile, corpus: str | None = None, log: Log = print) -> Prepared:
+    """Build (or find) the documents, tokenizer and token cache of a corpus for a profile; skips what exists."""
     t0 = time.time()
-    source = source or profile.source
-    if source == "builtin":
+    corpus = corpus or profile.corpus
+    if corpus == "builtin":
         p = _prepared("builtin", profile)
         if not _has_splits(p.root):
             _write_builtin(p.root, log)
-    elif source == "climbmix":
+    elif corpus == "climbmix":
         p = _prepared("climbmix", profile)
         _download_climbmix(p.root, log)
     else:
-        files = _local_files(source)
-        p = _prepared(_local_id(source, files), profile)
+        files = _local_files(corpus)
+        p = _prepared(_local_id(corpus, files), profile)
         if not _has_splits(p.root):
             _write_local(files, p.root, log)
     tokenizer = _tokenizer(p, log)
@@ -70,22 +70,22 @@ def prepare(profile: Profile, source: str | None = None, log: Log = print) -> Pr
     _check_val(p, profile)
     pointer = data_dir() / f"prepared-{profile.name}.json"
     pointer.write_text(json.dumps(p.to_dict()))
-    log(f"prepared {p.source} for profile {profile.name} in {time.time() - t0:.1f}s: "
+    log(f"prepared {p.corpus} for profile {profile.name} in {time.time() - t0:.1f}s: "
         f"{meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens, vocab {p.vocab_size}, in {p.root}")
     return p
 
 
 def prepared(profile: Profile) -> Prepared:
-    """The data `hybrid prepare` built for this profile (or its default source); UserError if there is none."""
+    """The data `hybrid prepare` built for this profile (or its default corpus); UserError if there is none."""
     pointer = data_dir() / f"prepared-{profile.name}.json"
-    p = Prepared.from_dict(json.loads(pointer.read_text())) if pointer.exists() else _prepared(profile.source, profile)
+    p = Prepared.from_dict(json.loads(pointer.read_text())) if pointer.exists() else _prepared(profile.corpus, profile)
     if not (p.tokens / "meta.json").exists():
         raise UserError(f"no prepared data for profile {profile.name}: run `hybrid prepare --profile {profile.name}` first")
     return p
 
 
-def _prepared(source_id: str, profile: Profile) -> Prepared:
-    return Prepared(source_id, profile.vocab_size, data_dir() / source_id)
+def _prepared(corpus_id: str, profile: Profile) -> Prepared:
+    return Prepared(corpus_id, profile.vocab_size, data_dir() / corpus_id)
 
 
 def _has_splits(root: Path) -> bool:
@@ -132,8 +132,8 @@ def _write_builtin(root: Path, log: Log) -> None:
     _write_splits(root, train, val, log)
 
 
-def _local_files(source: str) -> list[Path]:
-    path = Path(source).expanduser()
+def _local_files(corpus: str) -> list[Path]:
+    path = Path(corpus).expanduser()
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -141,20 +141,20 @@ def _local_files(source: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise UserError(f"{source}: no such file or folder (use builtin, climbmix, or a folder/glob of .txt/.jsonl/.parquet)")
+            raise UserError(f"{corpus}: no such file or folder (use builtin, climbmix, or a folder/glob of .txt/.jsonl/.parquet)")
     files = [f for f in files if f.suffix in EXTENSIONS]
     if not files:
-        raise UserError(f"{source}: no .txt, .jsonl or .parquet files there")
+        raise UserError(f"{corpus}: no .txt, .jsonl or .parquet files there")
     return files
 
 
-def _local_id(source: str, files: list[Path]) -> str:
+def _local_id(corpus: str, files: list[Path]) -> str:
     """local-<name>-<hash of the path and of every file's size and mtime>: a changed corpus is prepared anew."""
-    h = hashlib.sha1(str(Path(source).expanduser().resolve()).encode())
+    h = hashlib.sha1(str(Path(corpus).expanduser().resolve()).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).name or "corpus").strip("_.")[:40] or "corpus"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or "corpus").strip("_.")[:40] or "corpus"
     return f"local-{name}-{h.hexdigest()[:8]}"
 
 
@@ -279,7 +279,7 @@ def _cache_tokens(p: Prepared, tokenizer: Tokenizer, log: Log) -> dict:
     if tokenizer.vocab_size > 2**16:
         raise UserError(f"vocab_size {tokenizer.vocab_size} does not fit the uint16 token cache")
     p.tokens.mkdir(parents=True, exist_ok=True)
-    meta = {"source": p.source, "vocab_size": p.vocab_size, "shards": shards, "tokens": {}, "documents": {}}
+    meta = {"corpus": p.corpus, "vocab_size": p.vocab_size, "shards": shards, "tokens": {}, "documents": {}}
     for split in ("train", "val"):
         t0, starts, total = time.time(), [np.zeros(1, dtype=np.int64)], 0
         tmp = p.tokens / f"{split}.bin.tmp"
@@ -292,7 +292,7 @@ def _cache_tokens(p: Prepared, tokenizer: Tokenizer, log: Log) -> dict:
                 starts.append(total + np.cumsum(lengths))
                 total += int(lengths.sum())
         if total == 0:
-            raise UserError(f"the {split} split of {p.source} is empty")
+            raise UserError(f"the {split} split of {p.corpus} is empty")
         np.save(p.tokens / f"{split}.idx.npy", np.concatenate(starts))
         tmp.replace(p.tokens / f"{split}.bin")
         meta["tokens"][split], meta["documents"][split] = total, sum(len(s) for s in starts) - 1
@@ -307,5 +307,5 @@ def _check_val(p: Prepared, profile: Profile) -> None:
     starts = np.load(p.tokens / "val.idx.npy")
     rows = sum(1 for _ in itertools.islice(pack_rows(starts, profile.seq_len + 1), rows_needed))
     if rows < rows_needed:
-        raise UserError(f"the validation split of {p.source} packs into {rows * profile.seq_len:,} tokens at sequence "
+        raise UserError(f"the validation split of {p.corpus} packs into {rows * profile.seq_len:,} tokens at sequence "
                         f"{profile.seq_len}, profile {profile.name} scores {profile.eval_tokens:,}: use a larger corpus")

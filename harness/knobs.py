@@ -60,17 +60,17 @@ def _constant_value(node: ast.AST) -> Any:
     return ast.literal_eval(node)
 
 
-def _parse(source: str) -> ast.Module:
+def _parse(code: str) -> ast.Module:
     try:
-        return ast.parse(source)
+        return ast.parse(code)
     except SyntaxError as e:
         raise KnobError(f"train.py does not parse: line {e.lineno}: {e.msg}") from None
 
 
-def find_knobs(source: str) -> dict[str, FoundKnob]:
+def find_knobs(code: str) -> dict[str, FoundKnob]:
     """Every top-level ALL_CAPS assignment whose value is an int, float, str or bool constant."""
     knobs: dict[str, FoundKnob] = {}
-    for name, node in _assignments(_parse(source)).items():
+    for name, node in _assignments(_parse(code)).items():
         try:
             value = _constant_value(node)
         except (ValueError, TypeError, ZeroDivisionError, SyntaxError):
@@ -81,10 +81,10 @@ def find_knobs(source: str) -> dict[str, FoundKnob]:
     return knobs
 
 
-def find_constants(source: str) -> dict[str, str]:
+def find_constants(code: str) -> dict[str, str]:
     """The other top-level ALL_CAPS assignments (tuples, expressions), as source text: reported, not tuned."""
-    knobs = find_knobs(source)
-    return {name: ast.unparse(node) for name, node in _assignments(_parse(source)).items() if name not in knobs}
+    knobs = find_knobs(code)
+    return {name: ast.unparse(node) for name, node in _assignments(_parse(code)).items() if name not in knobs}
 
 
 def _coerce(name: str, found: FoundKnob, value: Any) -> Literal:
@@ -98,18 +98,18 @@ def _coerce(name: str, found: FoundKnob, value: Any) -> Literal:
     return value
 
 
-def inject_knobs(source: str, values: dict[str, Any]) -> str:
+def inject_knobs(code: str, values: dict[str, Any]) -> str:
     """train.py with the given knob values written in place of the literals; comments and layout kept."""
-    knobs = find_knobs(source)
+    knobs = find_knobs(code)
     unknown = sorted(set(values) - set(knobs))
     if unknown:
         raise KnobError(f"unknown knob(s) {', '.join(unknown)}: train.py defines {', '.join(sorted(knobs))}")
-    nodes = _assignments(_parse(source))
-    lines = source.splitlines(keepends=True)
+    nodes = _assignments(_parse(code))
+    lines = code.splitlines(keepends=True)
     offsets = [0]
     for line in lines:
         offsets.append(offsets[-1] + len(line.encode("utf-8")))
-    data = source.encode("utf-8")
+    data = code.encode("utf-8")
     edits = []
     for name, value in values.items():
         node = nodes[name]

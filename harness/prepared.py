@@ -1,4 +1,4 @@
-"""Where the harness keeps one prepared data source: its tokenizer and token cache, for one vocabulary size."""
+"""Where the harness keeps one prepared corpus: its tokenizer and token cache, for one vocabulary size."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +7,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Prepared:
-    """Where one prepared source lives, for one vocabulary size."""
-    source: str       # source id: builtin | climbmix | local-<name>-<hash>
+    """Where one prepared corpus lives, for one vocabulary size."""
+    corpus: str       # corpus id: builtin | climbmix | local-<name>-<hash>
     vocab_size: int
     root: Path
 
@@ -21,8 +21,8 @@ class Prepared:
         return self.root / f"tokens-{self.vocab_size}"
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "vocab_size": self.vocab_size, "root": str(self.root)}
+        return {"corpus": self.corpus, "vocab_size": self.vocab_size, "root": str(self.root)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Prepared:
-        return cls(d["source"], d["vocab_size"], Path(d["root"]))
+        return cls(d["corpus"] if "corpus" in d else d["source"], d["vocab_size"], Path(d["root"]))

@@ -30,7 +30,7 @@ class Profile:
     time_budget: float       # training seconds counted by the harness clock
     eval_tokens: int         # validation tokens scored by evaluate_bpb
     vocab_size: int          # BPE vocabulary, special tokens included
-    source: str              # default data source: builtin | climbmix | a path
+    corpus: str              # default corpus: builtin | climbmix | a path
     warmup_steps: int        # first steps kept off the clock (compilation), at most this many
     max_startup_seconds: float  # wall time allowed before the clock must be running
     timeout_seconds: float   # hard wall-clock cap of a whole trial
@@ -44,15 +44,15 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # The reference protocol: one GPU, 5 minutes of training, climbmix.
     "gpu": Profile("gpu", seq_len=2048, time_budget=300.0, eval_tokens=40 * 524288, vocab_size=8192,
-                   source="climbmix", warmup_steps=10, max_startup_seconds=240.0, timeout_seconds=900.0,
+                   corpus="climbmix", warmup_steps=10, max_startup_seconds=240.0, timeout_seconds=900.0,
                    eval_batch_tokens=262144, intermediate_tokens=GPU_INTERMEDIATE_TOKENS),
     # The same code path scaled to a laptop: seconds per trial on 2 cores, offline corpus.
     "cpu": Profile("cpu", seq_len=256, time_budget=20.0, eval_tokens=32768, vocab_size=2048,
-                   source="builtin", warmup_steps=1, max_startup_seconds=60.0, timeout_seconds=180.0,
+                   corpus="builtin", warmup_steps=1, max_startup_seconds=60.0, timeout_seconds=180.0,
                    eval_batch_tokens=8192, intermediate_tokens=CPU_INTERMEDIATE_TOKENS),
     # The test suite's scale: a trial in a few seconds. Shares the cpu profile's data and tokenizer.
     "test": Profile("test", seq_len=64, time_budget=1.5, eval_tokens=4096, vocab_size=2048,
-                    source="builtin", warmup_steps=1, max_startup_seconds=60.0, timeout_seconds=120.0,
+                    corpus="builtin", warmup_steps=1, max_startup_seconds=60.0, timeout_seconds=120.0,
                     eval_batch_tokens=4096, intermediate_tokens=TEST_INTERMEDIATE_TOKENS),
 }
 

@@ -129,12 +129,12 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
         return _finish(TrialResult(status="crash", error=f"SyntaxError: {e.msg} (train.py:{e.lineno})"),
                        config, log, trial_dir, t0)
     config = snap_batch_size(code, config, profile.seq_len)
-    source_code = inject_knobs(code, config)
+    trial_code = inject_knobs(code, config)
     scoring_device, gpu = trial_device(device)
     tokenizer = Tokenizer.load(data.tokenizer)
     threads = int(os.environ["HYBRID_TRIAL_THREADS"]) if os.environ.get("HYBRID_TRIAL_THREADS") else None
     try:
-        (trial_dir / "train.py").write_text(source_code)
+        (trial_dir / "train.py").write_text(trial_code)
         scratch = _fresh(trial_dir / "scratch")
     except OSError as e:
         return _finish(TrialResult(status="crash", error=f"cannot write the trial's folder: {e}"), config, log,

@@ -140,7 +140,7 @@ def _commit(vcs: git.Repo, sha: str) -> git.Commit | None:
         return None
 
 
-def _source(commit: git.Commit, row: Row) -> str:
+def _code(commit: git.Commit, row: Row) -> str:
     try:
         return (commit.tree / "train.py").data_stream.read().decode("utf-8")
     except KeyError:
@@ -149,11 +149,11 @@ def _source(commit: git.Commit, row: Row) -> str:
 
 def _generation(night: Night, row: Row, commit: git.Commit, number: int) -> Generation:
     """The kept row's generation: its train.py, in the knob space widened to hold its values."""
-    source = _source(commit, row)
-    space = _space_of(night.space, source, row)
+    code = _code(commit, row)
+    space = _space_of(night.space, code, row)
     parent = night.generations[-1] if night.generations else None
-    return Generation(len(night.generations), parent.number if parent else None, row.description, source,
-                      space.to_dict(), diff=generations.unified_diff(parent.source, source) if parent else "",
+    return Generation(len(night.generations), parent.number if parent else None, row.description, code,
+                      space.to_dict(), diff=generations.unified_diff(parent.code, code) if parent else "",
                       status="promoted" if parent else "base", commit=commit.hexsha, agent="autoresearch",
                       mutation=f"autoresearch {row.commit}", proposal={"tsv_line": row.line},
                       created_after_trial=number - 1, reason=KEPT_REASON if parent is not None else None,
@@ -161,9 +161,9 @@ def _generation(night: Night, row: Row, commit: git.Commit, number: int) -> Gene
                                          if parent is not None and t.user_attrs.get("generation") == parent.number])
 
 
-def _space_of(space: SearchSpace, source: str, row: Row) -> SearchSpace:
-    """The declared knobs that `source` defines, with its values as defaults (ranges widened to hold them)."""
-    found = find_knobs(source)
+def _space_of(space: SearchSpace, code: str, row: Row) -> SearchSpace:
+    """The declared knobs that `code` defines, with its values as defaults (ranges widened to hold them)."""
+    found = find_knobs(code)
     knobs = {}
     for name, knob in space.knobs.items():
         if name in found:
@@ -203,12 +203,12 @@ def _trial(night: Night, row: Row, commit: git.Commit | None) -> optuna.trial.Fr
         attrs["peak_memory_mb"] = row.memory_gb * 1024
     params: dict[str, Any] = {}
     gen = night.generations[-1] if night.generations else None
-    source = None if commit is None else _source(commit, row)
-    if source is not None:
-        attrs["code_sha"] = store.code_sha(source)
-        found = find_knobs(source)
+    code = None if commit is None else _code(commit, row)
+    if code is not None:
+        attrs["code_sha"] = store.code_sha(code)
+        found = find_knobs(code)
         attrs["config_ran"] = {n: found[n].value for n in night.space.knobs if n in found}
-        if gen is not None and (row.status == "keep" or _knob_only(gen.source, source)):
+        if gen is not None and (row.status == "keep" or _knob_only(gen.code, code)):
             attrs["generation"] = gen.number
             params = _params(gen.search_space(), attrs["config_ran"])
         elif gen is not None:

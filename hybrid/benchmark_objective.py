@@ -128,30 +128,30 @@ class BenchmarkObjective:
         self.world = hidden_world(seed, train_py if train_py is not None else project_file("train.py").read_text())
         self._trials = SurrogateTrials()
 
-    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+    def runs_as(self, code: str, config: dict[str, Any]) -> dict[str, Any]:
         """The base knobs snapped as the paper's runner did; the mutations' knobs as given."""
         return {**config, **runs_as(self._base(config))}
 
-    def truth(self, source: str, config: dict[str, Any]) -> tuple[float, float]:
+    def truth(self, code: str, config: dict[str, Any]) -> tuple[float, float]:
         """The true (noise-free) val_bpb of `config` in this code, and its probability of failing."""
         outcome = self._trials.surrogate.outcomes(pd.DataFrame([runs_as(self._base(config))])).iloc[0]
-        effects = sum(self.world[name].value(config) for name in carried(source) if name in self.world)
+        effects = sum(self.world[name].value(config) for name in carried(code) if name in self.world)
         return float(outcome["val_bpb_pred"]) + effects, float(outcome["p_fail"])
 
-    def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
+    def evaluate(self, code: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult:
         """The surrogate's trial (its failure draw, time and memory), with the true value plus noise as val_bpb."""
         base = self._trials.evaluate(self._base(config), seed=seed, trial_number=trial_number)
-        true, _ = self.truth(source, config)
+        true, _ = self.truth(code, config)
         rng = np.random.default_rng([seed % 2**64, trial_number % 2**64, NOISE_SALT])
         measured = true + self.noise * float(rng.standard_normal()) if base.ok else None
         result = TrialResult(status=base.status, val_bpb=measured, error=base.error,
                              training_seconds=TRAINING_SECONDS if base.ok else 0.0,
                              total_seconds=SUCCESS_SECONDS if base.ok else base.total_seconds,
                              peak_memory_mb=base.peak_memory_mb, num_params=base.num_params,
-                             config=self.runs_as(source, config))
+                             config=self.runs_as(code, config))
         record = {"trial": trial_number, "status": base.status, "measured": measured, "true": true,
-                  "mutations": sorted(carried(source))}
+                  "mutations": sorted(carried(code))}
         trial_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(trial_dir.parent / TRUTH_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")

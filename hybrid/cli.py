@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "  hybrid prepare --profile cpu\n  hybrid prepare --profile gpu --source climbmix\n"
                  "  hybrid prepare --profile cpu --source 'my_corpus/*.txt'")
     p.add_argument("--profile", choices=("gpu", "cpu", "test"), help=PROFILE_HELP)
-    p.add_argument("--source", help="builtin | climbmix | PATH, a folder or glob of .txt/.jsonl/.parquet "
-                                    "(default: the profile's: climbmix on gpu, builtin otherwise)")
+    p.add_argument("--source", dest="corpus", metavar="SOURCE",  # the flag users know; the data corpus
+                   help="builtin | climbmix | PATH, a folder or glob of .txt/.jsonl/.parquet "
+                        "(default: the profile's: climbmix on gpu, builtin otherwise)")
 
     p = _command(sub, "space", "the knobs found in a train.py",
                  "List the knobs of a train.py (its top-level ALL_CAPS literal assignments) and its other constants.",
@@ -337,14 +338,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from harness.data import prepare
     from harness.profiles import get_profile
 
-    prepare(get_profile(args.profile), args.source)
+    prepare(get_profile(args.profile), args.corpus)
     return 0
 
 
 def cmd_space(args: argparse.Namespace) -> int:
     from harness.knobs import find_constants, find_knobs
     from hybrid.paths import project_file
-    from hybrid.space import check_against_source, load_space
+    from hybrid.space import check_against_code, load_space
 
     path = args.train_py or project_file("train.py")
     if args.init_yaml:
@@ -354,10 +355,10 @@ def cmd_space(args: argparse.Namespace) -> int:
         print(f"wrote {args.init_yaml}: {len(proposal.knobs)} knobs ({len(proposal.marked)} marked REVIEW), "
               f"{len(proposal.left_out)} constants left out (the reasons are in the file)")
         return 0
-    source = _read(path)
-    knobs, constants = find_knobs(source), find_constants(source)
+    code = _read(path)
+    knobs, constants = find_knobs(code), find_constants(code)
     if args.space:
-        check_against_source(load_space(args.space, args.profile), source)
+        check_against_code(load_space(args.space, args.profile), code)
     if args.json:
         print(json.dumps({"train_py": str(path),
                           "knobs": {k.name: {"type": k.type, "value": k.value, "line": k.line} for k in knobs.values()},

@@ -30,7 +30,7 @@ from hybrid.probes import probe_configs
 from hybrid.promotion import (REPEATS, Schedule, control_config, fresh_score, incumbent, is_tuning, judge,
                               pooled_noise, runs_of, score)
 from hybrid.records import ok_value
-from hybrid.space import SearchSpace, SpaceError, check_against_source
+from hybrid.space import SearchSpace, SpaceError, check_against_code
 from hybrid.llm.catalog import CatalogAgent
 from hybrid.llm.structural_agent import LLMStructuralAgent
 from hybrid.structural import Context, Proposal, StructuralAgent
@@ -198,7 +198,7 @@ class HybridMethod:
         """A move on `gen`; a candidate's trials are screened against its parent's learning curves when the run
         prunes (low fidelity first; repeats, which judge it, never are: hybrid.pruners.UNPRUNED)."""
         screen = (gen.parent,) if gen.status == "candidate" and gen.parent is not None else ()
-        return Move(source, gen.number, gen.source, space or gen.search_space(), config, rejected, attrs or {},
+        return Move(source, gen.number, gen.code, space or gen.search_space(), config, rejected, attrs or {},
                     prune_with=screen)
 
     # -- structural actions (under the lease) -------------------------------------------------------------
@@ -228,14 +228,14 @@ class HybridMethod:
         proposal = self.agent.propose(context)
         if proposal is None:
             return self._tune(parent)  # the agent has nothing left to try: tuning goes on
-        foreign_base = snap.generations[0].source if self.config.repo else None  # the repository's own train.py
+        foreign_base = snap.generations[0].code if self.config.repo else None  # the repository's own train.py
         rejected = proposal.rejected or _check(parent, proposal, foreign_base)
         space = parent.search_space() if rejected else parent.search_space().with_changes(proposal.added,
                                                                                           proposal.removed)
         if not self.lease.renew():
             return self._tune(parent)  # the agent took longer than the lease: another worker may be mutating
         gen = self.lineage.create(  # under the lease: the number is ours
-            parent, proposal.source, space, proposal.description, status="rejected" if rejected else "candidate",
+            parent, proposal.code, space, proposal.description, status="rejected" if rejected else "candidate",
             mutation=proposal.name, agent=self.agent.source, trigger=due.reason, reason=rejected,
             new_knobs={k: v.to_dict() for k, v in proposal.added.items()}, removed_knobs=proposal.removed,
             created_after_trial=snap.last_trial, proposal=proposal.attrs,
@@ -293,9 +293,9 @@ def _check(parent: Generation, proposal: Proposal, foreign_base: str | None) -> 
     from hybrid.llm.guard import PatchRejected, check_patch
 
     try:
-        check_patch(parent.source, proposal.source, foreign_base=foreign_base)
+        check_patch(parent.code, proposal.code, foreign_base=foreign_base)
         space = parent.search_space().with_changes(proposal.added, proposal.removed)
-        check_against_source(space, proposal.source)
+        check_against_code(space, proposal.code)
     except PatchRejected as e:
         return f"patch guard: {e.reason}"
     except (SpaceError, KnobError) as e:

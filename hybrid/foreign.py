@@ -195,7 +195,7 @@ class ForeignObjective:
         self.seal = PrepareSeal(self.repo.prepare)  # taken when the run (its worker) starts
         print(f"hybrid: --repo {self.repo.path}: {TRUST_NOTE}", file=sys.stderr, flush=True)
 
-    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+    def runs_as(self, code: str, config: dict[str, Any]) -> dict[str, Any]:
         """TOTAL_BATCH_SIZE snapped to whole micro-batches of prepare.py's MAX_SEQ_LEN (autoresearch asserts it)."""
         from harness.runner import snap_batch_size
 
@@ -203,25 +203,25 @@ class ForeignObjective:
         if not isinstance(seq_len, int):
             return dict(config)
         try:
-            return snap_batch_size(source, config, seq_len)
+            return snap_batch_size(code, config, seq_len)
         except KnobError:  # train.py does not parse: the trial records the crash
             return dict(config)
 
-    def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
+    def evaluate(self, code: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult:
         """The trial's result (every failure of train.py is one); KeyboardInterrupt when stopped."""
         from harness.runner import ERROR_CHARS
 
         self.seal.verify()
         t0 = time.perf_counter()
-        config = self.runs_as(source, config)
+        config = self.runs_as(code, config)
         trial_dir = Path(trial_dir).resolve()
         trial_dir.mkdir(parents=True, exist_ok=True)
         log = TrialLog(trial_dir / "log.txt")
         try:
-            (trial_dir / "train.py").write_text(inject_knobs(source, config))
-            code, timed_out = self._train(trial_dir, log, source)
-            result = outcome(code, log.text(), timed_out)
+            (trial_dir / "train.py").write_text(inject_knobs(code, config))
+            status, timed_out = self._train(trial_dir, log, code)
+            result = outcome(status, log.text(), timed_out)
         except KnobError as e:  # train.py does not parse, or lost a knob
             result = TrialResult(status="crash", error=str(e))
         finally:
@@ -232,12 +232,12 @@ class ForeignObjective:
         result.write(trial_dir / "result.json")
         return result
 
-    def _jail(self, trial_dir: Path, source: str) -> Jail:
+    def _jail(self, trial_dir: Path, code: str) -> Jail:
         from harness.runner import compile_cache, trial_device
 
         caches = {name: (host, home) for name, (host, home) in self.repo.home_caches().items() if host.is_dir()}
         handed = {"train.py": trial_dir / "train.py", "repo": self.repo.path,
-                  "compile-cache": compile_cache(source),  # per generation, as the harness keeps it
+                  "compile-cache": compile_cache(code),  # per generation, as the harness keeps it
                   **{name: host for name, (host, _) in caches.items()}}
         jail = Jail(self.sandbox, trial_dir / "scratch", handed=handed, writable=("compile-cache",), code=(),
                     gpu=trial_device(self.device)[1], limits=Limits(memory_bytes=default_memory_bytes()))
@@ -247,9 +247,9 @@ class ForeignObjective:
             link.symlink_to(jail.path(name))
         return jail
 
-    def _train(self, trial_dir: Path, log: TrialLog, source: str) -> tuple[int | None, float | None]:
+    def _train(self, trial_dir: Path, log: TrialLog, code: str) -> tuple[int | None, float | None]:
         """Run `python train.py` to its end or its wall-clock limit: (exit status, the limit if it was hit)."""
-        jail = self._jail(trial_dir, source)
+        jail = self._jail(trial_dir, code)
         cache = jail.path("compile-cache")
         env = {"PYTHONPATH": jail.path("repo"), "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
                "TRITON_CACHE_DIR": f"{cache}/triton", "HF_HUB_OFFLINE": "1"}

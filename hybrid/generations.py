@@ -30,7 +30,7 @@ class Generation:
     number: int
     parent: int | None
     description: str
-    source: str                                    # the whole train.py
+    code: str                                      # the whole train.py
     space: dict[str, Any]                          # its knob space (SearchSpace.to_dict)
     diff: str = ""                                 # against its parent
     status: str = "candidate"
@@ -64,14 +64,17 @@ class Generation:
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
-        record["code_sha"] = store.code_sha(self.source)
+        record["code_sha"] = store.code_sha(self.code)
         return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Generation:
-        """A stored generation; keys of no field (older records kept them loose, or under `extra`) go to proposal."""
+        """A stored generation; keys of no field (older records kept them loose, or under `extra`) go to proposal.
+        Older records hold the train.py under `source`: it is read as `code`."""
         flat = {**record, **(record.get("extra") or {})}
         flat.pop("extra", None)
+        if "source" in flat:
+            flat.setdefault("code", flat.pop("source"))
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in flat.items() if k in names}
         verdict = values.get("verdict") or ({k: flat[k] for k in VERDICT_FIELDS & set(flat)}
@@ -99,13 +102,13 @@ def save(study: optuna.Study, generation: Generation) -> None:
     store.save_generation(study, generation.number, generation.to_record())
 
 
-def create(study: optuna.Study, parent: Generation, source: str, space: SearchSpace, description: str, *,
+def create(study: optuna.Study, parent: Generation, code: str, space: SearchSpace, description: str, *,
            diff_from: str | None = None, **details: Any) -> Generation:
     """A new generation after `parent` (numbered next, saved; callers hold the structural lease). Its diff is
     against the parent's train.py, or against `diff_from` (the text an agent was shown)."""
     number = max(load_all(study), default=-1) + 1
-    generation = Generation(number, parent.number, description, source, space.to_dict(),
-                            diff=unified_diff(parent.source if diff_from is None else diff_from, source), **details)
+    generation = Generation(number, parent.number, description, code, space.to_dict(),
+                            diff=unified_diff(parent.code if diff_from is None else diff_from, code), **details)
     save(study, generation)
     return generation
 
@@ -144,8 +147,8 @@ class Lineage:
     def load(self) -> dict[int, Generation]:
         return load_all(self.study)
 
-    def create(self, parent: Generation, source: str, space: SearchSpace, description: str, **details: Any) -> Generation:
-        return create(self.study, parent, source, space, description, **details)
+    def create(self, parent: Generation, code: str, space: SearchSpace, description: str, **details: Any) -> Generation:
+        return create(self.study, parent, code, space, description, **details)
 
     def settle(self, generation: Generation, status: str, **details: Any) -> Generation:
         return set_status(self.study, generation, status, **details)
@@ -189,7 +192,7 @@ class GitLineage:
             self.repo.git.checkout("-B", self.branch)
         else:
             self.repo.git.checkout("--orphan", self.branch)
-        (self.root / "train.py").write_text(generation.source)
+        (self.root / "train.py").write_text(generation.code)
         self.repo.index.add(["train.py"])
         message = f"generation {generation.number}: {generation.description}"
         commit = self.repo.index.commit(message)

@@ -33,7 +33,7 @@ from hybrid.gpus import check_workers, pin_gpu
 from hybrid.processes import stop_with
 from hybrid.progress import RunProgress
 from hybrid.pruners import UNPRUNED, make_pruner, reporter
-from hybrid.space import SearchSpace, check_against_source, load_space
+from hybrid.space import SearchSpace, check_against_code, load_space
 
 # Seed offset per worker: a prime far above a study's trial count (hundreds), so that a worker's seed, which also
 # moves on by one per trial finished before a resume, does not meet another worker's.
@@ -57,7 +57,7 @@ def run(config: RunConfig) -> int:
     except OSError as e:
         raise UserError(f"cannot read {code_path}: {e.strerror}") from None
     space = load_space(space_path, config.profile)
-    check_against_source(space, code)
+    check_against_code(space, code)
     if config.objective == "train" and not config.repo:
         ensure_prepared(get_profile(config.profile))
     storage = store.open_storage(config.storage)
@@ -214,14 +214,14 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
     # A resumed run continues from a fresh but deterministic seed: replaying the original seed would repeat
     # the configs already tried. Workers get seeds of their own.
     seed = config.seed + WORKER_SEED_STRIDE * worker + done_before
-    method = build_method(config, study, space, base.source, seed)
-    baseline = Move("baseline", 0, base.source, space, config=space.defaults())
+    method = build_method(config, study, space, base.code, seed)
+    baseline = Move("baseline", 0, base.code, space, config=space.defaults())
     study.sampler = method.sampler
     interrupt = _Interrupt()
     scrub.register(config.storage, config.llm_base_url)  # never shown back by a trial's text
     objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
                                memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False),
-                               stop=interrupt.stop, sandbox=config.sandbox, trusted_code=(base.source,),
+                               stop=interrupt.stop, sandbox=config.sandbox, trusted_code=(base.code,),
                                repo=config.repo, seed=config.seed, benchmark_noise=config.benchmark_noise)
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)

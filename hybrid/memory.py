@@ -158,12 +158,12 @@ def architecture(config: dict[str, Any], shapeless: frozenset[str] = SHAPELESS_K
     return tuple(sorted((name, value) for name, value in config.items() if name not in shapeless))
 
 
-def shapeless_knobs(source: str, profile: Profile, sandbox: str = "auto") -> frozenset[str]:
+def shapeless_knobs(code: str, profile: Profile, sandbox: str = "auto") -> frozenset[str]:
     """SHAPELESS_KNOBS, checked against this code: it keeps them if a build with every one of them changed has the
     shapes of a build at its defaults. An edit that made one of them set a shape (or a code that cannot be built)
     keeps only the batch knobs: every architecture then gets a build of its own, and no estimate goes wrong.
     Cached per code and profile (shape_probe(sandbox).shapeless_knobs)."""
-    return shape_probe(sandbox).shapeless_knobs(source, profile)
+    return shape_probe(sandbox).shapeless_knobs(code, profile)
 
 
 def _changed(value: Any) -> Any:
@@ -183,15 +183,15 @@ def with_batch(shapes: ModelShapes, config: dict[str, Any]) -> ModelShapes:
                    grad_accum=grad_accum(total, batch * shapes.seq_len))
 
 
-def model_shapes(source: str, config: dict[str, Any], profile: Profile, sandbox: str = "auto") -> ModelShapes | None:
-    """The shapes of the model and optimizers that `source` with `config` injected builds for `profile`,
+def model_shapes(code: str, config: dict[str, Any], profile: Profile, sandbox: str = "auto") -> ModelShapes | None:
+    """The shapes of the model and optimizers that `code` with `config` injected builds for `profile`,
     or None when they cannot be read (no build_model, a failure building it, another model structure).
     The model is built once per (code, architecture, profile), in a sandboxed process of its own (`sandbox`: a
     harness.sandbox mode); the batch knobs of `config` are applied to it."""
-    return shape_probe(sandbox).model_shapes(source, config, profile)
+    return shape_probe(sandbox).model_shapes(code, config, profile)
 
 
-def build_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profile,
+def build_shapes(code: str, knobs: tuple[tuple[str, Any], ...], profile: Profile,
                  eval_rows: int | None = None) -> ModelShapes | None:
     """model_shapes with only `knobs` (an architecture) injected, the batch knobs train.py's own; run in this
     process: the untrusted code runs here (ShapeProbe runs it in a sandboxed process of its own).
@@ -201,7 +201,7 @@ def build_shapes(source: str, knobs: tuple[tuple[str, Any], ...], profile: Profi
 
         eval_rows = forward_rows(profile)
     try:
-        module = _load(inject_knobs(source, dict(knobs)))
+        module = _load(inject_knobs(code, dict(knobs)))
         model = module.build_model(profile.vocab_size, profile.seq_len, device=torch.device("meta"))
         blocks = tuple(BlockShape(b.attn.c_q.in_features, b.attn.n_head, b.mlp.c_fc.out_features,
                                   b.attn.ve_gate is not None) for b in model.blocks)
@@ -236,7 +236,7 @@ Knobs = tuple[tuple[str, Any], ...]
 class ShapeProbe:
     """Builds of train.py's model, each in a fresh process of its own (`python -m hybrid.memory REQUEST`) that
     lives for that one build, in the OS sandbox (harness.sandbox, mode `sandbox`): the project's code and the
-    Python environment read-only, the request (source, knobs, profile) a read-only file handed in, nothing of
+    Python environment read-only, the request (code, knobs, profile) a read-only file handed in, nothing of
     the trusted side's environment, capped memory (PROBE_SANDBOX_BYTES; inside, PROBE_MEMORY_BYTES above its
     size once torch is imported) and wall time (PROBE_START_SECONDS to start, PROBE_BUILD_SECONDS to build). The
     answer is a JSON line on its stdout, never a pickle; what train.py prints goes nowhere. A build that hangs,
@@ -262,61 +262,61 @@ class ShapeProbe:
         self._builds.clear()
         self._shapeless.clear()
 
-    def model_shapes(self, source: str, config: dict[str, Any], profile: Profile) -> ModelShapes | None:
+    def model_shapes(self, code: str, config: dict[str, Any], profile: Profile) -> ModelShapes | None:
         """hybrid.memory.model_shapes, through this probe. The first config of a code is built alongside the
         shapeless check's two builds, as if the check will pass (it does unless an edit made a knob set a shape)."""
-        shapeless = self.shapeless_knobs(source, profile, also=architecture(config))
-        shapes = self.built(source, architecture(config, shapeless), profile)
+        shapeless = self.shapeless_knobs(code, profile, also=architecture(config))
+        shapes = self.built(code, architecture(config, shapeless), profile)
         return with_batch(shapes, config) if shapes is not None else None
 
-    def shapeless_knobs(self, source: str, profile: Profile, also: Knobs | None = None) -> frozenset[str]:
+    def shapeless_knobs(self, code: str, profile: Profile, also: Knobs | None = None) -> frozenset[str]:
         """hybrid.memory.shapeless_knobs, through this probe: its two builds run side by side (and the build of
         the architecture `also` with them, if the check is not cached yet)."""
-        key = (source, profile)
+        key = (code, profile)
         if key not in self._shapeless:
-            self._shapeless[key] = self._check_shapeless(source, profile, [] if also is None else [also])
+            self._shapeless[key] = self._check_shapeless(code, profile, [] if also is None else [also])
         return self._shapeless[key]
 
-    def _check_shapeless(self, source: str, profile: Profile, also: list[Knobs]) -> frozenset[str]:
+    def _check_shapeless(self, code: str, profile: Profile, also: list[Knobs]) -> frozenset[str]:
         try:
-            defaults = {name: knob.value for name, knob in find_knobs(source).items()}
+            defaults = {name: knob.value for name, knob in find_knobs(code).items()}
         except KnobError:
             return frozenset(BATCH_KNOBS)
         changed = {name: _changed(v) for name, v in defaults.items() if name in SHAPELESS_KNOBS - {*BATCH_KNOBS}}
         if not changed:
             return SHAPELESS_KNOBS
-        base, other, *_ = self.built_all(source, [(), tuple(sorted(changed.items())), *also], profile)
+        base, other, *_ = self.built_all(code, [(), tuple(sorted(changed.items())), *also], profile)
         return SHAPELESS_KNOBS if base is not None and other == base else frozenset(BATCH_KNOBS)
 
-    def built(self, source: str, knobs: Knobs, profile: Profile) -> ModelShapes | None:
-        """The shapes `source` with `knobs` builds for `profile`: cached, else one sandboxed process."""
-        return self.built_all(source, [knobs], profile)[0]
+    def built(self, code: str, knobs: Knobs, profile: Profile) -> ModelShapes | None:
+        """The shapes `code` with `knobs` builds for `profile`: cached, else one sandboxed process."""
+        return self.built_all(code, [knobs], profile)[0]
 
-    def built_all(self, source: str, architectures: list[Knobs], profile: Profile) -> list[ModelShapes | None]:
+    def built_all(self, code: str, architectures: list[Knobs], profile: Profile) -> list[ModelShapes | None]:
         """built() for each architecture; those not cached yet are built at once, a process each."""
-        new = list(dict.fromkeys(k for k in architectures if (source, k, profile) not in self._builds))
-        for knobs, shapes in zip(new, self.build(source, new, profile)):
+        new = list(dict.fromkeys(k for k in architectures if (code, k, profile) not in self._builds))
+        for knobs, shapes in zip(new, self.build(code, new, profile)):
             if len(self._builds) >= PROBE_CACHE:
                 del self._builds[next(iter(self._builds))]  # the oldest
-            self._builds[(source, knobs, profile)] = shapes
-        return [self._builds.get((source, k, profile)) for k in architectures]
+            self._builds[(code, knobs, profile)] = shapes
+        return [self._builds.get((code, k, profile)) for k in architectures]
 
-    def build(self, source: str, architectures: list[Knobs], profile: Profile) -> list[ModelShapes | None]:
+    def build(self, code: str, architectures: list[Knobs], profile: Profile) -> list[ModelShapes | None]:
         """build_shapes of each architecture, each in a fresh sandboxed process, all started at once (no cache);
         in this process for code in `trusted` (the user's own train.py: no agent wrote it)."""
         from harness.sandbox import Jail, Limits, kill
         from harness.scorer import forward_rows
 
         eval_rows = forward_rows(profile)
-        if source in self.trusted:
-            return [build_shapes(source, knobs, profile, eval_rows) for knobs in architectures]
+        if code in self.trusted:
+            return [build_shapes(code, knobs, profile, eval_rows) for knobs in architectures]
         with contextlib.ExitStack() as stack:
             started = []
             for knobs in architectures:
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-probe-",
                                                                               ignore_cleanup_errors=True)))
                 request = folder / "request.json"
-                request.write_text(json.dumps({"source": source, "knobs": knobs, "profile": asdict(profile),
+                request.write_text(json.dumps({"code": code, "knobs": knobs, "profile": asdict(profile),
                                                "eval_rows": eval_rows}))
                 jail = Jail(self.sandbox, folder / "scratch", handed={"request.json": request},
                             code=("harness", "hybrid"), limits=Limits(memory_bytes=PROBE_SANDBOX_BYTES))
@@ -399,7 +399,7 @@ def shape_probe(sandbox: str = "auto") -> ShapeProbe:
 
 def serve(request: str) -> None:
     """A probe process (`python -m hybrid.memory REQUEST`): one build, of the request in the JSON file REQUEST
-    (source, knobs, profile, eval_rows). It says "ready" once torch is imported and its limits are set, then the
+    (code, knobs, profile, eval_rows). It says "ready" once torch is imported and its limits are set, then the
     build's ModelShapes (or null), JSON lines on stdout; what train.py prints goes to /dev/null. Then it exits."""
     import torch._dynamo  # noqa: F401  (what a build on the meta device imports anyway, through torch._refs: 1-3 s)
 
@@ -415,7 +415,7 @@ def serve(request: str) -> None:
     os.dup2(quiet, sys.stderr.fileno())
     answers.write("ready\n")
     answers.flush()
-    shapes = build_shapes(fields["source"], knobs, profile, eval_rows=int(fields["eval_rows"]))
+    shapes = build_shapes(fields["code"], knobs, profile, eval_rows=int(fields["eval_rows"]))
     answers.write(json.dumps(asdict(shapes) if shapes is not None else None) + "\n")
     answers.flush()
 
@@ -465,9 +465,9 @@ def _shapes_from_json(answer: str) -> ModelShapes | None:
     return shapes if ok and isinstance(shapes.total_batch_size, (int, type(None))) else None
 
 
-def analytic_peak_bytes(source: str, config: dict[str, Any], profile: Profile, sandbox: str = "auto") -> float | None:
-    """Predicted peak GPU memory of a trial of `source` with `config` on `profile`, in bytes; None if unknown."""
-    shapes = model_shapes(source, config, profile, sandbox)
+def analytic_peak_bytes(code: str, config: dict[str, Any], profile: Profile, sandbox: str = "auto") -> float | None:
+    """Predicted peak GPU memory of a trial of `code` with `config` on `profile`, in bytes; None if unknown."""
+    shapes = model_shapes(code, config, profile, sandbox)
     return peak_bytes(shapes) if shapes is not None else None
 
 
@@ -513,29 +513,29 @@ class MemoryModel:
         self.probe.trusted.update(trusted)
         self._estimates: dict[tuple[str, str], float | None] = {}
 
-    def estimate_mb(self, source: str, config: dict[str, Any]) -> float | None:
+    def estimate_mb(self, code: str, config: dict[str, Any]) -> float | None:
         from hybrid.store import code_sha
 
-        key = (code_sha(source), repr(sorted(config.items())))
+        key = (code_sha(code), repr(sorted(config.items())))
         if key not in self._estimates:
-            shapes = self.probe.model_shapes(source, config, self.profile)
+            shapes = self.probe.model_shapes(code, config, self.profile)
             peak = peak_bytes(shapes) if shapes is not None else None
             self._estimates[key] = peak / MIB if peak is not None else None
         return self._estimates[key]
 
-    def calibration(self, source: str, history: Iterable[FrozenTrial]) -> float | None:
-        """Median recorded / estimated peak over the largest successful trials of `source` in history (see the
+    def calibration(self, code: str, history: Iterable[FrozenTrial]) -> float | None:
+        """Median recorded / estimated peak over the largest successful trials of `code` in history (see the
         class); None if too few."""
         from hybrid.store import code_sha
 
-        sha = code_sha(source)
+        sha = code_sha(code)
         points = []  # (estimate, recorded) in MiB
         for trial in history:
             attrs = trial.user_attrs
             recorded = recorded_peak_mb(attrs)
             if attrs.get("status") != "ok" or attrs.get("code_sha") != sha or not recorded:
                 continue
-            estimate = self.estimate_mb(source, attrs.get("config_ran") or trial.params)
+            estimate = self.estimate_mb(code, attrs.get("config_ran") or trial.params)
             if estimate:
                 points.append((estimate, recorded))
         if len(points) < MIN_CALIBRATION_POINTS:
@@ -543,20 +543,20 @@ class MemoryModel:
         largest = sorted(points, reverse=True)[:CALIBRATION_POINTS]
         return statistics.median(recorded / estimate for estimate, recorded in largest)
 
-    def predict_mb(self, source: str, config: dict[str, Any], history: Iterable[FrozenTrial] = ()) -> float | None:
+    def predict_mb(self, code: str, config: dict[str, Any], history: Iterable[FrozenTrial] = ()) -> float | None:
         """Predicted peak memory of a trial in MiB, calibrated on `history` (the study's trials); None if unknown."""
-        estimate = self.estimate_mb(source, config)
+        estimate = self.estimate_mb(code, config)
         if estimate is None:
             return None
-        ratio = self.calibration(source, history)
+        ratio = self.calibration(code, history)
         return estimate * ratio if ratio is not None else estimate
 
-    def check(self, source: str, config: dict[str, Any], cap_gb: float,
+    def check(self, code: str, config: dict[str, Any], cap_gb: float,
               history: Iterable[FrozenTrial] = ()) -> TrialResult | None:
         """The `oom-predicted` result of a config predicted over `cap_gb` (GiB), or None: run it."""
         from harness.result import TrialResult
 
-        predicted = self.predict_mb(source, config, history)
+        predicted = self.predict_mb(code, config, history)
         if predicted is None or predicted * MIB <= cap_gb * GIB:
             return None
         return TrialResult(status="oom-predicted", total_seconds=0.0, config=dict(config),

@@ -18,10 +18,10 @@ from hybrid.records import SOURCE, ok_value
 class Objective(Protocol):
     name: str
 
-    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+    def runs_as(self, code: str, config: dict[str, Any]) -> dict[str, Any]:
         """The config a trial of `config` actually runs, after what the objective does to it first."""
 
-    def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
+    def evaluate(self, code: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult:
         """The trial's result; KeyboardInterrupt if it was stopped (Ctrl-C) before it had one."""
 
@@ -59,23 +59,23 @@ class TrainObjective:
     name: str = "train"
     curves: bool = True  # evaluate() takes `report`: intermediate val_bpb for a pruner (hybrid.pruners)
 
-    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+    def runs_as(self, code: str, config: dict[str, Any]) -> dict[str, Any]:
         """The config run_trial injects: TOTAL_BATCH_SIZE snapped to whole micro-batches (see snap_batch_size)."""
         from harness.knobs import KnobError
         from harness.runner import snap_batch_size
 
         try:
-            return snap_batch_size(source, config, self.profile.seq_len)
+            return snap_batch_size(code, config, self.profile.seq_len)
         except KnobError:  # train.py does not parse: run_trial records the crash
             return dict(config)
 
-    def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
+    def evaluate(self, code: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path, report: Callable[[float, float], bool] | None = None) -> TrialResult:
         """`report`: told the intermediate val_bpb at each checkpoint, True stops the trial (harness.runner)."""
         from harness.runner import run_trial
 
         history = list(self.history())
-        return run_trial(source, config, self.profile, trial_dir, seed=seed, device=self.device,
+        return run_trial(code, config, self.profile, trial_dir, seed=seed, device=self.device,
                          vram_cap_gb=self.vram_cap_gb, stop=self.stop, sandbox=self.sandbox,
                          startup_limit=startup_limit(self.profile, history), rescore_below=rescore_below(history),
                          report=report)
@@ -90,26 +90,26 @@ class SurrogateObjective:
 
         self._trials = SurrogateTrials()
 
-    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
+    def runs_as(self, code: str, config: dict[str, Any]) -> dict[str, Any]:
         """The config snapped as the paper's runner did (hybrid.surrogate.runs_as)."""
         from hybrid.surrogate import runs_as
 
         return runs_as(config)
 
-    def evaluate(self, source: str, config: dict[str, Any], *, seed: int, trial_number: int,
+    def evaluate(self, code: str, config: dict[str, Any], *, seed: int, trial_number: int,
                  trial_dir: Path) -> TrialResult:
         return self._trials.evaluate(config, seed=seed, trial_number=trial_number)
 
 
 def ensure_prepared(profile: Profile) -> None:
-    """Prepare the bundled corpus on first use (offline, seconds); other sources need `hybrid prepare`."""
+    """Prepare the bundled corpus on first use (offline, seconds); other corpora need `hybrid prepare`."""
     from harness.data import prepare, prepared
     from hybrid.errors import UserError
 
     try:
         prepared(profile)
     except UserError:
-        if profile.source != "builtin":
+        if profile.corpus != "builtin":
             raise
         prepare(profile, None)
 
@@ -131,12 +131,12 @@ class MemoryGuarded:
     def curves(self) -> bool:
         return getattr(self.objective, "curves", False)
 
-    def runs_as(self, source: str, config: dict[str, Any]) -> dict[str, Any]:
-        return self.objective.runs_as(source, config)
+    def runs_as(self, code: str, config: dict[str, Any]) -> dict[str, Any]:
+        return self.objective.runs_as(code, config)
 
-    def evaluate(self, source: str, config: dict[str, Any], **kwargs: Any) -> TrialResult:
-        refused = self.model.check(source, self.runs_as(source, config), self.cap_gb, self.history())
-        return refused if refused is not None else self.objective.evaluate(source, config, **kwargs)
+    def evaluate(self, code: str, config: dict[str, Any], **kwargs: Any) -> TrialResult:
+        refused = self.model.check(code, self.runs_as(code, config), self.cap_gb, self.history())
+        return refused if refused is not None else self.objective.evaluate(code, config, **kwargs)
 
 
 def make_objective(name: str, profile: Profile, *, vram_cap_gb: float | None = None, memory_model: bool = False,

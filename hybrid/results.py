@@ -76,12 +76,12 @@ def config_text(config: dict[str, Any]) -> str:
 
 
 def trial_code(study: optuna.Study, trial: FrozenTrial) -> str:
-    """The train.py that ran the trial: its generation's source with the trial's knob values written in."""
+    """The train.py that ran the trial: its generation's code with the trial's knob values written in."""
     number = int(trial.user_attrs.get("generation") or 0)
     generation = generations.load_all(study).get(number)
     if generation is None:
         raise UserError(f"study {study.study_name!r} has no generation {number} (trial {trial.number}'s)")
-    return inject_knobs(generation.source, trial_config(trial))
+    return inject_knobs(generation.code, trial_config(trial))
 
 
 def find_trial(study: optuna.Study, number: int) -> FrozenTrial:

@@ -203,9 +203,9 @@ def _checked(declared: dict[str, Any], path: Path) -> SearchSpace:
         raise SpaceError(f"{path}: {e}") from None
 
 
-def check_against_source(space: SearchSpace, source: str) -> None:
+def check_against_code(space: SearchSpace, code: str) -> None:
     """SpaceError unless every declared knob exists in train.py as an assignment of the matching type."""
-    found = find_knobs(source)
+    found = find_knobs(code)
     for name, knob in space.knobs.items():
         if name not in found:
             raise SpaceError(f"knob {name} is declared in the search space but train.py has no top-level {name} = ...")

@@ -51,12 +51,12 @@ def paper_space() -> dict[str, Knob]:
     return load_space(PROJECT_ROOT / "search_space.yaml", "gpu").knobs
 
 
-def propose(source: str) -> Proposal:
-    """The proposal for a train.py's source."""
+def propose(code: str) -> Proposal:
+    """The proposal for a train.py's code."""
     paper = paper_space()
     knobs: dict[str, tuple[Knob, str]] = {}
     left_out: dict[str, str] = {}
-    for name, found in find_knobs(source).items():
+    for name, found in find_knobs(code).items():
         if name in paper:
             try:
                 knobs[name] = _paper_knob(paper[name], found)
@@ -66,7 +66,7 @@ def propose(source: str) -> Proposal:
             left_out[name] = f"{found.value!r}: {reason}"
         else:
             knobs[name] = (_around(found), REVIEW)
-    for name, text in find_constants(source).items():
+    for name, text in find_constants(code).items():
         text = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
         left_out[name] = f"{text}: not a literal (a tuple or an expression); hybrid writes literal values only, " \
                          "split it into literal knobs to tune it"
@@ -150,10 +150,10 @@ def write_proposal(train_py: Path, out: Path) -> Proposal:
     if out.exists():
         raise UserError(f"{out} exists: --init-yaml never overwrites a file; remove it or choose another path")
     try:
-        source = train_py.read_text()
+        code = train_py.read_text()
     except OSError as e:
         raise UserError(f"cannot read {train_py}: {e.strerror}") from None
-    proposal = propose(source)
+    proposal = propose(code)
     if not proposal.knobs:
         raise UserError(f"{train_py} has no numeric or paper knob (top-level ALL_CAPS literal) to tune")
     try:

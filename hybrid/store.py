@@ -3,7 +3,7 @@
 Study user attributes (all JSON):
   hybrid.run          the RunConfig the study was created with (method, seed, objective, profile, budget, ...)
   hybrid.space        the search space of generation 0
-  hybrid.gen.<N>      one code generation: parent, description, diff, source, sha, space, status, margin
+  hybrid.gen.<N>      one code generation: parent, description, diff, code, sha, space, status, margin
 Trial user attributes: `source` (who proposed the move), `generation`, `code_sha`, `status` (ok or a failure
 class), `seed`, the measurements of harness.result.TrialResult, `log_path`, `error`, and LLM usage.
 A trial is *finished* once `status` is recorded (it is written last, then the trial is told). A RUNNING
@@ -59,8 +59,8 @@ URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def code_sha(source: str) -> str:
-    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+def code_sha(code: str) -> str:
+    return hashlib.sha256(code.encode("utf-8")).hexdigest()[:16]
 
 
 def masked_url(url: str) -> str:

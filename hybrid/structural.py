@@ -14,7 +14,7 @@ class Proposal:
     """A mutation of the parent's train.py and the change of knob space that comes with it."""
     name: str                                  # short and stable: what the lineage and the catalog call it
     description: str
-    source: str                                # the whole new train.py
+    code: str                                  # the whole new train.py
     added: dict[str, Knob] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)  # recorded on the generation and its first trial

@@ -9,7 +9,7 @@ from harness.profiles import get_profile
 from harness.result import TrialResult
 from hybrid.errors import UserError
 from hybrid.paths import project_file
-from hybrid.space import check_against_source, load_space
+from hybrid.space import check_against_code, load_space
 
 
 def parse_assignments(assignments: list[str], space) -> dict:  # noqa: ANN001
@@ -38,15 +38,15 @@ def run_single_trial(*, profile: str | None, assignments: list[str], train_py: P
     ensure_prepared(prof)
     code_path = train_py or project_file("train.py")
     try:
-        source = Path(code_path).read_text()
+        code = Path(code_path).read_text()
     except OSError as e:
         raise UserError(f"cannot read {code_path}: {e.strerror}") from None
     space = load_space(space_path or project_file("search_space.yaml"), prof.name)
     assigned = parse_assignments(assignments, space)
     if not as_written:
-        check_against_source(space, source)
+        check_against_code(space, code)
     config = assigned if as_written else space.complete(assigned)
-    return run_trial(source, config, prof, out or _new_trial_dir(Path("runs") / "trials"), seed=seed,
+    return run_trial(code, config, prof, out or _new_trial_dir(Path("runs") / "trials"), seed=seed,
                      vram_cap_gb=vram_cap_gb, sandbox=sandbox)
 
 

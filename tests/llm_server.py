@@ -202,10 +202,10 @@ def config_answer(config: dict[str, Any], why: str = "The best trials cluster he
     return f"## Analysis\n\n{why}\n\n## Proposal\n\n```json\n{json.dumps(config, indent=2)}\n```\n"
 
 
-def file_answer(source: str, change: str) -> str:
+def file_answer(code: str, change: str) -> str:
     """A whole new train.py, with the one-line change first and prose around the code."""
     return (f"Change: {change}\n\nThis is a small, self-contained edit; everything else stays as it is. "
-            f"Here is the complete updated `train.py`:\n\n```python\n{source.rstrip()}\n```\n\nLet me know how it goes.")
+            f"Here is the complete updated `train.py`:\n\n```python\n{code.rstrip()}\n```\n\nLet me know how it goes.")
 
 
 def shown_train_py(system: str) -> str:

@@ -14,7 +14,7 @@ import yaml
 
 from hybrid import store
 from hybrid.foreign import ForeignObjective, Repo, outcome, parse_summary
-from hybrid.space import check_against_source, load_space
+from hybrid.space import check_against_code, load_space
 from tests.util import cli
 
 PREPARE_PY = '''"""A CPU-sized stand-in for autoresearch's prepare.py: its interface, bytes as tokens, tiny data."""
@@ -261,7 +261,7 @@ def test_init_yaml_proposes_the_paper_knobs_and_marks_the_rest(night, tmp_path, 
     assert code == 0, err
     text = out.read_text()
     space = load_space(out)
-    check_against_source(space, (night / "train.py").read_text())
+    check_against_code(space, (night / "train.py").read_text())
     paper = set(load_space(Path(__file__).resolve().parents[1] / "search_space.yaml").knobs)
     assert set(space.knobs) == paper | {"MLP_RATIO"}
     marked = {line.split(":")[0].strip() for line in text.splitlines() if "# REVIEW" in line}
@@ -352,7 +352,7 @@ def test_import_then_report_then_a_hybrid_run_continues(night, tmp_path, capsys)
     study = optuna.load_study(study_name="night", storage=store.open_storage(url))
     gens = store.load_generations(study)
     assert sorted(gens) == [0, 1, 2] and [gens[n]["status"] for n in (0, 1, 2)] == ["base", "promoted", "promoted"]
-    assert [gens[n]["parent"] for n in (0, 1, 2)] == [None, 0, 1] and "EMBEDDING_LR = 0.1" in gens[2]["source"]
+    assert [gens[n]["parent"] for n in (0, 1, 2)] == [None, 0, 1] and "EMBEDDING_LR = 0.1" in gens[2]["code"]
     assert "+MATRIX_LR = 0.02" in gens[1]["diff"]
     trials = study.get_trials()
     assert [t.user_attrs["autoresearch_status"] for t in trials] == ["keep", "keep", "discard", "discard", "crash",

@@ -25,13 +25,13 @@ def test_the_truth_is_deterministic_per_seed(tmp_path: Path) -> None:
     assert hidden_world(3, BASELINE) == hidden_world(3, BASELINE)
     assert hidden_world(3, BASELINE) != hidden_world(4, BASELINE)
     assert len(hidden_world(3, BASELINE)) == len(MUTATIONS)
-    source = BY_NAME["swiglu"].apply(BASELINE).source
+    code = BY_NAME["swiglu"].apply(BASELINE).code
     a, b = BenchmarkObjective(3), BenchmarkObjective(3)
-    ran = [o.evaluate(source, CONFIG, seed=0, trial_number=5, trial_dir=tmp_path / d / "trial-00005")
+    ran = [o.evaluate(code, CONFIG, seed=0, trial_number=5, trial_dir=tmp_path / d / "trial-00005")
            for o, d in ((a, "a"), (b, "b"))]
     assert ran[0].val_bpb == ran[1].val_bpb
     record = read_truth(tmp_path / "a")[5]
-    assert record["true"] == pytest.approx(a.truth(source, CONFIG)[0]) and record["mutations"] == ["swiglu"]
+    assert record["true"] == pytest.approx(a.truth(code, CONFIG)[0]) and record["mutations"] == ["swiglu"]
     assert record["measured"] == ran[0].val_bpb
 
 

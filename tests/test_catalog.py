@@ -20,7 +20,7 @@ from hybrid.generations import Generation
 from hybrid.llm.catalog import BY_NAME, MUTATIONS, CatalogAgent, MutationError, carried, ranked
 from hybrid.llm.guard import check_patch
 from hybrid.paths import PROJECT_ROOT
-from hybrid.space import Knob, check_against_source, load_space
+from hybrid.space import Knob, check_against_code, load_space
 from hybrid.structural import Context
 
 BASELINE = (PROJECT_ROOT / "train.py").read_text()
@@ -29,11 +29,11 @@ NAMES = [m.name for m in MUTATIONS]
 
 
 def compose(order: list[str]) -> tuple[str, dict[str, Knob]]:
-    source, knobs = BASELINE, {}
+    code, knobs = BASELINE, {}
     for name in order:
-        applied = BY_NAME[name].apply(source)
-        source, knobs = applied.source, {**knobs, **applied.knobs}
-    return source, knobs
+        applied = BY_NAME[name].apply(code)
+        code, knobs = applied.code, {**knobs, **applied.knobs}
+    return code, knobs
 
 
 def probe(knob: Knob) -> Any:
@@ -54,23 +54,23 @@ def test_the_catalog_has_at_least_eight_mutations_with_knobs_of_their_own() -> N
 
 @pytest.mark.parametrize("name", NAMES)
 def test_each_mutation_applies_declares_its_knobs_and_passes_the_guard(name: str) -> None:
-    source, knobs = compose([name])
-    assert knobs and source != BASELINE
-    check_against_source(SPACE.with_changes(knobs), source)
-    found = find_knobs(source)
+    code, knobs = compose([name])
+    assert knobs and code != BASELINE
+    check_against_code(SPACE.with_changes(knobs), code)
+    found = find_knobs(code)
     for knob in knobs.values():
         assert found[knob.name].value == knob.default  # the declaration is the code's own value
         knob.check(probe(knob))
-    check_patch(BASELINE, source)
+    check_patch(BASELINE, code)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_mutations_compose_in_any_order(seed: int) -> None:
     order = NAMES[:]
     random.Random(seed).shuffle(order)
-    source, knobs = compose(order)
-    check_against_source(SPACE.with_changes(knobs), source)
-    check_patch(BASELINE, source)
+    code, knobs = compose(order)
+    check_against_code(SPACE.with_changes(knobs), code)
+    check_patch(BASELINE, code)
     assert compose(NAMES)[1] == knobs
 
 
@@ -82,17 +82,17 @@ def test_a_missing_anchor_is_a_clear_error() -> None:
         BY_NAME["rope_base"].apply(once.replace("ROPE_BASE = ", "ROPE_BASE_GONE = "))
 
 
-def _exec_train_py(source: str, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def _exec_train_py(code: str, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """train.py's definitions as a module (its main() is not called)."""
     module = types.ModuleType("train_under_test")
     monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
-    exec(compile(inject_knobs(source, config), "train.py", "exec"), module.__dict__)
+    exec(compile(inject_knobs(code, config), "train.py", "exec"), module.__dict__)
     return module.__dict__
 
 
-def _one_step(source: str, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+def _one_step(code: str, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """The parameters after one optimizer step of the model that the knobs describe, from a fixed seed."""
-    ns = _exec_train_py(source, config, monkeypatch)
+    ns = _exec_train_py(code, config, monkeypatch)
     torch.manual_seed(0)
     model = ns["build_model"](vocab_size=64, seq_len=16)
     optimizers = ns["build_optimizers"](model)
@@ -107,22 +107,22 @@ def _one_step(source: str, config: dict[str, Any], monkeypatch: pytest.MonkeyPat
 def test_at_their_defaults_the_mutations_reproduce_the_baseline_model_and_step(monkeypatch: pytest.MonkeyPatch) -> None:
     config = SPACE.defaults()
     before = _one_step(BASELINE, config, monkeypatch)
-    source, knobs = compose(NAMES)
-    after = _one_step(source, {**config, **{k.name: k.default for k in knobs.values()}}, monkeypatch)
+    code, knobs = compose(NAMES)
+    after = _one_step(code, {**config, **{k.name: k.default for k in knobs.values()}}, monkeypatch)
     assert len(before) == len(after)
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b)
 
 
-def _generation(number: int, parent: int | None, source: str, status: str, mutation: str | None) -> Generation:
-    return Generation(number, parent, mutation or "base", source, SPACE.to_dict(), status=status, mutation=mutation)
+def _generation(number: int, parent: int | None, code: str, status: str, mutation: str | None) -> Generation:
+    return Generation(number, parent, mutation or "base", code, SPACE.to_dict(), status=status, mutation=mutation)
 
 
 def test_the_agent_skips_what_it_tried_and_says_so() -> None:
     agent = CatalogAgent()
-    promoted_source = compose([NAMES[0]])[0]
+    promoted_code = compose([NAMES[0]])[0]
     lineage = {0: _generation(0, None, BASELINE, "base", None),
-               1: _generation(1, 0, promoted_source, "promoted", NAMES[0]),
+               1: _generation(1, 0, promoted_code, "promoted", NAMES[0]),
                2: _generation(2, 1, compose([NAMES[0], NAMES[1]])[0], "rejected", NAMES[1])}
     proposal = agent.propose(Context(lineage[1], lineage, SPACE.defaults(), None))
     assert proposal.name == NAMES[2]
@@ -172,9 +172,9 @@ def test_each_mutation_trains_for_real_on_the_test_profile(prepared_test, tmp_pa
     cases["all"] = compose(NAMES)
 
     def trial(name: str) -> tuple[str, Any]:
-        source, knobs = cases[name]
+        code, knobs = cases[name]
         config = {**SPACE.defaults(), **{k.name: probe(k) for k in knobs.values()}}
-        return name, run_trial(source, config, get_profile("test"), tmp_path / name)
+        return name, run_trial(code, config, get_profile("test"), tmp_path / name)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(pool.map(trial, cases))

@@ -43,7 +43,7 @@ class Scripted:
                  fail_from: int | None = None) -> None:
         self.fail, self.few_steps, self.stop_at, self.fail_from = fail or {}, few_steps, stop_at, fail_from
 
-    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+    def evaluate(self, code: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
         if trial_number == self.stop_at:
             raise KeyboardInterrupt  # what the runner raises when Ctrl-C kills the trial in flight
         reason = self.fail.get(trial_number) or (

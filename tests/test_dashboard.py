@@ -35,8 +35,8 @@ FAKE_TRIALS = {"s": 6, "h": 8}
 class LoggingFake(FakeObjective):
     """The fake objective of the loop's tests, writing the log it names as a trial would."""
 
-    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
-        result = super().evaluate(source, config, seed=seed, trial_number=trial_number, trial_dir=trial_dir)
+    def evaluate(self, code: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+        result = super().evaluate(code, config, seed=seed, trial_number=trial_number, trial_dir=trial_dir)
         trial_dir.mkdir(parents=True, exist_ok=True)
         Path(result.log_path).write_text(f"trial {trial_number}: step 1 loss 4.2\n")
         return result

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness import data
+from harness.prepared import Prepared
 from harness.profiles import get_profile
 from hybrid.errors import UserError
 
@@ -31,7 +32,7 @@ def parquet_bytes(texts: list[str]) -> bytes:
 
 def test_builtin_prepared(prepared_test):
     meta = json.loads((prepared_test.tokens / "meta.json").read_text())
-    assert prepared_test.source == "builtin" and prepared_test.vocab_size == 2048
+    assert prepared_test.corpus == "builtin" and prepared_test.vocab_size == 2048
     assert meta["tokens"]["val"] > 2 * get_profile("cpu").eval_tokens
     assert meta["tokens"]["train"] > 1_000_000
     val = pq.read_table(prepared_test.root / "val").column("text").to_pylist()
@@ -51,8 +52,16 @@ def test_prepare_is_idempotent_and_shared(prepared_test):
     p = data.prepare(get_profile("test"), "builtin", log=lines.append)
     assert p == prepared_test and len(lines) == 1  # only the summary line
     assert {p: p.stat().st_mtime_ns for p in prepared_test.root.rglob("*") if p.is_file()} == mtimes
-    assert data.prepared(get_profile("cpu")) == prepared_test  # cpu shares source and vocabulary
+    assert data.prepared(get_profile("cpu")) == prepared_test  # cpu shares corpus and vocabulary
 
+
+def test_a_pointer_written_with_the_old_key_still_reads(tmp_path):
+    """prepared-<profile>.json names the corpus under `corpus`; one written before, under `source`, still reads."""
+    written = Prepared("builtin", 2048, tmp_path).to_dict()
+    assert written == {"corpus": "builtin", "vocab_size": 2048, "root": str(tmp_path)}
+    assert Prepared.from_dict(json.loads(json.dumps(written))) == Prepared("builtin", 2048, tmp_path)
+    old = {"source": "builtin", "vocab_size": 2048, "root": str(tmp_path)}
+    assert Prepared.from_dict(old) == Prepared("builtin", 2048, tmp_path)
 
 def test_prepared_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_DATA_DIR", str(tmp_path))
@@ -68,7 +77,7 @@ def test_passages():
     assert data.passages("one " * 400, 100) == ["one " * 399 + "one"]  # a long paragraph stays whole
 
 
-def test_local_sources(tmp_path, monkeypatch):
+def test_local_corpora(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_DATA_DIR", str(tmp_path / "data"))
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
@@ -77,12 +86,12 @@ def test_local_sources(tmp_path, monkeypatch):
     pq.write_table(pa.table({"text": documents(30, 3)}), corpus / "c.parquet")
     (corpus / "notes.md").write_text("ignored")
     p = data.prepare(TINY, str(corpus), log=lambda line: None)
-    assert p.source.startswith("local-corpus-") and p.vocab_size == 300
+    assert p.corpus.startswith("local-corpus-") and p.vocab_size == 300
     meta = json.loads((p.tokens / "meta.json").read_text())
     assert meta["documents"]["train"] > meta["documents"]["val"] > 0
     assert data.prepared(TINY) == p
     glob_p = data.prepare(TINY, str(corpus / "**" / "*.jsonl"), log=lambda line: None)
-    assert glob_p.source != p.source and glob_p.tokenizer.exists()
+    assert glob_p.corpus != p.corpus and glob_p.tokenizer.exists()
 
 
 def test_local_errors(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ class NewKnobObjective:
     def __init__(self, pause: float = 0.0) -> None:
         self.pause = pause
 
-    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+    def evaluate(self, code: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
         time.sleep(self.pause)
         value = 1.0
         for name, v in config.items():
@@ -86,8 +86,8 @@ def knob_unit(knob, value: Any) -> float:  # noqa: ANN001
 
 @functools.cache
 def _catalog_knobs() -> dict:
-    source = (PROJECT_ROOT / "train.py").read_text()
-    return {name: knob for m in MUTATIONS for name, knob in m.apply(source).knobs.items()}
+    code = (PROJECT_ROOT / "train.py").read_text()
+    return {name: knob for m in MUTATIONS for name, knob in m.apply(code).knobs.items()}
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def check_invariants(study: optuna.Study) -> None:
         gen = gens[t.user_attrs["generation"]]
         if t.user_attrs["status"] != "rejected":
             assert set(t.params) == set(gen.space), t.number
-            assert t.user_attrs["code_sha"] == store.code_sha(gen.source)
+            assert t.user_attrs["code_sha"] == store.code_sha(gen.code)
     for gen in gens.values():
         mine = sorted((t for t in trials if t.user_attrs["generation"] == gen.number
                        and t.user_attrs["status"] != "rejected"), key=lambda t: t.number)
@@ -172,7 +172,7 @@ def test_generations_open_new_knobs_with_warm_starts_and_recorded_verdicts(fake:
     for g in gens.values():
         if g.status != "rejected" or g.commit is not None:
             assert tags[f"gen-{g.number}"].hexsha == g.commit
-            assert (tags[f"gen-{g.number}"].tree / "train.py").data_stream.read().decode() == g.source
+            assert (tags[f"gen-{g.number}"].tree / "train.py").data_stream.read().decode() == g.code
     for g in gens.values():
         if g.parent is not None and f"gen-{g.number}" in tags:
             assert tags[f"gen-{g.number}"].parents[0] == tags[f"gen-{g.parent}"]
@@ -393,8 +393,8 @@ def test_workers_share_one_lineage(fake: None, capsys, monkeypatch: pytest.Monke
 class LateTrial(NewKnobObjective):
     """Trial 2 finishes, with the best value of the run, only once another worker has created a child generation."""
 
-    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
-        result = super().evaluate(source, config, seed=seed, trial_number=trial_number, trial_dir=trial_dir)
+    def evaluate(self, code: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+        result = super().evaluate(code, config, seed=seed, trial_number=trial_number, trial_dir=trial_dir)
         deadline, study = time.monotonic() + 120, load()
         while trial_number == 2 and len(generations.load_all(study)) < 2:
             if time.monotonic() > deadline:
@@ -440,7 +440,7 @@ def test_a_baseline_enqueued_again_after_a_mutation_runs_the_base_code_at_its_de
     again = [t for t in store.finished_trials(study) if t.user_attrs["source"] == "baseline"]
     assert len(again) == 2
     assert again[1].user_attrs["generation"] == 0 and again[1].params == BASE.defaults()
-    assert again[1].user_attrs["code_sha"] == store.code_sha(gens[0].source)
+    assert again[1].user_attrs["code_sha"] == store.code_sha(gens[0].code)
 
 
 def test_a_candidates_trials_are_screened_against_its_parent_but_not_its_repeats(fake: None, capsys) -> None:  # noqa: ANN001
@@ -465,7 +465,7 @@ def _hostile(current: str) -> str:
 
 def _good(current: str) -> str:
     swiglu = next(m for m in MUTATIONS if m.name == "swiglu").apply(current)
-    body = swiglu.source.replace("# swiglu: ", "# ")
+    body = swiglu.code.replace("# swiglu: ", "# ")
     return ("Change: SwiGLU MLP with a tunable width\n\nGated MLPs train better per parameter.\n\n"
             f"```python\n{body}```\n\n```json\n"
             '{"MLP_ACTIVATION": {"type": "categorical", "choices": ["relu2", "swiglu"], "default": "relu2"},\n'

@@ -20,7 +20,7 @@ import pytest
 
 from harness.profiles import get_profile
 from harness.runner import run_trial
-from hostile.arena import (Baseline, Outcome, Scene, TrustedSide, guard_verdict, outcome_table, run_case, run_source,
+from hostile.arena import (Baseline, Outcome, Scene, TrustedSide, guard_verdict, outcome_table, run_case, run_code,
                            trial_config)
 from hostile.cases import CASES, KINDS, TRAIN_PY, Case
 
@@ -40,8 +40,8 @@ RUN = [c if FULL or c.name in SAMPLE else pytest.param(c, marks=pytest.mark.skip
        for c in CASES]
 
 
-def in_process(source: str, trial_dir: Path):  # noqa: ANN201
-    return run_trial(source, trial_config(), get_profile("test"), trial_dir, seed=0, sandbox="required")
+def in_process(code: str, trial_dir: Path):  # noqa: ANN201
+    return run_trial(code, trial_config(), get_profile("test"), trial_dir, seed=0, sandbox="required")
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,8 @@ def baseline(trusted, data_dir, tmp_path_factory) -> Baseline:  # noqa: ANN001
         mp = pytest.MonkeyPatch()
         mp.setenv("HOME", str(scene.home))
         try:
-            outcome = run_source(TRAIN_PY.read_text(), Case("baseline", "forge", "honest", []), scene, in_process,
-                                 None, data_dir)
+            outcome = run_code(TRAIN_PY.read_text(), Case("baseline", "forge", "honest", []), scene, in_process,
+                               None, data_dir)
         finally:
             mp.undo()
         OUTCOMES.append(outcome)
@@ -95,7 +95,7 @@ def test_the_corpus_covers_every_kind():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_each_edit_applies_to_train_py(case: Case):
     text = TRAIN_PY.read_text()
-    edited = case.source(marker="hostile0test")  # raises unless every anchor is found once and the text changed
+    edited = case.code(marker="hostile0test")  # raises unless every anchor is found once and the text changed
     assert edited != text
     assert "HOSTILE_MARKER" not in edited
 
@@ -122,13 +122,13 @@ def test_hostile_case(case: Case, trusted: TrustedSide, baseline: Baseline, data
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.guard_refuses], ids=lambda c: c.name)
 def test_the_guard_refuses_the_obvious_ones(case: Case):
-    verdict = guard_verdict(case.source())
+    verdict = guard_verdict(case.code())
     assert verdict.startswith("refused: "), f"{case.name}: the guard let it through ({case.doc})"
 
 
 def test_the_guard_verdict_of_every_case_is_recorded(tmp_path_factory):
     """Informational: which cases the guard alone would stop (written next to the outcome table)."""
-    verdicts = {c.name: guard_verdict(c.source()) for c in CASES}
+    verdicts = {c.name: guard_verdict(c.code()) for c in CASES}
     lines = ["| case | kind | guard |", "|---|---|---|"]
     lines += [f"| {c.name} | {c.kind} | {verdicts[c.name][:120]} |" for c in CASES]
     (tmp_path_factory.getbasetemp() / "hostile_guard.md").write_text("\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ def test_a_whole_file_with_prose_around_it():
     new = CURRENT.replace("line 7\n", "line seven\n")
     answer = f"**Change:** rename line 7\n\nI think this reads better.\n\n{fence('python', new)}\n\nHope this helps!"
     edit = read_edit(answer, CURRENT)
-    assert (edit.source, edit.description, edit.form) == (new, "rename line 7", "file")
+    assert (edit.code, edit.description, edit.form) == (new, "rename line 7", "file")
 
 
 def test_the_description_falls_back_to_the_first_line_of_prose():
@@ -41,7 +41,7 @@ def test_the_description_falls_back_to_the_first_line_of_prose():
 def test_the_largest_python_block_is_the_file():
     new = CURRENT.replace("line 3\n", "line three\n")
     answer = f"Before:\n{fence('python', 'line 3')}\nAfter, the whole file:\n{fence('python', new)}"
-    assert read_edit(answer, CURRENT).source == new
+    assert read_edit(answer, CURRENT).code == new
 
 
 def test_a_fragment_is_refused():
@@ -70,7 +70,7 @@ def test_a_file_other_than_train_py_is_refused(answer):
 
 def test_a_file_named_train_py_is_accepted():
     new = CURRENT.replace("line 1\n", "line one\n")
-    assert read_edit("The complete `train.py`:\n" + fence("python", new), CURRENT).source == new
+    assert read_edit("The complete `train.py`:\n" + fence("python", new), CURRENT).code == new
 
 
 def test_no_code_is_refused():
@@ -96,18 +96,18 @@ DIFF = """--- a/train.py
 def test_a_diff_in_a_fence():
     edit = read_edit("Change: two small edits\n\n" + fence("diff", DIFF), CURRENT)
     assert edit.form == "diff" and edit.description == "two small edits"
-    assert edit.source == CURRENT.replace("line 5\n", "line five\n").replace("line 31\n", "line 30.5\nline 31\n")
+    assert edit.code == CURRENT.replace("line 5\n", "line five\n").replace("line 31\n", "line 30.5\nline 31\n")
 
 
 def test_wrong_line_numbers_and_counts_are_forgiven():
     sloppy = DIFF.replace("@@ -4,3 +4,3 @@", "@@ -9,7 +9,2 @@").replace("@@ -30,2 +30,3 @@ def somewhere():", "@@")
-    assert read_edit(fence("diff", sloppy), CURRENT).source == read_edit(fence("diff", DIFF), CURRENT).source
+    assert read_edit(fence("diff", sloppy), CURRENT).code == read_edit(fence("diff", DIFF), CURRENT).code
 
 
 def test_a_bare_diff_and_an_unlabelled_fence():
-    expected = read_edit(fence("diff", DIFF), CURRENT).source
-    assert read_edit(DIFF, CURRENT).source == expected
-    assert read_edit(fence("", DIFF), CURRENT).source == expected
+    expected = read_edit(fence("diff", DIFF), CURRENT).code
+    assert read_edit(DIFF, CURRENT).code == expected
+    assert read_edit(fence("", DIFF), CURRENT).code == expected
 
 
 def test_trailing_spaces_and_blank_context_lines():

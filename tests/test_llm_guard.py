@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid.llm.guard import PatchRejected, check_patch, check_source
+from hybrid.llm.guard import PatchRejected, check_patch, check_code
 from hybrid.paths import PROJECT_ROOT
 
 BASELINE = (PROJECT_ROOT / "train.py").read_text()
@@ -21,15 +21,15 @@ def with_lines(*lines: str, top: str = "") -> str:
     return top + BASELINE.replace(ANCHOR, ANCHOR + body)
 
 
-def reason(source: str) -> str:
+def reason(code: str) -> str:
     with pytest.raises(PatchRejected) as e:
-        check_source(source)
+        check_code(code)
     assert "\n" not in e.value.reason
     return e.value.reason
 
 
 def test_the_baseline_passes():
-    check_source(BASELINE)
+    check_code(BASELINE)
 
 
 REFUSED = [
@@ -113,9 +113,9 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("source, why", REFUSED, ids=[why[:40] + f"-{i}" for i, (_, why) in enumerate(REFUSED)])
-def test_refused(source, why):
-    assert why in reason(source)
+@pytest.mark.parametrize("code, why", REFUSED, ids=[why[:40] + f"-{i}" for i, (_, why) in enumerate(REFUSED)])
+def test_refused(code, why):
+    assert why in reason(code)
 
 
 ALLOWED = [
@@ -139,15 +139,15 @@ ALLOWED = [
 ]
 
 
-@pytest.mark.parametrize("source", ALLOWED, ids=range(len(ALLOWED)))
-def test_allowed(source):
-    check_source(source)
+@pytest.mark.parametrize("code", ALLOWED, ids=range(len(ALLOWED)))
+def test_allowed(code):
+    check_code(code)
 
 
 def test_the_catalog_mutations_pass_the_guard():
     catalog = pytest.importorskip("hybrid.llm.catalog")
     for mutation in catalog.MUTATIONS:
-        check_source(mutation.apply(BASELINE).source)
+        check_code(mutation.apply(BASELINE).code)
 
 
 def test_an_unchanged_file_is_not_an_edit():
@@ -157,9 +157,9 @@ def test_an_unchanged_file_is_not_an_edit():
 
 
 def test_the_first_refused_line_is_named():
-    source = with_lines("x = eval('1')", "import os")
-    line = next(i for i, text in enumerate(source.splitlines(), 1) if "eval(" in text)
-    assert reason(source).startswith(f"line {line}: `eval`")
+    code = with_lines("x = eval('1')", "import os")
+    line = next(i for i, text in enumerate(code.splitlines(), 1) if "eval(" in text)
+    assert reason(code).startswith(f"line {line}: `eval`")
 
 
 # -- a foreign repository's train.py (hybrid run --repo): its own constructs allowed, line for line --------------
@@ -192,14 +192,14 @@ main()
 '''
 
 
-def foreign_reason(source: str) -> str:
+def foreign_reason(code: str) -> str:
     with pytest.raises(PatchRejected) as e:
-        check_patch(FOREIGN, source, foreign_base=FOREIGN)
+        check_patch(FOREIGN, code, foreign_base=FOREIGN)
     return e.value.reason
 
 
 def test_a_foreign_train_py_passes_as_it_is_and_with_its_knobs_changed():
-    check_source(FOREIGN, foreign_base=FOREIGN)
+    check_code(FOREIGN, foreign_base=FOREIGN)
     check_patch(FOREIGN, FOREIGN.replace("DEPTH = 8", "DEPTH = 10").replace("= 0.04", "= 0.02"), foreign_base=FOREIGN)
     assert "harness.api" in reason(FOREIGN)  # without the foreign rules, its imports are refused
 

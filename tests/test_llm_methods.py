@@ -43,9 +43,9 @@ class QuickObjective:
     """val_bpb: a bowl in the unit cube of the knobs, lower for every `# faster` line in train.py, higher for `# slower`."""
     name = "quick"
 
-    def evaluate(self, source, config, *, seed, trial_number, trial_dir) -> TrialResult:
+    def evaluate(self, code, config, *, seed, trial_number, trial_dir) -> TrialResult:
         distance = float(np.sum((UnitCube(SPACE).encode(config) - 0.3) ** 2))
-        value = 1.0 + distance - 0.05 * source.count("# faster") + 0.05 * source.count("# slower")
+        value = 1.0 + distance - 0.05 * code.count("# faster") + 0.05 * code.count("# slower")
         return TrialResult(status="ok", val_bpb=value, training_seconds=1.0, total_seconds=1.0, config=dict(config))
 
 
@@ -115,9 +115,9 @@ def test_llm_corpus_is_read_as_expected(entry, llm_env):
             outcome, detail = "ok", read_config(answer(entry), SPACE)[1]
         else:
             edit = read_edit(answer(entry, shown), shown)
-            check_patch(shown, edit.source)
+            check_patch(shown, edit.code)
             outcome, detail = "ok", edit.description
-            generation_space(SPACE, edit.source)
+            generation_space(SPACE, edit.code)
     except (PatchRejected, ConfigRejected) as e:
         outcome, detail = "rejected", e.reason
     assert outcome == ("rejected" if entry["expect"] == "rejected" else "ok")
@@ -219,7 +219,7 @@ def test_llm_code_keeps_better_edits_and_reverts_the_rest(tmp_path, quick):
     assert [t.user_attrs["status"] for t in trials] == ["ok", "ok", "ok", "rejected", "ok", "ok", "ok"]
     assert [g.status for g in gens.values()] == ["base", "kept", "reverted", "kept", "reverted", "reverted"]
     assert [t.user_attrs["generation"] for t in trials] == [0, 1, 2, 1, 3, 4, 5]
-    assert gens[3].parent == 1 and gens[3].source.count("# faster") == 2 and "+# faster" in gens[3].diff
+    assert gens[3].parent == 1 and gens[3].code.count("# faster") == 2 and "+# faster" in gens[3].diff
     # a knob the edit changed runs at its new value; one set outside the declared range leaves the space
     assert trials[5].params["DEPTH"] == 3 and "DEPTH" in gens[4].space
     assert "DEPTH" not in trials[6].params and "DEPTH" not in gens[5].space

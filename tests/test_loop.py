@@ -32,7 +32,7 @@ class FakeObjective:
     """Instant trials: every fourth one fails (oom, 30 s), the others take 300 s and score a smooth function."""
     name = "fake"
 
-    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+    def evaluate(self, code: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
         log = str(trial_dir / "log.txt")
         if trial_number % 4 == 3:
             return TrialResult(status="oom", error="fake out of memory", total_seconds=30.0, config=config,

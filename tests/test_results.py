@@ -133,7 +133,7 @@ def test_trial_as_written_runs_the_exported_values(test_profile_run: Path, tmp_p
     path = tmp_path / "best_train.py"
     path.write_text(results.trial_code(load(test_profile_run, "real"), best))
     seen: dict[str, dict] = {}
-    monkeypatch.setattr("harness.runner.run_trial", lambda source, config, *a, **k: seen.setdefault("config", config))
+    monkeypatch.setattr("harness.runner.run_trial", lambda code, config, *a, **k: seen.setdefault("config", config))
     hybrid.trial.run_single_trial(profile="test", assignments=[], train_py=path, space_path=None, seed=0,
                                   vram_cap_gb=None, out=tmp_path / "t", as_written=True)
     assert seen.pop("config") == {}
@@ -170,7 +170,7 @@ def test_show_diff_of_a_generation(db: Path, capsys: pytest.CaptureFixture) -> N
 
     study = load(db)
     base = generations.load_all(study)[0]
-    child = generations.create(study, base, base.source.replace("DEPTH = 8", "DEPTH = 9"), base.search_space(),
+    child = generations.create(study, base, base.code.replace("DEPTH = 8", "DEPTH = 9"), base.search_space(),
                                "one layer more")
     ran = study.trials[0]
     study.add_trial(optuna.trial.create_trial(params=ran.params, distributions=ran.distributions, value=ran.value,

@@ -87,7 +87,7 @@ class InterruptingObjective:
     def __init__(self, at: int) -> None:
         self.at = at
 
-    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+    def evaluate(self, code: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
         if trial_number == self.at:
             os.kill(os.getpid(), signal.SIGINT)  # the run's handler only asks to stop ...
             raise KeyboardInterrupt  # ... and run_trial, seeing that, kills its train.py and raises
@@ -119,7 +119,7 @@ class SlowInProcessObjective:
     def __init__(self, at: int) -> None:
         self.at, self.survived_first = at, False
 
-    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+    def evaluate(self, code: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
         if trial_number == self.at:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.2)  # the first Ctrl-C only asks: nothing is raised in here

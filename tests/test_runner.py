@@ -271,7 +271,7 @@ def still_alive(pids: set[int]) -> set[int]:
 
 @pytest.fixture
 def orphan(tmp_path):
-    """(train.py source, trial folder, marker), and any process of it SIGKILLed afterwards, whatever happened."""
+    """(train.py code, trial folder, marker), and any process of it SIGKILLed afterwards, whatever happened."""
     marker = f"orphan-{uuid.uuid4().hex}"
     folder = tmp_path / "t"
     yield ORPHAN_TRAIN_PY.replace("{marker}", marker), folder, marker

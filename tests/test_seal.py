@@ -43,9 +43,9 @@ def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for split in ("train", "val"):
         (tokens / f"{split}.bin").write_bytes(np.arange(3 * EDGE_BYTES // 2, dtype=np.uint16).tobytes())  # 3 MiB
         np.save(tokens / f"{split}.idx.npy", np.array([0, 10, 20]))
-    (tokens / "meta.json").write_text(json.dumps({"source": "builtin", "vocab_size": profile.vocab_size}))
+    (tokens / "meta.json").write_text(json.dumps({"corpus": "builtin", "vocab_size": profile.vocab_size}))
     (tmp_path / "data" / "prepared-test.json").write_text(json.dumps(
-        {"source": "builtin", "vocab_size": profile.vocab_size, "root": str(root)}))
+        {"corpus": "builtin", "vocab_size": profile.vocab_size, "root": str(root)}))
     return tokens
 
 
@@ -171,7 +171,7 @@ class EditsTheHarness:
     def __init__(self, scorer: Path) -> None:
         self.scorer, self.trials = scorer, 0
 
-    def evaluate(self, source: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
+    def evaluate(self, code: str, config: dict, *, seed: int, trial_number: int, trial_dir: Path) -> TrialResult:
         self.trials += 1
         if self.trials == 2:
             self.scorer.write_text(self.scorer.read_text() + "\n# changed mid-run\n")

@@ -12,8 +12,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from harness.result import PENALTY, TrialResult
-from hybrid import optuna_compat, store
+from hybrid import generations, optuna_compat, store
 from hybrid.errors import UserError
+from hybrid.generations import Generation
 
 X = {"x": FloatDistribution(0.0, 1.0)}
 
@@ -78,6 +79,18 @@ def test_outcomes_are_recorded_as_attributes_and_told(study: optuna.Study) -> No
     assert [t.number for t in store.finished_trials(study)] == [0, 1, 2]
     assert store.seconds_used(store.finished_trials(study)) == 320.0
 
+
+def test_a_generation_stored_with_its_train_py_under_source_loads_it_as_code(study: optuna.Study) -> None:
+    """A generation's train.py is stored under `code`; records written before, under `source`, still load."""
+    record = Generation(0, None, "the baseline train.py", "X = 1\n", {}, status="base").to_record()
+    assert record["code"] == "X = 1\n" and "source" not in record
+    store.save_generation(study, 0, record)
+    old = {**{k: v for k, v in record.items() if k != "code"}, "number": 1, "parent": 0, "source": "X = 2\n"}
+    store.save_generation(study, 1, old)
+    loaded = generations.load_all(study)
+    assert loaded[0].code == "X = 1\n" and loaded[1].code == "X = 2\n"
+    assert "source" not in loaded[1].proposal  # read as the field, not kept as a loose key
+    assert "source" not in loaded[1].to_record() and loaded[1].to_record()["code"] == "X = 2\n"
 
 def test_heartbeat_keeps_a_running_trial_alive(study: optuna.Study, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.05)  # a beat every 0.05 s: the grace is twenty of them

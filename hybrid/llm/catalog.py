@@ -42,7 +42,7 @@ class NewKnob:
 
 @dataclass(frozen=True)
 class Applied:
-    source: str
+    code: str
     knobs: dict[str, Knob]
 
 
@@ -50,14 +50,14 @@ class Applied:
 class Mutation:
     name: str
     description: str
-    edit: Callable[[str], tuple[str, list[NewKnob]]]  # the edited source, and the knobs it reads
+    edit: Callable[[str], tuple[str, list[NewKnob]]]  # the edited code, and the knobs it reads
     kind: str                                          # what the bandit learns about: optimizer, attention, ...
     related: tuple[str, ...] = ()                      # knobs of the base space it interacts with
 
-    def apply(self, source: str) -> Applied:
+    def apply(self, code: str) -> Applied:
         """The mutated train.py with its new knobs declared; MutationError if an anchor is missing."""
         try:
-            edited, knobs = self.edit(source)
+            edited, knobs = self.edit(code)
         except MutationError as e:
             raise MutationError(f"mutation {self.name}: {e}") from None
         taken = set(_top_level_names(edited)) & {k.knob.name for k in knobs}
@@ -68,26 +68,26 @@ class Mutation:
 
 # -- anchored edits ---------------------------------------------------------------------------------------
 
-def _replace(source: str, old: str, new: str) -> str:
-    count = source.count(old)
+def _replace(code: str, old: str, new: str) -> str:
+    count = code.count(old)
     if count != 1:
         first = old.strip().splitlines()[0]
         raise MutationError(f"expected the anchor {first!r} once in train.py, found it {count} times")
-    return source.replace(old, new, 1)
+    return code.replace(old, new, 1)
 
 
-def _top_level_names(source: str) -> dict[str, ast.Assign]:
+def _top_level_names(code: str) -> dict[str, ast.Assign]:
     try:
-        tree = ast.parse(source)
+        tree = ast.parse(code)
     except SyntaxError as e:
         raise MutationError(f"train.py does not parse: line {e.lineno}: {e.msg}") from None
     return {node.targets[0].id: node for node in tree.body
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)}
 
 
-def _constant(source: str, name: str) -> tuple[ast.Assign, Any]:
+def _constant(code: str, name: str) -> tuple[ast.Assign, Any]:
     """The top-level `NAME = <literal>` statement and its value."""
-    node = _top_level_names(source).get(name)
+    node = _top_level_names(code).get(name)
     if node is None:
         raise MutationError(f"expected a top-level assignment {name} = ... in train.py")
     try:
@@ -103,26 +103,26 @@ def _line_offsets(data: bytes) -> list[int]:
     return offsets
 
 
-def _set_value(source: str, name: str, expression: str) -> str:
+def _set_value(code: str, name: str, expression: str) -> str:
     """`NAME = <literal>` becomes `NAME = <expression>`; its comment and layout are kept."""
-    node, _ = _constant(source, name)
-    data = source.encode("utf-8")
+    node, _ = _constant(code, name)
+    data = code.encode("utf-8")
     offsets = _line_offsets(data)
     start = offsets[node.value.lineno - 1] + node.value.col_offset
     end = offsets[node.value.end_lineno - 1] + node.value.end_col_offset
     return (data[:start] + expression.encode("utf-8") + data[end:]).decode("utf-8")
 
 
-def _remove(source: str, name: str) -> str:
+def _remove(code: str, name: str) -> str:
     """Delete the whole lines of the top-level assignment to NAME."""
-    node, _ = _constant(source, name)
-    lines = source.splitlines(keepends=True)
+    node, _ = _constant(code, name)
+    lines = code.splitlines(keepends=True)
     return "".join(lines[:node.lineno - 1] + lines[node.end_lineno:])
 
 
-def _declare(source: str, knobs: list[NewKnob], mutation: str) -> str:
+def _declare(code: str, knobs: list[NewKnob], mutation: str) -> str:
     lines = "".join(f"{k.knob.name} = {_literal(k.knob.default)}  # {mutation}: {k.comment}\n" for k in knobs)
-    return _replace(source, KNOB_ANCHOR, "\n" + lines + KNOB_ANCHOR.lstrip("\n"))
+    return _replace(code, KNOB_ANCHOR, "\n" + lines + KNOB_ANCHOR.lstrip("\n"))
 
 
 def _literal(value: Any) -> str:
@@ -134,133 +134,133 @@ def _in_range(knob: Knob) -> Knob:
     return Knob(knob.name, knob.type, knob.clamp(knob.default), knob.low, knob.high, knob.log, knob.choices)
 
 
-def _promote(source: str, name: str, kind: str, low: float, high: float, log: bool, comment: str) -> tuple[str, NewKnob]:
+def _promote(code: str, name: str, kind: str, low: float, high: float, log: bool, comment: str) -> tuple[str, NewKnob]:
     """A fixed constant becomes a knob: its line leaves the constants and is declared among the knobs."""
-    node, value = _constant(source, name)
-    if KNOB_ANCHOR not in source or node.lineno <= source[:source.index(KNOB_ANCHOR)].count("\n") + 1:
+    node, value = _constant(code, name)
+    if KNOB_ANCHOR not in code or node.lineno <= code[:code.index(KNOB_ANCHOR)].count("\n") + 1:
         raise MutationError(f"expected {name} among the fixed constants (below {KNOB_ANCHOR.strip()!r}) of train.py")
-    return _remove(source, name), NewKnob(_in_range(Knob(name, kind, value, low=low, high=high, log=log)), comment)
+    return _remove(code, name), NewKnob(_in_range(Knob(name, kind, value, low=low, high=high, log=log)), comment)
 
 
 # -- the mutations ----------------------------------------------------------------------------------------
 
-def _muon_momentum(source: str) -> tuple[str, list[NewKnob]]:
-    _, (start, end) = _constant(source, "MUON_MOMENTUM")
-    source = _set_value(source, "MUON_MOMENTUM", "(MUON_MOMENTUM_START, MUON_MOMENTUM_END)")
-    source, warmup = _promote(source, "MUON_MOMENTUM_WARMUP_STEPS", "int", 10, 1000, True,
-                              "steps to warm the momentum from its start to its end value")
-    return source, [NewKnob(_in_range(Knob("MUON_MOMENTUM_START", "float", float(start), low=0.5, high=0.95)),
-                            "Muon momentum at step 0"),
-                    NewKnob(_in_range(Knob("MUON_MOMENTUM_END", "float", float(end), low=0.8, high=0.99)),
-                            "Muon momentum after the warmup"),
-                    warmup]
+def _muon_momentum(code: str) -> tuple[str, list[NewKnob]]:
+    _, (start, end) = _constant(code, "MUON_MOMENTUM")
+    code = _set_value(code, "MUON_MOMENTUM", "(MUON_MOMENTUM_START, MUON_MOMENTUM_END)")
+    code, warmup = _promote(code, "MUON_MOMENTUM_WARMUP_STEPS", "int", 10, 1000, True,
+                            "steps to warm the momentum from its start to its end value")
+    return code, [NewKnob(_in_range(Knob("MUON_MOMENTUM_START", "float", float(start), low=0.5, high=0.95)),
+                          "Muon momentum at step 0"),
+                  NewKnob(_in_range(Knob("MUON_MOMENTUM_END", "float", float(end), low=0.8, high=0.99)),
+                          "Muon momentum after the warmup"),
+                  warmup]
 
 
-def _adam_betas(source: str) -> tuple[str, list[NewKnob]]:
-    _, (beta1, beta2) = _constant(source, "ADAM_BETAS")
-    source = _set_value(source, "ADAM_BETAS", "(ADAM_BETA1, ADAM_BETA2)")
-    return source, [NewKnob(_in_range(Knob("ADAM_BETA1", "float", float(beta1), low=0.5, high=0.98)),
-                            "AdamW first-moment decay (embeddings, lm_head, scalars)"),
-                    NewKnob(_in_range(Knob("ADAM_BETA2", "float", float(beta2), low=0.8, high=0.999)),
-                            "AdamW second-moment decay")]
+def _adam_betas(code: str) -> tuple[str, list[NewKnob]]:
+    _, (beta1, beta2) = _constant(code, "ADAM_BETAS")
+    code = _set_value(code, "ADAM_BETAS", "(ADAM_BETA1, ADAM_BETA2)")
+    return code, [NewKnob(_in_range(Knob("ADAM_BETA1", "float", float(beta1), low=0.5, high=0.98)),
+                          "AdamW first-moment decay (embeddings, lm_head, scalars)"),
+                  NewKnob(_in_range(Knob("ADAM_BETA2", "float", float(beta2), low=0.8, high=0.999)),
+                          "AdamW second-moment decay")]
 
 
-def _short_window(source: str) -> tuple[str, list[NewKnob]]:
-    source = _replace(source, 'sizes = {"L": seq_len, "S": seq_len // 2}',
-                      'sizes = {"L": seq_len, "S": max(1, int(seq_len * SHORT_WINDOW_FRAC))}')
-    return source, [NewKnob(Knob("SHORT_WINDOW_FRAC", "float", 0.5, low=0.0625, high=1.0, log=True),
-                            "short (S) attention window as a fraction of seq_len")]
+def _short_window(code: str) -> tuple[str, list[NewKnob]]:
+    code = _replace(code, 'sizes = {"L": seq_len, "S": seq_len // 2}',
+                    'sizes = {"L": seq_len, "S": max(1, int(seq_len * SHORT_WINDOW_FRAC))}')
+    return code, [NewKnob(Knob("SHORT_WINDOW_FRAC", "float", 0.5, low=0.0625, high=1.0, log=True),
+                          "short (S) attention window as a fraction of seq_len")]
 
 
-def _swiglu(source: str) -> tuple[str, list[NewKnob]]:
-    source = _replace(source, "        self.c_fc = nn.Linear(d, 4 * d, bias=False)\n"
-                              "        self.c_proj = nn.Linear(4 * d, d, bias=False)\n",
-                      "        hidden = max(1, round(MLP_RATIO * d))\n"
-                      '        self.gated = MLP_ACTIVATION == "swiglu"\n'
-                      "        self.c_fc = nn.Linear(d, (2 if self.gated else 1) * hidden, bias=False)\n"
-                      "        self.c_proj = nn.Linear(hidden, d, bias=False)\n")
-    source = _replace(source, "        return self.c_proj(F.relu(self.c_fc(x)).square())\n",
-                      "        h = self.c_fc(x)\n"
-                      "        if self.gated:  # SwiGLU: a SiLU gate times a linear branch\n"
-                      "            gate, up = h.chunk(2, dim=-1)\n"
-                      "            return self.c_proj(F.silu(gate) * up)\n"
-                      "        return self.c_proj(F.relu(h).square())\n")
-    return source, [NewKnob(Knob("MLP_ACTIVATION", "categorical", "relu2", choices=("relu2", "swiglu")),
-                            "relu2 (squared ReLU) or swiglu"),
-                    NewKnob(Knob("MLP_RATIO", "float", 4.0, low=1.0, high=6.0), "MLP hidden width / model_dim")]
+def _swiglu(code: str) -> tuple[str, list[NewKnob]]:
+    code = _replace(code, "        self.c_fc = nn.Linear(d, 4 * d, bias=False)\n"
+                          "        self.c_proj = nn.Linear(4 * d, d, bias=False)\n",
+                    "        hidden = max(1, round(MLP_RATIO * d))\n"
+                    '        self.gated = MLP_ACTIVATION == "swiglu"\n'
+                    "        self.c_fc = nn.Linear(d, (2 if self.gated else 1) * hidden, bias=False)\n"
+                    "        self.c_proj = nn.Linear(hidden, d, bias=False)\n")
+    code = _replace(code, "        return self.c_proj(F.relu(self.c_fc(x)).square())\n",
+                    "        h = self.c_fc(x)\n"
+                    "        if self.gated:  # SwiGLU: a SiLU gate times a linear branch\n"
+                    "            gate, up = h.chunk(2, dim=-1)\n"
+                    "            return self.c_proj(F.silu(gate) * up)\n"
+                    "        return self.c_proj(F.relu(h).square())\n")
+    return code, [NewKnob(Knob("MLP_ACTIVATION", "categorical", "relu2", choices=("relu2", "swiglu")),
+                          "relu2 (squared ReLU) or swiglu"),
+                  NewKnob(Knob("MLP_RATIO", "float", 4.0, low=1.0, high=6.0), "MLP hidden width / model_dim")]
 
 
-def _x0_lambda(source: str) -> tuple[str, list[NewKnob]]:
-    source = _replace(source, "self.x0_lambdas = nn.Parameter(torch.full((n_layer,), 0.1))",
-                      "self.x0_lambdas = nn.Parameter(torch.full((n_layer,), X0_LAMBDA_INIT))")
-    return source, [NewKnob(Knob("X0_LAMBDA_INIT", "float", 0.1, low=0.0, high=0.5),
-                            "initial weight of the input embedding mixed back into every layer")]
+def _x0_lambda(code: str) -> tuple[str, list[NewKnob]]:
+    code = _replace(code, "self.x0_lambdas = nn.Parameter(torch.full((n_layer,), 0.1))",
+                    "self.x0_lambdas = nn.Parameter(torch.full((n_layer,), X0_LAMBDA_INIT))")
+    return code, [NewKnob(Knob("X0_LAMBDA_INIT", "float", 0.1, low=0.0, high=0.5),
+                          "initial weight of the input embedding mixed back into every layer")]
 
 
-def _softcap(source: str) -> tuple[str, list[NewKnob]]:
-    source, knob = _promote(source, "LOGIT_SOFTCAP", "float", 5.0, 60.0, True, "tanh cap of the logits")
-    return source, [knob]
+def _softcap(code: str) -> tuple[str, list[NewKnob]]:
+    code, knob = _promote(code, "LOGIT_SOFTCAP", "float", 5.0, 60.0, True, "tanh cap of the logits")
+    return code, [knob]
 
 
-def _rope_base(source: str) -> tuple[str, list[NewKnob]]:
-    source, knob = _promote(source, "ROPE_BASE", "float", 1000.0, 1_000_000.0, True, "rotary embedding base frequency")
-    return source, [knob]
+def _rope_base(code: str) -> tuple[str, list[NewKnob]]:
+    code, knob = _promote(code, "ROPE_BASE", "float", 1000.0, 1_000_000.0, True, "rotary embedding base frequency")
+    return code, [knob]
 
 
-def _value_embed_every(source: str) -> tuple[str, list[NewKnob]]:
-    source = _replace(source, '    """Every other layer, the last one included."""\n'
-                              "    return layer % 2 == (n_layer - 1) % 2\n",
-                      '    """Every VE_EVERY-th layer counting back from the last one, the last one included."""\n'
-                      "    return (n_layer - 1 - layer) % VE_EVERY == 0\n")
-    return source, [NewKnob(Knob("VE_EVERY", "int", 2, low=1, high=6), "a value embedding every k-th layer")]
+def _value_embed_every(code: str) -> tuple[str, list[NewKnob]]:
+    code = _replace(code, '    """Every other layer, the last one included."""\n'
+                          "    return layer % 2 == (n_layer - 1) % 2\n",
+                    '    """Every VE_EVERY-th layer counting back from the last one, the last one included."""\n'
+                    "    return (n_layer - 1 - layer) % VE_EVERY == 0\n")
+    return code, [NewKnob(Knob("VE_EVERY", "int", 2, low=1, high=6), "a value embedding every k-th layer")]
 
 
-def _embedding_wd(source: str) -> tuple[str, list[NewKnob]]:
-    source = _replace(source, "        dict(params=[model.wte.weight], lr=EMBEDDING_LR * scale),\n"
-                              "        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * scale),\n",
-                      "        dict(params=[model.wte.weight], lr=EMBEDDING_LR * scale, weight_decay=EMBEDDING_WD),\n"
-                      "        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * scale,\n"
-                      "             weight_decay=EMBEDDING_WD),\n")
-    return source, [NewKnob(Knob("EMBEDDING_WD", "float", 0.0, low=0.0, high=0.05),
-                            "AdamW weight decay of the token and value embeddings")]
+def _embedding_wd(code: str) -> tuple[str, list[NewKnob]]:
+    code = _replace(code, "        dict(params=[model.wte.weight], lr=EMBEDDING_LR * scale),\n"
+                          "        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * scale),\n",
+                    "        dict(params=[model.wte.weight], lr=EMBEDDING_LR * scale, weight_decay=EMBEDDING_WD),\n"
+                    "        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * scale,\n"
+                    "             weight_decay=EMBEDDING_WD),\n")
+    return code, [NewKnob(Knob("EMBEDDING_WD", "float", 0.0, low=0.0, high=0.05),
+                          "AdamW weight decay of the token and value embeddings")]
 
 
-def _muon_ns_steps(source: str) -> tuple[str, list[NewKnob]]:
-    _, table = _constant(source, "POLAR_EXPRESS")
-    source = _replace(source, "    for a, b, c in POLAR_EXPRESS:\n",
-                      "    for a, b, c in (POLAR_EXPRESS + POLAR_EXPRESS[-1:] * MUON_NS_STEPS)[:MUON_NS_STEPS]:"
-                      "  # past the table, its last step repeats\n")
-    return source, [NewKnob(_in_range(Knob("MUON_NS_STEPS", "int", len(table), low=2, high=8)),
-                            "orthogonalization (Newton-Schulz / Polar Express) steps of Muon")]
+def _muon_ns_steps(code: str) -> tuple[str, list[NewKnob]]:
+    _, table = _constant(code, "POLAR_EXPRESS")
+    code = _replace(code, "    for a, b, c in POLAR_EXPRESS:\n",
+                    "    for a, b, c in (POLAR_EXPRESS + POLAR_EXPRESS[-1:] * MUON_NS_STEPS)[:MUON_NS_STEPS]:"
+                    "  # past the table, its last step repeats\n")
+    return code, [NewKnob(_in_range(Knob("MUON_NS_STEPS", "int", len(table), low=2, high=8)),
+                          "orthogonalization (Newton-Schulz / Polar Express) steps of Muon")]
 
 
-def _gqa(source: str) -> tuple[str, list[NewKnob]]:
-    source = _replace(source, "\n\ndef has_value_embedding(",
-                      "\n\ndef kv_heads(n_head: int) -> int:\n"
-                      '    """Key/value heads: each serves the largest divisor of n_head up to GQA_GROUP query heads."""\n'
-                      "    group = max(g for g in range(1, min(GQA_GROUP, n_head) + 1) if n_head % g == 0)\n"
-                      "    return n_head // group\n"
-                      "\n\ndef has_value_embedding(")
-    source = _replace(source, "        self.c_k = nn.Linear(d, d, bias=False)\n"
-                              "        self.c_v = nn.Linear(d, d, bias=False)\n",
-                      "        self.n_kv_head = kv_heads(config.n_head)\n"
-                      "        self.c_k = nn.Linear(d, self.n_kv_head * config.head_dim, bias=False)\n"
-                      "        self.c_v = nn.Linear(d, self.n_kv_head * config.head_dim, bias=False)\n")
-    source = _replace(source, "nn.Linear(self.gate_channels, config.n_head, bias=False)",
-                      "nn.Linear(self.gate_channels, self.n_kv_head, bias=False)")
-    source = _replace(source, "        q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)\n",
-                      "        kv_shape = (B, T, self.n_kv_head, self.head_dim)\n"
-                      "        q, k, v = self.c_q(x).view(shape), self.c_k(x).view(kv_shape), self.c_v(x).view(kv_shape)\n")
-    source = _replace(source, "gate.unsqueeze(-1) * ve.view(shape)", "gate.unsqueeze(-1) * ve.view(kv_shape)")
+def _gqa(code: str) -> tuple[str, list[NewKnob]]:
+    code = _replace(code, "\n\ndef has_value_embedding(",
+                    "\n\ndef kv_heads(n_head: int) -> int:\n"
+                    '    """Key/value heads: each serves the largest divisor of n_head up to GQA_GROUP query heads."""\n'
+                    "    group = max(g for g in range(1, min(GQA_GROUP, n_head) + 1) if n_head % g == 0)\n"
+                    "    return n_head // group\n"
+                    "\n\ndef has_value_embedding(")
+    code = _replace(code, "        self.c_k = nn.Linear(d, d, bias=False)\n"
+                          "        self.c_v = nn.Linear(d, d, bias=False)\n",
+                    "        self.n_kv_head = kv_heads(config.n_head)\n"
+                    "        self.c_k = nn.Linear(d, self.n_kv_head * config.head_dim, bias=False)\n"
+                    "        self.c_v = nn.Linear(d, self.n_kv_head * config.head_dim, bias=False)\n")
+    code = _replace(code, "nn.Linear(self.gate_channels, config.n_head, bias=False)",
+                    "nn.Linear(self.gate_channels, self.n_kv_head, bias=False)")
+    code = _replace(code, "        q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)\n",
+                    "        kv_shape = (B, T, self.n_kv_head, self.head_dim)\n"
+                    "        q, k, v = self.c_q(x).view(shape), self.c_k(x).view(kv_shape), self.c_v(x).view(kv_shape)\n")
+    code = _replace(code, "gate.unsqueeze(-1) * ve.view(shape)", "gate.unsqueeze(-1) * ve.view(kv_shape)")
     rotary = "        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))\n"
-    source = _replace(source, rotary,
-                      rotary + "        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads\n"
-                               "            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=2)\n"
-                               "            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=2)\n")
-    source = _replace(source, "nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, d)",
-                      "nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_heads(config.n_head) * config.head_dim)")
-    return source, [NewKnob(Knob("GQA_GROUP", "int", 1, low=1, high=8),
-                            "query heads per key/value head (grouped-query attention; 1 = multi-head)")]
+    code = _replace(code, rotary,
+                    rotary + "        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads\n"
+                             "            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=2)\n"
+                             "            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=2)\n")
+    code = _replace(code, "nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, d)",
+                    "nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_heads(config.n_head) * config.head_dim)")
+    return code, [NewKnob(Knob("GQA_GROUP", "int", 1, low=1, high=8),
+                          "query heads per key/value head (grouped-query attention; 1 = multi-head)")]
 
 
 # In the order the catalog breaks ties: the ones most likely to matter at a small scale and short budget first.
@@ -289,9 +289,9 @@ MUTATIONS: tuple[Mutation, ...] = (
 BY_NAME = {m.name: m for m in MUTATIONS}
 
 
-def carried(source: str) -> set[str]:
+def carried(code: str) -> set[str]:
     """The catalog mutations whose knob declarations this train.py holds."""
-    return {name for name in DECLARATION.findall(source) if name in BY_NAME}
+    return {name for name in DECLARATION.findall(code) if name in BY_NAME}
 
 
 def kind_values(evidence: Evidence, mutations: tuple[Mutation, ...]) -> dict[str, float]:
@@ -336,10 +336,10 @@ class CatalogAgent:
         values = kind_values(found, self.mutations)
         for mutation in ranked(found, context.parent.number, self.mutations):
             try:
-                applied = mutation.apply(context.parent.source)
+                applied = mutation.apply(context.parent.code)
             except MutationError:
                 continue  # in the parent's code already, or its anchor is gone
-            return Proposal(mutation.name, mutation.description, applied.source, applied.knobs,
+            return Proposal(mutation.name, mutation.description, applied.code, applied.knobs,
                             attrs={"kind": mutation.kind, "kind_value": _finite(values[mutation.kind]),
                                    "tried_before": [f"{a.mutation}: {a.status}" for a in found.attempts]})
         return None

@@ -33,9 +33,9 @@ ALIVE = ("base", "kept")  # generations the incumbent may come from
 DIFF_CHARS = 20_000       # of a diff kept with its trial (the generation keeps all of it)
 
 
-def generation_space(declared: SearchSpace, source: str) -> tuple[SearchSpace, dict[str, Any]]:
-    """The declared knobs that `source` still assigns with a value inside the space, and those values."""
-    found = find_knobs(source)
+def generation_space(declared: SearchSpace, code: str) -> tuple[SearchSpace, dict[str, Any]]:
+    """The declared knobs that `code` still assigns with a value inside the space, and those values."""
+    found = find_knobs(code)
     knobs, config = {}, {}
     for name, knob in declared.knobs.items():
         if name not in found:
@@ -65,9 +65,9 @@ class Incumbent:
     value: float | None
 
     @property
-    def source(self) -> str:
+    def code(self) -> str:
         """Its train.py with the config written in: what the agent sees and edits."""
-        return inject_knobs(self.generation.source, self.config)
+        return inject_knobs(self.generation.code, self.config)
 
     @property
     def space(self) -> SearchSpace:
@@ -112,7 +112,7 @@ class LLMCodeMethod:
         self.sampler = MoveSampler.random(seed)
         self.advisor = Advisor(make_provider(config))
         self.program = read_program(config.repo)
-        self.foreign_base = code if config.repo else None  # the repository's own train.py (guard.check_source)
+        self.foreign_base = code if config.repo else None  # the repository's own train.py (guard.check_code)
         self.lineage = Lineage(study, config.artifacts)
         with self.lineage.held():
             self.lineage.commit(self.lineage.load()[0])
@@ -120,7 +120,7 @@ class LLMCodeMethod:
     def next_move(self, study: optuna.Study) -> Move:
         gens, trials = generations.load_all(study), store.finished_trials(study)
         inc = incumbent(gens, trials)
-        current = inc.source
+        current = inc.code
         prefix = prompts.prefix(self.program, current, inc.space)
         try:
             reply = self.advisor.ask(prefix, prompts.code_task(history(gens, trials), inc.value))
@@ -130,20 +130,20 @@ class LLMCodeMethod:
         try:
             edit = read_edit(reply.text, current)
             attrs["edit_form"] = edit.form
-            check_patch(current, edit.source, foreign_base=self.foreign_base)
-            space, config = generation_space(self.space, edit.source)
+            check_patch(current, edit.code, foreign_base=self.foreign_base)
+            space, config = generation_space(self.space, edit.code)
         except PatchRejected as e:
             return self._refused(inc, e.reason, attrs)
         with self.lineage.held():  # the diff is against the file the agent saw
-            gen = self.lineage.create(inc.generation, edit.source, space, edit.description, diff_from=current,
+            gen = self.lineage.create(inc.generation, edit.code, space, edit.description, diff_from=current,
                                       agent="llm-code", form=edit.form)
         attrs.update(diff=gen.diff[:DIFF_CHARS], diff_summary=diff_summary(gen.diff))
-        return Move("llm-code", gen.number, edit.source, space, config=config, attrs=attrs)
+        return Move("llm-code", gen.number, edit.code, space, config=config, attrs=attrs)
 
     def _refused(self, inc: Incumbent, reason: str, attrs: dict[str, Any]) -> Move:
         """A recorded rejection at the incumbent (zero time), its config pinned so that no sampler runs for it."""
         space = inc.space
-        return Move("llm-code", inc.generation.number, inc.source, space,
+        return Move("llm-code", inc.generation.number, inc.code, space,
                     config={k: v for k, v in inc.config.items() if k in space.knobs}, rejected=reason, attrs=attrs)
 
     def observe(self, study: optuna.Study, trial: FrozenTrial, move: Move) -> None:

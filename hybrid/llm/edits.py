@@ -1,7 +1,7 @@
 """Reading a code agent's answer: a whole train.py in a fenced python block, or a unified diff against it.
 
 Models answer both ways, with prose around the code. Nothing is applied half-way: read_edit returns the
-complete new source or raises PatchRejected with a one-line reason the agent sees next time.
+complete new code or raises PatchRejected with a one-line reason the agent sees next time.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ DESCRIPTION_CHARS = 160
 
 @dataclass(frozen=True)
 class Edit:
-    source: str        # the whole new train.py
+    code: str          # the whole new train.py
     description: str   # one line: what the agent says it changed
     form: str          # "file" (a replacement) or "diff" (a unified diff applied to the current file)
 

@@ -25,7 +25,7 @@ MAX_LINES = 3000
 ALLOWED_MODULES = ("torch", "numpy", "math", "time", "dataclasses", "functools", "typing", "collections",
                    "itertools", "contextlib", "enum", "abc", "random", "gc", "__future__", "harness.api")
 # Under `hybrid run --repo`: the repository's prepare.py instead of the harness (its own train.py may use more: see
-# check_source), and the function whose value is its val_bpb.
+# check_code), and the function whose value is its val_bpb.
 FOREIGN_PREPARE, FOREIGN_METRIC = "prepare", "evaluate_bpb"
 FOREIGN_MODULES = tuple(m for m in ALLOWED_MODULES if m != "harness.api") + (FOREIGN_PREPARE,)
 # Submodules of allowed packages that read or write files, start processes or open sockets.
@@ -70,29 +70,29 @@ class PatchRejected(Exception):
         self.reason = reason
 
 
-def check_patch(old_source: str, new_source: str, *, foreign_base: str | None = None) -> None:
-    """PatchRejected(reason) unless `new_source` is an acceptable replacement for train.py `old_source`.
-    `foreign_base`: the repository's own train.py of a `hybrid run --repo` (see check_source)."""
-    if new_source == old_source:
+def check_patch(old_code: str, new_code: str, *, foreign_base: str | None = None) -> None:
+    """PatchRejected(reason) unless `new_code` is an acceptable replacement for train.py `old_code`.
+    `foreign_base`: the repository's own train.py of a `hybrid run --repo` (see check_code)."""
+    if new_code == old_code:
         raise PatchRejected("the edit changes nothing")
-    check_source(new_source, foreign_base=foreign_base)
+    check_code(new_code, foreign_base=foreign_base)
 
 
-def check_source(source: str, *, foreign_base: str | None = None) -> None:
+def check_code(code: str, *, foreign_base: str | None = None) -> None:
     """PatchRejected(reason) naming the first line the guard refuses, unless the whole train.py passes.
 
     With `foreign_base` (an autoresearch checkout's own train.py), what that file does itself is allowed (its
     environment switches, kernel downloads, imports from its prepare.py, its summary lines), line for line; only
     what it lacks is refused, and the metric stays the repository's: evaluate_bpb imported from prepare and
     called, never defined, and no line that computes val_bpb otherwise than the repository's own."""
-    size = len(source.encode("utf-8"))
+    size = len(code.encode("utf-8"))
     if size > MAX_BYTES:
         raise PatchRejected(f"train.py would be {size:,} bytes, more than the {MAX_BYTES:,} allowed")
-    lines = source.count("\n") + 1
+    lines = code.count("\n") + 1
     if lines > MAX_LINES:
         raise PatchRejected(f"train.py would be {lines:,} lines, more than the {MAX_LINES:,} allowed")
     try:
-        tree = ast.parse(source)
+        tree = ast.parse(code)
     except SyntaxError as e:
         raise PatchRejected(f"train.py does not parse: line {e.lineno}: {e.msg}") from None
     except ValueError as e:  # null bytes
@@ -100,7 +100,7 @@ def check_source(source: str, *, foreign_base: str | None = None) -> None:
     foreign = foreign_base is not None
     problems = sorted(_problems(tree, foreign), key=lambda p: p[:2])  # reading order; of nested ones, the outermost
     if foreign:
-        problems = _not_in_base(problems, source, foreign_base)
+        problems = _not_in_base(problems, code, foreign_base)
     if problems:
         line, _, message = problems[0]
         raise PatchRejected(f"line {line}: {message}")
@@ -126,14 +126,14 @@ def _imports_api(node: ast.AST) -> bool:
     return False
 
 
-def _not_in_base(problems: list[tuple[int, int, str]], source: str, base: str) -> list[tuple[int, int, str]]:
-    """The problems of `source` whose line (its text, and the reason) the foreign repository's own train.py lacks."""
+def _not_in_base(problems: list[tuple[int, int, str]], code: str, base: str) -> list[tuple[int, int, str]]:
+    """The problems of `code` whose line (its text, and the reason) the foreign repository's own train.py lacks."""
     def keyed(found: list[tuple[int, int, str]], text: str) -> list[tuple[str, str]]:
         lines = text.splitlines()
         return [(lines[line - 1].strip() if 0 < line <= len(lines) else "", message) for line, _, message in found]
 
     allowed = set(keyed(list(_problems(ast.parse(base), True)), base))
-    return [p for p, key in zip(problems, keyed(problems, source)) if key not in allowed]
+    return [p for p, key in zip(problems, keyed(problems, code)) if key not in allowed]
 
 
 def _check_foreign_metric(nodes: list[ast.AST]) -> None:
@@ -148,7 +148,7 @@ def _check_foreign_metric(nodes: list[ast.AST]) -> None:
 
 
 def _problems(tree: ast.Module, foreign: bool = False) -> Iterator[tuple[int, int, str]]:
-    """(line, column, reason) for every construct the guard refuses (under the foreign rules: see check_source)."""
+    """(line, column, reason) for every construct the guard refuses (under the foreign rules: see check_code)."""
     nodes = list(ast.walk(tree))
     modules = _imported_modules(nodes)
     called = {id(n.func) for n in nodes if isinstance(n, ast.Call)}

@@ -108,26 +108,26 @@ class LLMStructuralAgent:
 
     def propose(self, context: Context) -> Proposal | None:
         parent = context.parent
-        prefix = prompts.prefix(self.program, parent.source, parent.search_space())
+        prefix = prompts.prefix(self.program, parent.code, parent.search_space())
         try:
             reply = self.advisor.ask(prefix, structural_task(context))
         except ProviderError as e:
-            return Proposal("llm-error", "the LLM provider failed", parent.source, attrs=failure_attrs(e),
+            return Proposal("llm-error", "the LLM provider failed", parent.code, attrs=failure_attrs(e),
                             rejected=f"LLM provider error: {e}")
         except LLMBudgetSpent as e:
             announce(e, self.study_name, "hybrid goes on tuning with its classical sampler")
             return None
         attrs = reply_attrs(reply)
         try:
-            edit = read_edit(reply.text, parent.source)
+            edit = read_edit(reply.text, parent.code)
             added = read_knobs(reply.text)
         except PatchRejected as e:
-            return Proposal("unreadable", "an answer that could not be read", parent.source, attrs=attrs,
+            return Proposal("unreadable", "an answer that could not be read", parent.code, attrs=attrs,
                             rejected=e.reason)
         try:
-            kept = find_knobs(edit.source)
+            kept = find_knobs(edit.code)
         except KnobError:
             kept = {}  # it does not parse: the patch guard says so
         removed = [name for name in parent.space if name not in kept and name not in added]
-        return Proposal(mutation_name(edit.description), edit.description, edit.source, added, removed, attrs)
+        return Proposal(mutation_name(edit.description), edit.description, edit.code, added, removed, attrs)
 

@@ -279,7 +279,7 @@ class Outcome:
         return dict(self.__dict__)
 
 
-Runner = Callable[[str, Path], Any]  # (source, trial_dir) -> TrialResult (raises only when the run itself fails)
+Runner = Callable[[str, Path], Any]  # (code, trial_dir) -> TrialResult (raises only when the run itself fails)
 
 
 class Baseline:
@@ -329,12 +329,12 @@ class Baseline:
                 f"run(s), tolerance {TOLERANCE}; {tokens} tokens on the clock, the baseline runs up to {most})"), None
 
 
-def guard_verdict(source: str) -> str:
-    """'refused: REASON' or 'passes', from the patch guard (hybrid.llm.guard.check_source)."""
-    from hybrid.llm.guard import PatchRejected, check_source
+def guard_verdict(code: str) -> str:
+    """'refused: REASON' or 'passes', from the patch guard (hybrid.llm.guard.check_code)."""
+    from hybrid.llm.guard import PatchRejected, check_code
 
     try:
-        check_source(source)
+        check_code(code)
     except PatchRejected as e:
         return f"refused: {e.reason}"
     return "passes"
@@ -342,12 +342,12 @@ def guard_verdict(source: str) -> str:
 
 def run_case(case: Case, scene: Scene, run: Runner, baseline: Baseline | float | None, data_dir: Path) -> Outcome:
     """Run `case` in `scene` through `run`, check everything, clean up what it left, return the outcome."""
-    source = case.source(marker=scene.marker)
-    return run_source(source, case, scene, run, baseline, data_dir)
+    code = case.code(marker=scene.marker)
+    return run_code(code, case, scene, run, baseline, data_dir)
 
 
-def run_source(source: str, case: Case, scene: Scene, run: Runner, baseline: Baseline | float | None,
-               data_dir: Path) -> Outcome:
+def run_code(code: str, case: Case, scene: Scene, run: Runner, baseline: Baseline | float | None,
+             data_dir: Path) -> Outcome:
     trusted = scene.trusted
     watched = [scene.root, data_dir, HARNESS]
     skip = [scene.trial_dir, data_dir / "compile-cache"]
@@ -367,7 +367,7 @@ def run_source(source: str, case: Case, scene: Scene, run: Runner, baseline: Bas
     t0 = time.perf_counter()
     result = None
     try:
-        result = run(source, scene.trial_dir)
+        result = run(code, scene.trial_dir)
     except BaseException as e:  # noqa: BLE001 -- a trial must never fail the run; KeyboardInterrupt included
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, Exception):
             problems.append("run_trial raised KeyboardInterrupt")
@@ -486,7 +486,7 @@ def run_source(source: str, case: Case, scene: Scene, run: Runner, baseline: Bas
         if REACHED in line:
             reached.append(line.split(REACHED, 1)[1].strip()[:100])
     return Outcome(case.name, case.kind, case.expect, status, val, error, seconds, problems, tokens=tokens,
-                   steps=steps, reached=reached, notes=notes, guard=guard_verdict(source))
+                   steps=steps, reached=reached, notes=notes, guard=guard_verdict(code))
 
 
 def _judge(val: float, tokens: int, baseline: Baseline | float | None) -> tuple[str | None, str | None]:
@@ -526,4 +526,4 @@ def outcome_table(results: Iterable[Outcome], with_guard: bool = True) -> str:
 
 
 __all__ = ["MARKER", "TOLERANCE", "Baseline", "Outcome", "Scene", "TrustedSide", "guard_verdict", "outcome_table",
-           "run_case", "run_source", "trial_config"]
+           "run_case", "run_code", "trial_config"]

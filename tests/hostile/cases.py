@@ -154,7 +154,7 @@ class Case:
     sentinel: bool = False         # it tries to kill other processes: check the sentinel survived
     extra: tuple[str, ...] = field(default_factory=tuple)  # helper snippets it needs (module level)
 
-    def source(self, base: str | None = None, marker: str = MARKER) -> str:
+    def code(self, base: str | None = None, marker: str = MARKER) -> str:
         """The edited train.py, HOSTILE_MARKER replaced by `marker`."""
         text = base if base is not None else TRAIN_PY.read_text()
         original = text
