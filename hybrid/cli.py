@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the folder written (created if missing)")
 
     p = _command(sub, "studies", "the studies of a storage: method, trials, budget, best val_bpb",
-                 "List the studies of a storage: method, objective and profile, trials (ok/failed/running), budget "
+                 "List the studies of a storage: method, objective and profile, trials (ok/pruned/failed/running), budget "
                  "used, best val_bpb and last activity. Reads the storage; never creates it.",
                  "  hybrid studies\n  hybrid studies --storage sqlite:///runs/compare/hybrid.db")
     _add_storage(p)

@@ -131,14 +131,15 @@ def study_row(study: optuna.Study) -> dict[str, Any]:
     info = study.user_attrs.get(store.RUN_KEY) or {}
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if store.is_finished(t)]
-    ok = sum(1 for t in finished if t.user_attrs.get("status") == "ok")
+    statuses = [t.user_attrs.get(records.STATUS) for t in finished]
+    ok, pruned = statuses.count(records.OK), statuses.count(records.PRUNED)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     best = ranked(study)
     return {"study": study.study_name, "method": info.get("method", "- (not hybrid's)"),
             "objective/profile": f"{info['objective']}/{info['profile']}" if info else "-",
-            "trials ok/failed/running": f"{ok}/{len(finished) - ok}/{running}",
+            "trials ok/pruned/failed/running": f"{ok}/{pruned}/{len(finished) - ok - pruned}/{running}",
             "budget used": _budget(info, finished),
-            "best val_bpb": f"{best[0].user_attrs['val_bpb']:.4f}" if best else "-",
+            "best val_bpb": f"{best[0].user_attrs[records.VAL_BPB]:.4f}" if best else "-",
             "last activity": _last_activity(trials)}
 
 

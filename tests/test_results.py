@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from harness.knobs import find_knobs
 from hybrid import __version__, optuna_compat, results, store
@@ -81,15 +82,24 @@ def test_studies_lists_each_study(db: Path, capsys: pytest.CaptureFixture) -> No
     before = digest(db)
     assert main(["studies", "--storage", url_of(db)]) == 0
     header, row = capsys.readouterr().out.splitlines()
-    for column in ("study", "method", "objective/profile", "trials ok/failed/running", "budget used", "best val_bpb",
+    for column in ("study", "method", "objective/profile", "trials ok/pruned/failed/running", "budget used", "best val_bpb",
                    "last activity"):
         assert column in header
     finished = store.finished_trials(load(db))
     ok = [t for t in finished if t.user_attrs["status"] == "ok"]
     best = min(t.user_attrs["val_bpb"] for t in ok)
-    assert row.split()[:4] == ["s", "tpe", "surrogate/gpu", f"{len(ok)}/{len(finished) - len(ok)}/0"]
+    assert row.split()[:4] == ["s", "tpe", "surrogate/gpu", f"{len(ok)}/0/{len(finished) - len(ok)}/0"]
     assert f"{SURROGATE_TRIALS} / {SURROGATE_TRIALS} trials" in row and f"{best:.4f}" in row
     assert digest(db) == before
+
+
+def test_a_pruned_trial_is_counted_as_pruned_not_failed() -> None:
+    study = optuna.create_study()
+    for state, status in ((TrialState.COMPLETE, "ok"), (TrialState.PRUNED, "pruned"), (TrialState.PRUNED, "pruned"),
+                          (TrialState.FAIL, "crash")):
+        study.add_trial(optuna.trial.create_trial(state=state, value=1.5 if status == "ok" else None,
+                                                  user_attrs={"status": status, "val_bpb": 1.5}))
+    assert results.study_row(study)["trials ok/pruned/failed/running"] == "1/2/1/0"
 
 
 def test_best_names_the_trial_and_exports_its_code(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
