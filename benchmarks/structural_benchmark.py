@@ -32,6 +32,7 @@ H2H_METHODS = ("tpe", "cmaes", "hybrid")
 JOB_KEYS = ("part", "method", "seed", "trials", "mutate_every", "stagnation", "repeats", "budget_hours")
 POWER_FACTOR = 2.0  # power counts moves better by at least this many noise sd
 Z95 = 1.96
+MARGIN_ZS = (2.0, 1.645, 1.28, 1.0, 0.5, 0.0)  # margins the grid's verdicts are judged again at (standard errors)
 NO_EARLY_STOP = 10**9  # failures in a row that stop a study: the protocol spends its budget whatever fails
 
 
@@ -43,7 +44,7 @@ def run_study(job: dict[str, Any]) -> dict[str, Any]:
     from hybrid.benchmark_objective import DEFAULT_NOISE, hidden_world, read_truth
     from hybrid.config import RunConfig
     from hybrid.evolution import DEFAULT_SCHEDULES
-    from hybrid.promotion import REPEATS, incumbent
+    from hybrid.promotion import NOISE_Z, REPEATS, incumbent
     from hybrid.records import ok_value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -71,7 +72,7 @@ def run_study(job: dict[str, Any]) -> dict[str, Any]:
         ok = [t for t in trials if ok_value(t) is not None]
         best = min(ok, key=ok_value)
     schedule = DEFAULT_SCHEDULES[config.profile]
-    return {**job, "noise": DEFAULT_NOISE, "trials_run": len(trials), "decisions": decisions,
+    return {**job, "noise": DEFAULT_NOISE, "noise_z": NOISE_Z, "trials_run": len(trials), "decisions": decisions,
             "schedule_ran": [config.mutate_every or schedule.mutate_every, config.stagnation or schedule.stagnation,
                              config.repeats or REPEATS] if job["method"] == "hybrid" else None,
             "best_measured": ok_value(best), "best_true": truth[best.number]["true"],
@@ -152,6 +153,25 @@ def kind_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def margin_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every grid verdict judged again at other margins (its delta against z standard errors instead of the z its
+    study ran with): the trade-off between false promotions and power. First order: a verdict that went the other
+    way would have changed the study's later moves, which this does not replay."""
+    moves = [(d, x.get("noise_z", 2.0)) for x in rows for d in x["decisions"]
+             if d["delta"] is not None and d["margin"] is not None]
+    noise = rows[0]["noise"] if rows else 0.0
+    ran = {x.get("noise_z", 2.0) for x in rows}
+    lines = ["| margin (standard errors) | false promotions (true effect >= 0) | "
+             f"power (better by >= {POWER_FACTOR:g} x noise) |", "|---|---|---|"]
+    for z in sorted(set(MARGIN_ZS) | ran, reverse=True):
+        promoted = [d["delta"] > d["margin"] * z / ran_z for d, ran_z in moves]
+        false = [p for p, (d, _) in zip(promoted, moves) if d["true_effect"] >= 0]
+        good = [p for p, (d, _) in zip(promoted, moves) if d["true_effect"] <= -POWER_FACTOR * noise]
+        lines.append(f"| {z:g}{' (ran)' if z in ran else ''} | {rate(sum(false), len(false))} | "
+                     f"{rate(sum(good), len(good))} |")
+    return lines
+
+
 def _key(job: dict[str, Any]) -> tuple:
     return tuple(job.get(k) for k in JOB_KEYS)
 
@@ -172,6 +192,8 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], log_name: str) 
         "noise). Intervals: Wilson 95 % for rates, normal 95 % for means.", "",
         f"## Verdicts by schedule ({args.grid_trials} trials per study, hybrid with the catalog)", "",
         *grid_table(grid), "", "### Every grid verdict by the move's hidden kind", "", *kind_table(grid), "",
+        "### The same verdicts at other margins (first order: later moves not replayed)", "",
+        *margin_table(grid), "",
         f"## Head-to-head at equal budget ({args.budget_hours:g} h of modelled H200 time per study)", "",
         f"hybrid ran (mutate every, stagnation, repeats) = {', '.join(map(str, ran))}.", "",
         *h2h_table(h2h), ""])

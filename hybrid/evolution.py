@@ -26,11 +26,11 @@ from hybrid.classical.samplers import make_sampler
 from hybrid.classical.warmstart import best_configs, cma_source_trials
 from hybrid.generations import Generation, Lineage
 from hybrid.move import Move
-from hybrid.probes import probe_configs
+from hybrid.probes import joint_probe, probe_configs
 from hybrid.promotion import (REPEATS, Schedule, control_config, fresh_score, incumbent, is_tuning, judge,
                               pooled_noise, runs_of, score)
 from hybrid.records import ok_value
-from hybrid.space import SearchSpace, SpaceError, check_against_code
+from hybrid.space import Knob, SearchSpace, SpaceError, check_against_code
 from hybrid.llm.catalog import CatalogAgent
 from hybrid.llm.structural_agent import LLMStructuralAgent
 from hybrid.structural import Context, Proposal, StructuralAgent
@@ -168,8 +168,8 @@ class HybridMethod:
         return Due(gen, reason)
 
     def _warm_start(self, snap: Snapshot, gen: Generation) -> Move | None:
-        """A candidate's first trials: the parent's incumbent, its probes (each new knob moved alone), then (tpe, gp)
-        the parent's next best configs."""
+        """A candidate's first trials: the parent's incumbent, its probes (each new knob moved alone), their joint
+        probe (the knobs that improved, together), then (tpe, gp) the parent's next best configs."""
         if gen.status != "candidate":
             return None
         configs = _warm_configs(snap, gen)
@@ -177,9 +177,13 @@ class HybridMethod:
         if not tried:
             return self._first_move(gen, configs[0])
         space = gen.search_space()
-        probes = _untried(tried, probe_configs(configs[0], [space.knobs[name] for name in gen.new_knobs]))
+        knobs = [space.knobs[name] for name in gen.new_knobs]
+        probes = _untried(tried, probe_configs(configs[0], knobs))
         if probes:
             return self._move("probe", gen, config=probes[0])
+        joint = _joint_probe(snap.finished[gen.number], configs[0], knobs)
+        if joint is not None and not runs_of(tried, joint):
+            return self._move("probe", gen, config=joint, attrs={"joint_probe": True})
         if self.sampler_name == "cmaes":
             return None  # CMA-ES is warm-started through its source trials instead
         fresh = _untried(tried, configs[1:])
@@ -279,6 +283,13 @@ def _fresh_runs(gen: Generation, best: FrozenTrial) -> list[tuple[dict[str, Any]
 def _untried(tried: list[FrozenTrial], configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The configs that no trial of `tried` ran."""
     return [c for c in configs if not runs_of(tried, c)]
+
+
+def _joint_probe(finished: list[FrozenTrial], first: dict[str, Any], knobs: list[Knob]) -> dict[str, Any] | None:
+    """The joint probe once every probe has finished (None before, or when fewer than two knobs improved)."""
+    if _untried(finished, probe_configs(first, knobs)):
+        return None
+    return joint_probe(first, knobs, [(dict(t.params), v) for t in finished if (v := records.ok_value(t)) is not None])
 
 
 def _warm_configs(snap: Snapshot, gen: Generation) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Probes of a new generation's knobs: its parent's incumbent with one new knob moved at a time across the knob's
 range. A candidate's sampler moves every knob at once, so a gain of the new knobs alone shows only where a sampled
 config is also good in the old ones; the probes measure the move where the parent is best, before the sampler takes
-over. Pure functions of knobs and configs."""
+over; the best probe of every knob that improved on the incumbent are then measured together (the joint probe), since
+a move's gain often needs several of its knobs moved at once. Pure functions of knobs and configs."""
 from __future__ import annotations
 
 import math
@@ -48,3 +49,21 @@ def probe_values(knob: Knob) -> list[Any]:
 def probe_configs(incumbent: dict[str, Any], knobs: list[Knob]) -> list[dict[str, Any]]:
     """The incumbent with each of `knobs` moved to each of its probe values, one knob at a time (knob by knob)."""
     return [{**incumbent, knob.name: value} for knob in knobs for value in probe_values(knob)]
+
+
+def joint_probe(first: dict[str, Any], knobs: list[Knob], measured: list[tuple[dict[str, Any], float]]
+                ) -> dict[str, Any] | None:
+    """`first` (the parent's incumbent in the candidate's space) with each knob at its best probe, for the knobs whose
+    best probe beat `first`'s own value; None unless two or more did (one alone is already measured). `measured`:
+    (config, val_bpb) of the successful trials so far."""
+    base = min((v for c, v in measured if c == first), default=None)
+    if base is None:
+        return None
+    joint = dict(first)
+    for knob in knobs:
+        alone = [(v, c[knob.name]) for c, v in measured
+                 if c.get(knob.name) != first.get(knob.name) and c == {**first, knob.name: c.get(knob.name)}]
+        best = min(alone, key=lambda vc: vc[0], default=None)
+        if best is not None and best[0] < base:
+            joint[knob.name] = best[1]
+    return joint if sum(joint[k.name] != first.get(k.name) for k in knobs) >= 2 else None

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.result import PENALTY
 from hybrid.generations import Generation
-from hybrid.probes import at_unit, probe_configs, probe_values, unit
+from hybrid.probes import at_unit, joint_probe, probe_configs, probe_values, unit
 from hybrid.promotion import NOISE_Z, Schedule, Score, control_config, is_sampled, judge, margin, pooled_noise, score
 from hybrid.space import Knob
 
@@ -41,7 +41,7 @@ def trial(number: int, value: float | None, *, source: str = "tpe", x: float = 0
     (0.01, 3, 3, NOISE_Z * 0.01 * math.sqrt(2 / 3)),          # the means of three runs: narrower
     (0.01, 1, 3, NOISE_Z * 0.01 * math.sqrt(4 / 3)),
     (0.01, 3, 1, NOISE_Z * 0.01 * math.sqrt(4 / 3)),          # symmetric
-    (0.5, 2, 2, 1.0),                                         # exact: used for the tie below
+    (1 / NOISE_Z, 2, 2, 1.0),                                 # exact: used for the tie below
 ], ids=["unknown", "unknown-3-5", "zero", "1-1", "3-3", "1-3", "3-1", "exact"])
 def test_margin(noise: float | None, n_a: int, n_b: int, expected: float) -> None:
     assert margin(noise, n_a, n_b) == pytest.approx(expected, rel=1e-12, abs=0.0)
@@ -84,7 +84,7 @@ MARGIN_3_3 = NOISE_Z * 0.01 * math.sqrt(2 / 3)
     (Score(1.0, 3, 1.0), Score(1.01, 3, 1.01), 0.01, False, "not more than the margin", MARGIN_3_3, -0.01),  # worse
     (Score(1.0, 1, 1.0), Score(0.999, 1, 0.999), None, True, "beats the parent", 0.0, 0.001),  # noise unknown
     (Score(1.0, 1, 1.0), Score(1.0, 1, 1.0), None, False, "not more than the margin", 0.0, 0.0),  # tie, no noise
-    (Score(3.0, 2, 3.0), Score(2.0, 2, 2.0), 0.5, False, "not more than the margin", 1.0, 1.0),  # tie with the margin
+    (Score(3.0, 2, 3.0), Score(2.0, 2, 2.0), 1 / NOISE_Z, False, "not more than the margin", 1.0, 1.0),  # tie: margin
 ], ids=["candidate-failed", "both-failed", "parent-failed", "parent-failed-noise-unknown", "beats", "within-noise",
         "worse", "noise-unknown", "tie", "tie-with-margin"])
 def test_judge(parent: Score | None, candidate: Score | None, noise: float | None, promoted: bool, reason: str,
@@ -234,6 +234,23 @@ def test_probe_values(knob: Knob, expected: list) -> None:
 ], ids=["no-new-knobs", "one-knob", "one-knob-at-a-time"])
 def test_probe_configs_move_one_new_knob_at_a_time(knobs: list[Knob], expected: list[dict]) -> None:
     assert probe_configs({"X": 1, "A": "a", "G": 1}, knobs) == expected
+
+
+JOINT_KNOBS = [Knob("A", "categorical", "a", choices=("a", "b")), Knob("G", "int", 1, low=1, high=3)]
+FIRST = {"X": 1, "A": "a", "G": 1}
+
+
+@pytest.mark.parametrize("measured, expected", [
+    ([(FIRST, 1.0), ({**FIRST, "A": "b"}, 0.9), ({**FIRST, "G": 2}, 0.95), ({**FIRST, "G": 3}, 0.8)],
+     {"X": 1, "A": "b", "G": 3}),                                     # each knob at its best probe
+    ([(FIRST, 1.0), ({**FIRST, "A": "b"}, 0.9), ({**FIRST, "G": 2}, 1.1), ({**FIRST, "G": 3}, 1.2)],
+     None),                                                           # one knob improved: already measured
+    ([({**FIRST, "A": "b"}, 0.9), ({**FIRST, "G": 3}, 0.8)], None),   # the incumbent itself has no value
+    ([(FIRST, 1.0), ({**FIRST, "A": "b"}, 0.9), ({"X": 2, "A": "a", "G": 3}, 0.5)], None),  # not a probe: X moved too
+    ([(FIRST, 1.0), (FIRST, 0.7), ({**FIRST, "A": "b"}, 0.9), ({**FIRST, "G": 3}, 0.8)], None),  # neither beats 0.7
+], ids=["two-improve", "one-improves", "no-incumbent-value", "not-a-probe", "best-incumbent-run"])
+def test_the_joint_probe_combines_the_knobs_that_improved(measured: list, expected: dict | None) -> None:
+    assert joint_probe(FIRST, JOINT_KNOBS, measured) == expected
 
 
 @pytest.mark.parametrize("knob, value", [

@@ -39,6 +39,7 @@ from hybrid.llm.guard import PatchRejected
 from hybrid.llm.structural_agent import read_knobs, structural_task
 from hybrid.promotion import control_config
 from hybrid.paths import PROJECT_ROOT
+from hybrid.probes import joint_probe, probe_configs
 from hybrid.promotion import REPEATS
 from hybrid.space import SearchSpace, load_space
 from hybrid.structural import Context
@@ -166,6 +167,16 @@ def test_generations_open_new_knobs_with_warm_starts_and_recorded_verdicts(fake:
     assert len(repeats) >= REPEATS * len(decided)
     warm = [t for t in trials if t.user_attrs["source"] == "warmstart"]
     assert warm and all(t.user_attrs["generation"] > 0 for t in warm)
+    joint = [t for t in trials if t.user_attrs.get("joint_probe")]
+    assert joint, "no candidate measured its improving knobs together"
+    for t in joint:  # after its generation's probes, each knob at its best probe where that beat the first trial
+        gen, before = gens[t.user_attrs["generation"]], [u for u in trials if u.number < t.number]
+        mine = [u for u in before if u.user_attrs["generation"] == gen.number]
+        first = dict(mine[0].params)
+        knobs = [gen.search_space().knobs[k] for k in gen.new_knobs]
+        assert all(any(u.params == c for u in mine) for c in probe_configs(first, knobs))
+        assert dict(t.params) == joint_probe(first, knobs, [(dict(u.params), records.ok_value(u)) for u in mine
+                                                              if records.ok_value(u) is not None])
 
     repo = git.Repo(Path("runs") / "s" / "lineage")
     tags = {t.name: t.commit for t in repo.tags}
