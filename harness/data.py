@@ -9,6 +9,7 @@ Corpora: `builtin` (Shakespeare, shipped in harness/corpus), `climbmix` (downloa
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -46,13 +47,22 @@ RETRIES, BACKOFF = 5, 1.0    # download attempts, first wait in seconds (doubles
 TOKENIZER_CHARS, TOKENIZER_DOC_CHARS = 1_000_000_000, 10_000  # what the BPE trainer reads at most
 ENCODE_BATCH = 8192      # documents per multi-threaded encode call
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
+PREPARE_LOCK = ".prepare.lock"  # in the data folder: one `prepare` at a time
 Log = Callable[[str], None]
 
 
 def prepare(profile: Profile, corpus: str | None = None, log: Log = print) -> Prepared:
-    """Build (or find) the documents, tokenizer and token cache of a corpus for a profile; skips what exists."""
+    """Build (or find) the documents, tokenizer and token cache of a corpus for a profile; skips what exists. One
+    process at a time per data folder (a file lock): others wait, then find what it built."""
+    root = data_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / PREPARE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare(profile, corpus or profile.corpus, log)
+
+
+def _prepare(profile: Profile, corpus: str, log: Log) -> Prepared:
     t0 = time.time()
-    corpus = corpus or profile.corpus
     if corpus == "builtin":
         p = _prepared("builtin", profile)
         if not _has_splits(p.root):
@@ -69,7 +79,8 @@ def prepare(profile: Profile, corpus: str | None = None, log: Log = print) -> Pr
     meta = _cache_tokens(p, tokenizer, log)
     _check_val(p, profile)
     pointer = data_dir() / f"prepared-{profile.name}.json"
-    pointer.write_text(json.dumps(p.to_dict()))
+    pointer.with_suffix(".tmp").write_text(json.dumps(p.to_dict()))
+    pointer.with_suffix(".tmp").replace(pointer)  # a reader never sees half of it
     log(f"prepared {p.corpus} for profile {profile.name} in {time.time() - t0:.1f}s: "
         f"{meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens, vocab {p.vocab_size}, in {p.root}")
     return p

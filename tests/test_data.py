@@ -1,6 +1,9 @@
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,6 +56,28 @@ def test_prepare_is_idempotent_and_shared(prepared_test):
     assert p == prepared_test and len(lines) == 1  # only the summary line
     assert {p: p.stat().st_mtime_ns for p in prepared_test.root.rglob("*") if p.is_file()} == mtimes
     assert data.prepared(get_profile("cpu")) == prepared_test  # cpu shares corpus and vocabulary
+
+
+PREPARE_IN_A_PROCESS = """
+import sys
+from harness.data import prepare, prepared
+from harness.profiles import get_profile
+prepare(get_profile("test"), "builtin", log=lambda line: print(line, flush=True))
+print("ready", prepared(get_profile("test")).root)
+"""
+
+
+def test_two_processes_preparing_at_once_build_it_once(tmp_path):
+    """Two runs (or test workers) that prepare the same empty data folder together: one builds, the other waits and
+    finds it built."""
+    env = {**os.environ, "HYBRID_DATA_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE_IN_A_PROCESS], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum("wrote " in out for out in outputs) == 1, outputs  # the documents were written by one of them
+    assert all(f"ready {tmp_path / 'builtin'}" in out for out in outputs)
+    assert not list(tmp_path.glob("builtin/*.tmp"))
 
 
 def test_a_pointer_written_with_the_old_key_still_reads(tmp_path):
