@@ -94,6 +94,13 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
+# What a trial leaves besides train.py, spec.json, log.txt and result.json: the model, the logits handed to the scorer
+# (hundreds of MB on cpu, GBs on gpu, per trial) and whatever train.py wrote. Removed once it is scored, unless
+# $HYBRID_KEEP_TRIAL_FILES=1 (to look into one).
+WORKING_FILES = ("scratch", "eval-*", "intermediate")
+KEEP_FILES_ENV = "HYBRID_KEEP_TRIAL_FILES"
+
+
 def _fresh(folder: Path) -> Path:
     if folder.is_symlink() or folder.is_file():
         folder.unlink()
@@ -274,7 +281,12 @@ def _measure(result: TrialResult, training, before_launch: float, device: torch.
 
 
 def _finish(result: TrialResult, config: dict[str, Any], log: TrialLog, trial_dir: Path, t0: float) -> TrialResult:
-    """Scrub and bound the error, write the log and result.json (a trial that spoiled its folder fails, alone)."""
+    """Remove the working files, scrub and bound the error, write the log and result.json (a trial that spoiled its
+    folder fails, alone)."""
+    if os.environ.get(KEEP_FILES_ENV) != "1":
+        for name in WORKING_FILES:
+            for folder in trial_dir.glob(name):
+                shutil.rmtree(folder, ignore_errors=True)  # links inside are removed, never followed
     result.total_seconds = time.perf_counter() - t0
     if result.phases:
         result.phases["teardown"] = max(0.0, result.total_seconds - sum(result.phases.values()))

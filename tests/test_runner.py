@@ -40,6 +40,13 @@ def environment_names(log: str) -> set[str]:
     return set(line.split()[1:])
 
 
+def test_the_working_files_are_kept_when_asked(prepared_test, tiny_train_py, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRID_KEEP_TRIAL_FILES", "1")
+    r = run_trial(tiny_train_py.read_text(), {}, TEST, tmp_path / "t")
+    assert r.ok, r.error
+    assert (tmp_path / "t" / "scratch" / "model.pt").exists() and (tmp_path / "t" / "eval-main" / "logits.bin").exists()
+
+
 def test_a_trial(prepared_test, tiny_train_py, tmp_path, monkeypatch):
     """An honest trial: scored (twice: below rescore_below, on another order, and it agrees), its folder laid out,
     its clock and counts from the trusted side, and an environment built from the allow-list."""
@@ -61,8 +68,8 @@ def test_a_trial(prepared_test, tiny_train_py, tmp_path, monkeypatch):
     assert names <= set(ENV_ALLOWED) | fixed, names - set(ENV_ALLOWED) - fixed
     assert "planted-pw-4242" not in log
 
-    assert {p.name for p in folder.iterdir()} >= {"train.py", "spec.json", "log.txt", "result.json", "scratch"}
-    assert (folder / "scratch" / "model.pt").exists()
+    # what stays: the code, spec, log and result; the model and the logits handed to the scorer are removed
+    assert {p.name for p in folder.iterdir()} == {"train.py", "spec.json", "log.txt", "result.json"}
     assert TrialResult.read(folder / "result.json").to_dict() == r.to_dict() and r.log_path == str(folder / "log.txt")
     spec = json.loads((folder / "spec.json").read_text())
     assert spec["eval_rows"] == forward_rows(TEST) and spec["seq_len"] == TEST.seq_len and spec["device"] == "cpu"
