@@ -78,8 +78,10 @@ def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float
 
 
 def _optimum(rng: np.random.Generator, knobs: tuple[Knob, ...], offset: float) -> tuple[float, ...]:
-    """A best setting at least `offset` from the defaults (categorical knobs on one of their choices)."""
+    """A best setting at least `offset` from the defaults (categorical knobs on one of their choices), or at 90 % of
+    the farthest a setting can be where that is nearer (a default in the middle of a knob's range)."""
     home = np.array([unit(k, k.default) for k in knobs])
+    offset = min(offset, 0.9 * float(np.sqrt(np.sum(np.maximum(home, 1.0 - home) ** 2))))
     while True:
         point = rng.uniform(0.0, 1.0, len(knobs))
         for i, k in enumerate(knobs):

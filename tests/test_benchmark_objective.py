@@ -69,6 +69,16 @@ def _noise_free_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, 
     return {n: g for n, g in generations.load_all(study).items() if g.status in ("promoted", "rejected")}
 
 
+@pytest.mark.timeout(120)
+def test_a_retune_move_whose_default_is_mid_range_gets_a_reachable_optimum() -> None:
+    """muon_ns_steps' default sits in the middle of its range: no setting is RETUNE_OFFSET (0.5) from it but the two
+    ends, which a uniform draw never hits. Seed 11 gives it the retune kind; its world is drawn, not looped on."""
+    effect = hidden_world(11, (PROJECT_ROOT / "train.py").read_text())["muon_ns_steps"]
+    assert effect.kind == "retune"
+    home = [unit(k, k.default) for k in effect.knobs]
+    assert sum((o - h) ** 2 for o, h in zip(effect.optimum, home)) ** 0.5 >= 0.45
+
+
 def test_a_known_zero_effect_is_never_promoted_on_a_noise_free_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
     decided = _noise_free_run(tmp_path, monkeypatch, "neutral", 0.0)
