@@ -67,8 +67,9 @@ RUNNING = "SELECT count(*) FROM trials WHERE state = 'RUNNING'"
 RUNNING_FROM = "SELECT count(*) FROM trials WHERE state = 'RUNNING' AND number >= {}"  # this run's trial in flight
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0, every: float = 0.02) -> bool:  # noqa: ANN001
-    """Poll until predicate() holds (True) or the process exits (False)."""
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0, every: float = 0.02) -> bool:  # noqa: ANN001
+    """Poll until predicate() holds (True) or the process exits (False); the deadline is for a machine under heavy
+    load (a quiet one needs seconds)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
