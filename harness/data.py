@@ -79,8 +79,9 @@ def _prepare(profile: Profile, corpus: str, log: Log) -> Prepared:
     meta = _cache_tokens(p, tokenizer, log)
     _check_val(p, profile)
     pointer = data_dir() / f"prepared-{profile.name}.json"
-    pointer.with_suffix(".tmp").write_text(json.dumps(p.to_dict()))
-    pointer.with_suffix(".tmp").replace(pointer)  # a reader never sees half of it
+    written = pointer.with_suffix(".tmp")
+    written.write_text(json.dumps(p.to_dict()))
+    written.replace(pointer)  # a reader never sees half of it
     log(f"prepared {p.corpus} for profile {profile.name} in {time.time() - t0:.1f}s: "
         f"{meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens, vocab {p.vocab_size}, in {p.root}")
     return p

@@ -105,8 +105,8 @@ def told_value(trial: FrozenTrial) -> float:
     so worse than a final one: it ranks among the losers the pruner judged it to be); a failure's penalty."""
     if trial.state == TrialState.COMPLETE:
         return trial.value
-    if trial.state == TrialState.PRUNED and trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)]
+    if trial.state == TrialState.PRUNED and trial.last_step is not None:
+        return trial.intermediate_values[trial.last_step]
     return PENALTY
 
 
