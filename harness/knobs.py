@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import ast
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 Literal = int | float | str | bool
+_AST_LOCK = threading.Lock()
 
 
 class KnobError(ValueError):
@@ -60,9 +62,16 @@ def _constant_value(node: ast.AST) -> Any:
     return ast.literal_eval(node)
 
 
+def parse_python(code: str) -> ast.Module:
+    """ast.parse, one thread at a time: CPython 3.11 counts AST depth per interpreter, so two threads
+    parsing at once can fail with "AST constructor recursion depth mismatch" (CPython gh-106905)."""
+    with _AST_LOCK:
+        return ast.parse(code)
+
+
 def _parse(code: str) -> ast.Module:
     try:
-        return ast.parse(code)
+        return parse_python(code)
     except SyntaxError as e:
         raise KnobError(f"train.py does not parse: line {e.lineno}: {e.msg}") from None
 

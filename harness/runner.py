@@ -12,7 +12,6 @@ val_bpb (harness.scorer). The processes that do run agent code live in harness.s
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import math
@@ -30,7 +29,7 @@ import torch
 from harness.agent_process import AgentProcess, TrialLog
 from harness.data import prepared
 from harness.errors import UserError
-from harness.knobs import find_knobs, inject_knobs
+from harness.knobs import find_knobs, inject_knobs, parse_python
 from harness.profiles import Profile, data_dir
 from harness.result import TrialResult, is_oom
 from harness.sandbox import Jail, Limits, default_memory_bytes
@@ -130,7 +129,7 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
     trial_dir.mkdir(parents=True, exist_ok=True)
     log = TrialLog(trial_dir / "log.txt")
     try:
-        ast.parse(code)
+        parse_python(code)
     except SyntaxError as e:
         log.note(f"train.py does not parse: line {e.lineno}: {e.msg}")
         return _finish(TrialResult(status="crash", error=f"SyntaxError: {e.msg} (train.py:{e.lineno})"),

@@ -23,7 +23,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from harness.knobs import KnobError, find_knobs, inject_knobs
+from harness.knobs import KnobError, find_knobs, inject_knobs, parse_python
 from harness.result import PENALTY
 from hybrid import generations, store
 from hybrid.errors import UserError
@@ -184,7 +184,7 @@ def _knob_only(base: str, code: str) -> bool:
         return False
     values = {name: knob.value for name, knob in theirs.items()}
     try:
-        return ast.dump(ast.parse(inject_knobs(base, values))) == ast.dump(ast.parse(inject_knobs(code, values)))
+        return ast.dump(parse_python(inject_knobs(base, values))) == ast.dump(parse_python(inject_knobs(code, values)))
     except KnobError:
         return False
 

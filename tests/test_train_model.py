@@ -35,6 +35,21 @@ def test_reference_knobs_are_plain_literals():
     assert {name: type(knobs[name].value) for name in expected} == {name: type(v) for name, v in expected.items()}
 
 
+
+def test_knobs_are_read_and_written_from_many_threads_at_once():
+    """The gpu benchmark and the loop's workers run trials in threads; each parses train.py (CPython gh-106905)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harness.knobs import find_knobs, inject_knobs
+
+    code = TRAIN_PY.read_text()
+
+    def one(depth: int) -> int:
+        return find_knobs(inject_knobs(code, {"DEPTH": depth}))["DEPTH"].value
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(1, 401))) == list(range(1, 401))
+
 def test_shapes_softcap_and_loss(train):
     torch.manual_seed(0)
     model = train.build_model(VOCAB, SEQ)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from harness.knobs import parse_python
 from hybrid.evidence import Evidence, attempts
 from hybrid.space import Knob
 from hybrid.structural import Context, Proposal
@@ -78,7 +79,7 @@ def _replace(code: str, old: str, new: str) -> str:
 
 def _top_level_names(code: str) -> dict[str, ast.Assign]:
     try:
-        tree = ast.parse(code)
+        tree = parse_python(code)
     except SyntaxError as e:
         raise MutationError(f"train.py does not parse: line {e.lineno}: {e.msg}") from None
     return {node.targets[0].id: node for node in tree.body

@@ -19,6 +19,8 @@ import ast
 import re
 from collections.abc import Iterator
 
+from harness.knobs import parse_python
+
 MAX_BYTES = 100_000
 MAX_LINES = 3000
 
@@ -92,7 +94,7 @@ def check_code(code: str, *, foreign_base: str | None = None) -> None:
     if lines > MAX_LINES:
         raise PatchRejected(f"train.py would be {lines:,} lines, more than the {MAX_LINES:,} allowed")
     try:
-        tree = ast.parse(code)
+        tree = parse_python(code)
     except SyntaxError as e:
         raise PatchRejected(f"train.py does not parse: line {e.lineno}: {e.msg}") from None
     except ValueError as e:  # null bytes
@@ -132,7 +134,7 @@ def _not_in_base(problems: list[tuple[int, int, str]], code: str, base: str) -> 
         lines = text.splitlines()
         return [(lines[line - 1].strip() if 0 < line <= len(lines) else "", message) for line, _, message in found]
 
-    allowed = set(keyed(list(_problems(ast.parse(base), True)), base))
+    allowed = set(keyed(list(_problems(parse_python(base), True)), base))
     return [p for p, key in zip(problems, keyed(problems, code)) if key not in allowed]
 
 
