@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from harness.knobs import KnobError, find_knobs, inject_knobs, parse_python
 from harness.result import PENALTY
-from hybrid import generations, store
+from hybrid import generations, records, store
 from hybrid.errors import UserError
 from hybrid.foreign import Repo
 from hybrid.config import RunConfig
@@ -34,7 +34,7 @@ from hybrid.space import SearchSpace, SpaceError, load_space
 from hybrid.space_init import widened
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]
-STATUS = {"keep": "ok", "discard": "ok", "crash": "crash"}  # autoresearch's status -> hybrid's trial status
+STATUS = {"keep": records.OK, "discard": records.OK, "crash": "crash"}  # autoresearch's status -> hybrid's trial status
 KEPT_REASON = "kept by the autoresearch agent (val_bpb below its parent's, no noise margin)"
 
 
@@ -157,8 +157,8 @@ def _generation(night: Night, row: Row, commit: git.Commit, number: int) -> Gene
                       status="promoted" if parent else "base", commit=commit.hexsha, agent="autoresearch",
                       mutation=f"autoresearch {row.commit}", proposal={"tsv_line": row.line},
                       created_after_trial=number - 1, reason=KEPT_REASON if parent is not None else None,
-                      warm_start_trials=[t.number for t in night.trials
-                                         if parent is not None and t.user_attrs.get("generation") == parent.number])
+                      warm_start_trials=[t.number for t in night.trials if parent is not None
+                                         and t.user_attrs.get(records.GENERATION) == parent.number])
 
 
 def _space_of(space: SearchSpace, code: str, row: Row) -> SearchSpace:
@@ -192,30 +192,30 @@ def _knob_only(base: str, code: str) -> bool:
 def _trial(night: Night, row: Row, commit: git.Commit | None) -> optuna.trial.FrozenTrial:
     """The row as a finished trial: in its generation, with its knob values as params, where its code is one."""
     status = STATUS[row.status]
-    attrs: dict[str, Any] = {"source": "import", "method": "autoresearch", "status": status, "seed": 0,
-                             "autoresearch_status": row.status, "description": row.description,
+    attrs: dict[str, Any] = {records.SOURCE: "import", records.METHOD: "autoresearch", records.STATUS: status,
+                             records.SEED: 0, "autoresearch_status": row.status, "description": row.description,
                              "commit": row.commit, "tsv_line": row.line}
-    if status == "ok":
-        attrs["val_bpb"] = row.val_bpb
+    if status == records.OK:
+        attrs[records.VAL_BPB] = row.val_bpb
     else:
-        attrs["error"] = f"crashed in the autoresearch run (results.tsv line {row.line}): {row.description}"
+        attrs[records.ERROR] = f"crashed in the autoresearch run (results.tsv line {row.line}): {row.description}"
     if row.memory_gb > 0:
         attrs["peak_memory_mb"] = row.memory_gb * 1024
     params: dict[str, Any] = {}
     gen = night.generations[-1] if night.generations else None
     code = None if commit is None else _code(commit, row)
     if code is not None:
-        attrs["code_sha"] = store.code_sha(code)
+        attrs[records.CODE_SHA] = store.code_sha(code)
         found = find_knobs(code)
-        attrs["config_ran"] = {n: found[n].value for n in night.space.knobs if n in found}
+        attrs[records.CONFIG_RAN] = {n: found[n].value for n in night.space.knobs if n in found}
         if gen is not None and (row.status == "keep" or _knob_only(gen.code, code)):
-            attrs["generation"] = gen.number
-            params = _params(gen.search_space(), attrs["config_ran"])
+            attrs[records.GENERATION] = gen.number
+            params = _params(gen.search_space(), attrs[records.CONFIG_RAN])
         elif gen is not None:
             attrs["based_on_generation"] = gen.number
     space = gen.search_space() if gen is not None else night.space
     return optuna.trial.create_trial(
-        state=TrialState.COMPLETE, value=row.val_bpb if status == "ok" else PENALTY, params=params,
+        state=TrialState.COMPLETE, value=row.val_bpb if status == records.OK else PENALTY, params=params,
         distributions={name: space.knobs[name].distribution() for name in params}, user_attrs=attrs)
 
 
@@ -264,7 +264,7 @@ def import_night(repo_path: Path, study_name: str, *, storage_url: str, branch: 
 
 def _summary(night: Night, study: str, config: RunConfig, repo: Repo) -> str:
     statuses = pd.Series([t.user_attrs["autoresearch_status"] for t in night.trials]).value_counts()
-    ok = [t for t in night.trials if t.user_attrs["status"] == "ok"]
+    ok = [t for t in night.trials if t.user_attrs[records.STATUS] == records.OK]
     best = min(ok, key=lambda t: t.value) if ok else None
     best_text = f"; best val_bpb {best.value:.6f} (commit {best.user_attrs['commit']})" if best else ""
     return (f"imported {len(night.trials)} rows ({', '.join(f'{n} {s}' for s, n in statuses.items())}) as study "

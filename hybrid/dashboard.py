@@ -127,7 +127,7 @@ def note(trial: FrozenTrial, generation: Generation | None) -> str:
               f"- generation: {attrs.get(records.GENERATION, 0)}{about}",
               f"- seed: {attrs.get(records.SEED, '-')}",
               f"- seconds: {results.readable(attrs.get(records.TOTAL_SECONDS))}",
-              f"- steps: {results.readable(attrs.get('num_steps'))}",
+              f"- steps: {results.readable(attrs.get(records.NUM_STEPS))}",
               f"- log: `{attrs.get(records.LOG_PATH) or '-'}`",
               f"- config: {results.config_text(results.trial_config(trial)) or '-'}"]  # plain text: it wraps
     return "\n".join(lines)

@@ -330,7 +330,7 @@ def lineage_table(study: optuna.Study) -> list[dict[str, Any]]:
             "mutation": gen.mutation or ("baseline" if gen.parent is None else ""),
             "description": gen.description, "agent": gen.agent,
             "new_knobs": sorted(gen.new_knobs), "knobs": len(gen.space),
-            "trials": len(trials), "repeats": sum(t.user_attrs.get("source") == "repeat" for t in trials),
+            "trials": len(trials), "repeats": sum(t.user_attrs.get(records.SOURCE) == "repeat" for t in trials),
             "best_val_bpb": min(values) if values else None,
             "selection": measured.selection if measured else None, "score": measured.value if measured else None,
             "control_score": verdict.control_score if verdict else None,

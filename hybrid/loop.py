@@ -92,7 +92,7 @@ def _open_study(storage, config: RunConfig, space: SearchSpace, code: str) -> op
             return study
     study.set_user_attr(store.SPACE_KEY, space.to_dict())
     generations.save(study, Generation(0, None, "the baseline train.py", code, space.to_dict(), status="base"))
-    study.enqueue_trial(space.defaults(), user_attrs={"source": "baseline"}, skip_if_exists=True)
+    study.enqueue_trial(space.defaults(), user_attrs={records.SOURCE: "baseline"}, skip_if_exists=True)
     store.save_run_info(study, config.to_dict())
     return study
 
@@ -278,7 +278,7 @@ def _one_trial(study: optuna.Study, method: Method, objective: Objective, config
             # A repeat re-measures its config on a seed of its own, so that the noise margin includes seed noise.
             seed = config.seed + trial.number if move.source == "repeat" else config.seed
             if move.rejected is not None:
-                result = TrialResult(status="rejected", error=move.rejected)
+                result = TrialResult(status=records.REJECTED, error=move.rejected)
             else:
                 if interrupt.requested:  # Ctrl-C while the trial was being proposed: it never runs
                     raise KeyboardInterrupt

@@ -526,6 +526,7 @@ class MemoryModel:
     def calibration(self, code: str, history: Iterable[FrozenTrial]) -> float | None:
         """Median recorded / estimated peak over the largest successful trials of `code` in history (see the
         class); None if too few."""
+        from hybrid import records
         from hybrid.store import code_sha
 
         sha = code_sha(code)
@@ -533,9 +534,9 @@ class MemoryModel:
         for trial in history:
             attrs = trial.user_attrs
             recorded = recorded_peak_mb(attrs)
-            if attrs.get("status") != "ok" or attrs.get("code_sha") != sha or not recorded:
+            if attrs.get(records.STATUS) != records.OK or attrs.get(records.CODE_SHA) != sha or not recorded:
                 continue
-            estimate = self.estimate_mb(code, attrs.get("config_ran") or trial.params)
+            estimate = self.estimate_mb(code, attrs.get(records.CONFIG_RAN) or trial.params)
             if estimate:
                 points.append((estimate, recorded))
         if len(points) < MIN_CALIBRATION_POINTS:

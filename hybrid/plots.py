@@ -26,6 +26,8 @@ import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
+from hybrid import records  # noqa: E402
+
 MIN_IMPORTANCE_TRIALS = 10   # fewer trials in every study of a method: no importances for it
 GRID_POINTS = 400
 MIN_SPAN = 0.01              # val_bpb: the least height of a value axis (a flat incumbent gets a readable range)
@@ -408,7 +410,7 @@ def study_importances(study: optuna.Study, *, with_failures: bool = False) -> di
     """PED-ANOVA importances over the study's successful trials (with_failures: every completed trial, failures
     at val_bpb 100, as the sampler saw them); None below MIN_IMPORTANCE_TRIALS or without a spread of values."""
     trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-              if with_failures or t.user_attrs.get("status") == "ok"]
+              if with_failures or t.user_attrs.get(records.STATUS) == records.OK]
     if len(trials) < MIN_IMPORTANCE_TRIALS or len({t.value for t in trials}) < 2:
         return None
     copy = optuna.create_study(direction="minimize")

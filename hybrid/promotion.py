@@ -9,6 +9,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
+from hybrid import records
 from hybrid.records import best_trial, ok_value
 
 # Fresh re-runs (each on a seed of its own) of a generation's incumbent before it is judged or mutated, and of a
@@ -27,12 +28,12 @@ PINNED_SOURCES = ("baseline", "catalog", "llm-code", "probe", "warmstart", "repe
 
 def is_tuning(trial: FrozenTrial) -> bool:
     """A trial that counts towards its generation's best (not a fresh re-run of a config)."""
-    return trial.user_attrs.get("source") != "repeat"
+    return trial.user_attrs.get(records.SOURCE) != "repeat"
 
 
 def is_sampled(trial: FrozenTrial) -> bool:
     """A trial the generation's sampler chose: what the schedule counts."""
-    return trial.user_attrs.get("source") not in PINNED_SOURCES
+    return trial.user_attrs.get(records.SOURCE) not in PINNED_SOURCES
 
 
 def _key(params: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ LLM_TOKENS = ("llm_input_tokens", "llm_output_tokens", "llm_cache_read_tokens", 
 LLM_COST_USD = "llm_cost_usd"
 
 OK = "ok"  # the STATUS of a trial that ran to a finite val_bpb
+REJECTED = "rejected"  # the STATUS of a move refused before it ran (one of harness.result.FAILURES)
 MIN_STEPS = 10  # a successful trial of fewer optimizer steps is flagged: its val_bpb says little
 
 

@@ -85,7 +85,7 @@ def trials_frame(studies: list[optuna.Study]) -> pd.DataFrame:
     for column in ("status", "val_bpb", "total_seconds", "source", "generation"):
         if column not in frame:
             frame[column] = None
-    frame["ok"] = frame["finished"] & (frame["status"] == "ok")
+    frame["ok"] = frame["finished"] & (frame["status"] == records.OK)
     frame["pruned"] = frame["finished"] & (frame["status"] == records.PRUNED)
     frame["failed"] = frame["finished"] & ~frame["ok"] & ~frame["pruned"]
     frame["oom"] = frame["finished"] & frame["status"].isin(OOM_STATUSES)
@@ -239,8 +239,9 @@ def best_markdown(studies: list[optuna.Study], url: str) -> str:
                          f"({results.failures_text(store.finished_trials(study))}).")
             continue
         t = best[0]
-        lines.append(f"- **{study.study_name}**: trial {t.number}, val_bpb {t.user_attrs['val_bpb']:.4f} (generation "
-                     f"{t.user_attrs.get('generation', 0)}, source {t.user_attrs.get('source', '-')}) with "
+        lines.append(f"- **{study.study_name}**: trial {t.number}, val_bpb {t.user_attrs[records.VAL_BPB]:.4f} "
+                     f"(generation {t.user_attrs.get(records.GENERATION, 0)}, "
+                     f"source {t.user_attrs.get(records.SOURCE, '-')}) with "
                      f"`{results.config_text(results.trial_config(t))}`. "
                      f"Its train.py: `{results.export_command(url, study.study_name)}`.")
     return "\n".join(lines)

@@ -23,8 +23,9 @@ from hybrid.config import DEFAULT_STORAGE
 from hybrid.errors import UserError
 
 FOLLOW_POLL_SECONDS = 0.5  # `hybrid show --log --follow`: how often the log and the trial's state are read
-HIDDEN_ATTRS = ("config_ran",)  # shown apart (as the config), not among the attributes
-FIRST_ATTRS = ("status", "val_bpb", "error", "log_path", "source", "generation", "seed")  # shown first by `show`
+HIDDEN_ATTRS = (records.CONFIG_RAN,)  # shown apart (as the config), not among the attributes
+FIRST_ATTRS = (records.STATUS, records.VAL_BPB, records.ERROR, records.LOG_PATH, records.SOURCE, records.GENERATION,
+               records.SEED)  # shown first by `show`
 
 
 # -- opening ----------------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def ranked(study: optuna.Study) -> list[FrozenTrial]:
 
 def trial_config(trial: FrozenTrial) -> dict[str, Any]:
     """The knob values the trial ran with (after the harness snapped them), else the sampled ones."""
-    ran = trial.user_attrs.get("config_ran")
+    ran = trial.user_attrs.get(records.CONFIG_RAN)
     return dict(ran) if isinstance(ran, dict) and ran else dict(trial.params)
 
 
@@ -77,7 +78,7 @@ def config_text(config: dict[str, Any]) -> str:
 
 def trial_code(study: optuna.Study, trial: FrozenTrial) -> str:
     """The train.py that ran the trial: its generation's code with the trial's knob values written in."""
-    number = int(trial.user_attrs.get("generation") or 0)
+    number = int(trial.user_attrs.get(records.GENERATION) or 0)
     generation = generations.load_all(study).get(number)
     if generation is None:
         raise UserError(f"study {study.study_name!r} has no generation {number} (trial {trial.number}'s)")
@@ -106,7 +107,7 @@ def export_command(url: str, study: str) -> str:
 def rerun_command(study: optuna.Study, trial: FrozenTrial, path: Path | str) -> str:
     """The `hybrid trial` command that reruns an exported train.py as the trial ran it."""
     info = study.user_attrs.get(store.RUN_KEY) or {}
-    seed = trial.user_attrs.get("seed", info.get("seed", 0))
+    seed = trial.user_attrs.get(records.SEED, info.get("seed", 0))
     return f"hybrid trial --profile {info.get('profile') or 'gpu'} --seed {seed} --train-py {path} --as-written"
 
 
@@ -168,15 +169,16 @@ def failures_text(finished: list[FrozenTrial]) -> str:
     """`3 finished, all failed: oom 2, crash 1`, or `no finished trial`."""
     if not finished:
         return "no finished trial"
-    counts = pd.Series([t.user_attrs.get("status") for t in finished]).value_counts()
+    counts = pd.Series([t.user_attrs.get(records.STATUS) for t in finished]).value_counts()
     return f"{len(finished)} finished, all failed: " + ", ".join(f"{s} {n}" for s, n in counts.items())
 
 
 def top_table(trials: list[FrozenTrial]) -> pd.DataFrame:
     """The best trials side by side: number, val_bpb, generation, source, seconds, config."""
-    return pd.DataFrame([{"trial": t.number, "val_bpb": f"{t.user_attrs['val_bpb']:.4f}",
-                          "generation": t.user_attrs.get("generation", 0), "source": t.user_attrs.get("source", "-"),
-                          "seconds": readable(t.user_attrs.get("total_seconds")),
+    return pd.DataFrame([{"trial": t.number, "val_bpb": f"{t.user_attrs[records.VAL_BPB]:.4f}",
+                          "generation": t.user_attrs.get(records.GENERATION, 0),
+                          "source": t.user_attrs.get(records.SOURCE, "-"),
+                          "seconds": readable(t.user_attrs.get(records.TOTAL_SECONDS)),
                           "config": config_text(trial_config(t))} for t in trials])
 
 
@@ -184,10 +186,10 @@ def best_text(study: optuna.Study, trial: FrozenTrial, url: str) -> str:
     """The best trial for people: number, val_bpb, generation, config, log, and how to take it out."""
     a = trial.user_attrs
     return "\n".join([
-        f"best of study {study.study_name!r}: trial {trial.number}, val_bpb {a['val_bpb']:.4f}, generation "
-        f"{a.get('generation', 0)}, source {a.get('source', '-')}, seed {a.get('seed', '-')}",
+        f"best of study {study.study_name!r}: trial {trial.number}, val_bpb {a[records.VAL_BPB]:.4f}, generation "
+        f"{a.get(records.GENERATION, 0)}, source {a.get(records.SOURCE, '-')}, seed {a.get(records.SEED, '-')}",
         f"config: {config_text(trial_config(trial))}",
-        f"log: {a.get('log_path') or '- (none recorded)'}",
+        f"log: {a.get(records.LOG_PATH) or '- (none recorded)'}",
         f"its train.py: {export_command(url, study.study_name)}"])
 
 
@@ -197,8 +199,8 @@ def summary_line(study: optuna.Study, url: str) -> str:
     if not best:
         return f"hybrid: no successful trial in study {study.study_name!r} ({failures_text(store.finished_trials(study))})"
     t = best[0]
-    return (f"hybrid: best trial {t.number}: val_bpb {t.user_attrs['val_bpb']:.4f} (generation "
-            f"{t.user_attrs.get('generation', 0)}) with {config_text(trial_config(t))}; "
+    return (f"hybrid: best trial {t.number}: val_bpb {t.user_attrs[records.VAL_BPB]:.4f} (generation "
+            f"{t.user_attrs.get(records.GENERATION, 0)}) with {config_text(trial_config(t))}; "
             f"its train.py: `{export_command(url, study.study_name)}`")
 
 
@@ -210,8 +212,9 @@ def export(study: optuna.Study, trial: FrozenTrial, path: Path) -> str:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
     info = study.user_attrs.get(store.RUN_KEY) or {}
     note = " (the study ran on the surrogate objective: this trains it for real)" if info.get("objective") == "surrogate" else ""
-    return (f"wrote trial {trial.number}'s train.py (generation {trial.user_attrs.get('generation', 0)}, val_bpb "
-            f"{trial.user_attrs['val_bpb']:.4f}) to {path}; rerun it{note}: {rerun_command(study, trial, path)}")
+    return (f"wrote trial {trial.number}'s train.py (generation {trial.user_attrs.get(records.GENERATION, 0)}, "
+            f"val_bpb {trial.user_attrs[records.VAL_BPB]:.4f}) to {path}; "
+            f"rerun it{note}: {rerun_command(study, trial, path)}")
 
 
 # -- hybrid show ------------------------------------------------------------------------------------------
@@ -240,7 +243,7 @@ def trial_text(trial: FrozenTrial) -> str:
 
 def log_path(study: optuna.Study, trial: FrozenTrial) -> Path:
     """The trial's log: the recorded path, else where a running trial writes it (<artifacts>/trial-NNNNN/log.txt)."""
-    recorded = trial.user_attrs.get("log_path")
+    recorded = trial.user_attrs.get(records.LOG_PATH)
     if recorded:
         return Path(recorded)
     artifacts = (study.user_attrs.get(store.RUN_KEY) or {}).get("artifacts")
@@ -273,7 +276,7 @@ def follow(study: optuna.Study, number: int, path: Path, out: TextIO = sys.stdou
             out.write(chunk.decode("utf-8", errors="replace"))
             out.flush()
         if trial.state != TrialState.RUNNING:
-            return f"trial {number} ended: {trial.user_attrs.get('status') or trial.state.name.lower()}"
+            return f"trial {number} ended: {trial.user_attrs.get(records.STATUS) or trial.state.name.lower()}"
         beat = trial.system_attrs.get(store.HEARTBEAT_KEY)
         if beat is not None and time.time() - beat > store.GRACE_SECONDS:
             return f"trial {number}'s worker stopped beating {time.time() - beat:.0f} s ago: it is dead"
@@ -282,7 +285,7 @@ def follow(study: optuna.Study, number: int, path: Path, out: TextIO = sys.stdou
 
 def generation_diff(study: optuna.Study, trial: FrozenTrial) -> str:
     """The diff of the trial's generation against its parent (a line saying so for the base)."""
-    number = int(trial.user_attrs.get("generation") or 0)
+    number = int(trial.user_attrs.get(records.GENERATION) or 0)
     generation = generations.load_all(study).get(number)
     if generation is None or generation.parent is None:
         return f"generation {number} is the base train.py: it has no parent to differ from\n"

@@ -31,7 +31,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLA
 
 from harness.result import PRUNED, TrialResult
 from harness.scrub import scrub
-from hybrid import optuna_compat
+from hybrid import optuna_compat, records
 from hybrid.errors import UserError
 from hybrid.records import is_finished
 
@@ -49,9 +49,9 @@ OPEN_RETRY_SECONDS = 0.5
 # else is a fault of the code and is not turned into "cannot open storage".
 OPEN_ERRORS = (SQLAlchemyError, ImportError, RuntimeError)
 HEARTBEAT_FAILURES_TO_WARN = 2  # failed beats in a row before a warning (three make the trial dead to the others)
-MEASUREMENTS = ("val_bpb", "training_seconds", "startup_seconds", "eval_seconds", "total_seconds", "peak_memory_mb",
-                "peak_reserved_mb", "tokens_per_second", "mfu", "num_params", "num_steps", "total_tokens", "error",
-                "log_path", "phases")
+MEASUREMENTS = (records.VAL_BPB, "training_seconds", "startup_seconds", "eval_seconds", records.TOTAL_SECONDS,
+                "peak_memory_mb", "peak_reserved_mb", "tokens_per_second", "mfu", "num_params", records.NUM_STEPS,
+                "total_tokens", records.ERROR, records.LOG_PATH, "phases")
 
 # The password of a storage URL (scheme://user:PASSWORD@host/db): never printed, never stored.
 URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
@@ -171,7 +171,7 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def seconds_used(trials: list[FrozenTrial]) -> float:
     """Trial wall time spent (the budget's currency): failures cost what they used, rejections nothing."""
-    return sum(float(t.user_attrs.get("total_seconds") or 0.0) for t in trials if is_finished(t))
+    return sum(float(t.user_attrs.get(records.TOTAL_SECONDS) or 0.0) for t in trials if is_finished(t))
 
 
 def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult, attrs: dict[str, Any]) -> FrozenTrial:
@@ -179,8 +179,8 @@ def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
     `status` is written last: a trial that has it has all its attributes, whatever happens before the tell."""
     values = {k: getattr(result, k) for k in MEASUREMENTS}
     values.update(attrs)
-    values["config_ran"] = result.config or None
-    values["status"] = result.status
+    values[records.CONFIG_RAN] = result.config or None
+    values[records.STATUS] = result.status
     for key, value in values.items():
         if value not in (None, {}):
             trial.set_user_attr(key, scrub(value) if isinstance(value, str) else value)  # no secret into the database
@@ -189,7 +189,7 @@ def record_result(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
 
 
 def _outcome(result: TrialResult) -> tuple[TrialState, list[float] | None]:
-    if result.status == "rejected":
+    if result.status == records.REJECTED:
         return TrialState.FAIL, None
     if result.status == PRUNED:  # Optuna records its last intermediate value as its value
         return TrialState.PRUNED, None
@@ -276,7 +276,7 @@ def settle(study: optuna.Study, trial_id: int) -> None:
     enqueued config, such as the baseline, is enqueued again so that it still runs)."""
     storage = optuna_compat.storage(study)
     trial = storage.get_trial(trial_id)
-    recorded = "status" in trial.user_attrs
+    recorded = records.STATUS in trial.user_attrs
     state, values = _outcome(TrialResult.from_dict(trial.user_attrs)) if recorded else (TrialState.FAIL, None)
     try:
         storage.set_trial_state_values(trial_id, state, values)
@@ -284,7 +284,7 @@ def settle(study: optuna.Study, trial_id: int) -> None:
         return  # settled meanwhile, by its worker or another
     fixed = trial.system_attrs.get("fixed_params")
     if not recorded and fixed is not None:
-        study.enqueue_trial(fixed, user_attrs={"source": trial.user_attrs.get("source", "enqueued")})
+        study.enqueue_trial(fixed, user_attrs={records.SOURCE: trial.user_attrs.get(records.SOURCE, "enqueued")})
 
 
 # -- generations ------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from sklearn.linear_model import HuberRegressor
 
 from harness.profiles import PAPER_CAP_GB, data_dir
 from harness.result import TrialResult
+from hybrid import records
 from hybrid.errors import UserError
 from hybrid.space import SearchSpace, SpaceError
 
@@ -462,6 +463,6 @@ class SurrogateTrials:
                                f"GiB, p_fail {outcome['p_fail']:.2f}", total_seconds=float(outcome["failure_seconds"]),
                                peak_memory_mb=peak_mb, num_params=params, config=ran)
         expected = float(outcome["val_bpb_pred"])
-        return TrialResult(status="ok", val_bpb=expected + float(noise_sd(expected)) * noise,
+        return TrialResult(status=records.OK, val_bpb=expected + float(noise_sd(expected)) * noise,
                            training_seconds=TRAINING_SECONDS, total_seconds=SUCCESS_SECONDS,
                            peak_memory_mb=peak_mb, num_params=params, config=ran)

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.knobs import inject_knobs
 from harness.result import PENALTY
-from hybrid import optuna_compat, store
+from hybrid import optuna_compat, records, store
 from hybrid.classical.move_sampler import MoveSampler
 from hybrid.llm import prompts
 from hybrid.llm.agent import failure_attrs, read_program, reply_attrs
@@ -129,7 +129,7 @@ class CentaurMethod:
             if trial.number in self.told:
                 continue
             self.told.add(trial.number)
-            if trial.user_attrs.get("status") != "rejected" and set(trial.params) == set(self.space.names):
+            if trial.user_attrs.get(records.STATUS) != records.REJECTED and set(trial.params) == set(self.space.names):
                 self.cma.tell(trial.params, told_value(trial))
 
     def llm_turn(self, finished: int) -> bool:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anthropic
 import openai
 
+from hybrid import records
 from hybrid.errors import UserError
 from hybrid.llm.spending import SpendingCap
 
@@ -71,7 +72,7 @@ class Usage:
                  "llm_output_tokens": self.output_tokens, "llm_cache_read_tokens": self.cache_read_tokens,
                  "llm_cache_write_tokens": self.cache_write_tokens, "llm_attempts": self.attempts}
         if self.cost_usd is not None:
-            attrs["llm_cost_usd"] = round(self.cost_usd, 6)
+            attrs[records.LLM_COST_USD] = round(self.cost_usd, 6)
         return attrs
 
 

@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from harness.knobs import find_knobs, inject_knobs
-from hybrid import generations, store
+from hybrid import generations, records, store
 from hybrid.classical.move_sampler import MoveSampler
 from hybrid.generations import Generation, Lineage
 from hybrid.llm import prompts
@@ -76,12 +76,12 @@ class Incumbent:
 
 def incumbent(gens: dict[int, Generation], trials: list[FrozenTrial]) -> Incumbent:
     """The best trial of a base or kept generation; generation 0 with the baseline's config before any success."""
-    ran = [t for t in trials if gens[t.user_attrs["generation"]].status in ALIVE]
+    ran = [t for t in trials if gens[t.user_attrs[records.GENERATION]].status in ALIVE]
     ok = [t for t in ran if ok_value(t) is not None]
     if ok:
         best = min(ok, key=ok_value)
-        return Incumbent(gens[best.user_attrs["generation"]], dict(best.params), ok_value(best))
-    baseline = next((t for t in ran if t.user_attrs.get("generation") == 0 and t.params), None)
+        return Incumbent(gens[best.user_attrs[records.GENERATION]], dict(best.params), ok_value(best))
+    baseline = next((t for t in ran if t.user_attrs.get(records.GENERATION) == 0 and t.params), None)
     base = gens[0].search_space()
     return Incumbent(gens[0], dict(baseline.params) if baseline else base.defaults(), None)
 
@@ -92,14 +92,16 @@ def history(gens: dict[int, Generation], trials: list[FrozenTrial]) -> list[prom
     for t in trials:
         attrs = t.user_attrs
         value = ok_value(t)
-        if attrs.get("source") == "llm-code" and attrs.get("status") == "rejected":
-            changes.append(prompts.Change("refused before running", attrs.get("description", ""), attrs.get("error", "")))
-        elif attrs.get("source") == "llm-code":
-            gen = gens[attrs["generation"]]
-            result = f"val_bpb {value:.4f}" if value is not None else f"{attrs.get('status')}: {attrs.get('error', '')}"
+        if attrs.get(records.SOURCE) == "llm-code" and attrs.get(records.STATUS) == records.REJECTED:
+            changes.append(prompts.Change("refused before running", attrs.get("description", ""),
+                                          attrs.get(records.ERROR, "")))
+        elif attrs.get(records.SOURCE) == "llm-code":
+            gen = gens[attrs[records.GENERATION]]
+            result = (f"val_bpb {value:.4f}" if value is not None
+                      else f"{attrs.get(records.STATUS)}: {attrs.get(records.ERROR, '')}")
             before = f" (best before: {best:.4f})" if best is not None else ""
             changes.append(prompts.Change(f"generation {gen.number}, {gen.status}", gen.description, result + before, gen.diff))
-        if value is not None and gens[attrs["generation"]].status in ALIVE:
+        if value is not None and gens[attrs[records.GENERATION]].status in ALIVE:
             best = value if best is None else min(best, value)
     return changes
 
@@ -159,4 +161,4 @@ class LLMCodeMethod:
                 self.lineage.commit(gen)
                 self.lineage.settle(gen, "kept", trial=trial.number, val_bpb=value)
             else:
-                self.lineage.settle(gen, "reverted", trial=trial.number, result=trial.user_attrs.get("status"))
+                self.lineage.settle(gen, "reverted", trial=trial.number, result=trial.user_attrs.get(records.STATUS))

@@ -7,7 +7,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from hybrid.records import STATUS, ok_value
+from hybrid import records
+from hybrid.records import ok_value
 from hybrid.space import SearchSpace
 
 HISTORY_BEST = 5     # best trials always shown to the HP agent
@@ -50,19 +51,20 @@ def outcome(trial: FrozenTrial) -> str:
     """`val_bpb 1.2345` or the failure class, with the trial's cost in seconds."""
     attrs = trial.user_attrs
     value = ok_value(trial)
-    result = f"val_bpb {value:.4f}" if value is not None else attrs.get(STATUS, "?")
-    return f"{result}, {float(attrs.get('total_seconds') or 0.0):.0f} s"
+    result = f"val_bpb {value:.4f}" if value is not None else attrs.get(records.STATUS, "?")
+    return f"{result}, {float(attrs.get(records.TOTAL_SECONDS) or 0.0):.0f} s"
 
 
 def note(trial: FrozenTrial) -> str:
     """Why it failed or what was changed in the agent's answer (clamped values, rejections)."""
     attrs = trial.user_attrs
-    parts = [attrs.get("error"), attrs.get("llm_note"), attrs.get("llm_rejected")]
+    parts = [attrs.get(records.ERROR), attrs.get("llm_note"), attrs.get("llm_rejected")]
     return "; ".join(p for p in parts if p)
 
 
 def trial_line(trial: FrozenTrial) -> str:
-    text = f"- trial {trial.number} [{trial.user_attrs.get('source', '?')}] {outcome(trial)}: {config_text(trial.params)}"
+    source = trial.user_attrs.get(records.SOURCE, "?")
+    text = f"- trial {trial.number} [{source}] {outcome(trial)}: {config_text(trial.params)}"
     extra = note(trial)
     return f"{text} ({extra})" if extra else text
 
