@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -40,11 +41,16 @@ from hybrid.space import SearchSpace, check_against_code, load_space
 WORKER_SEED_STRIDE = 7919
 CREATION_POLL_SECONDS = 0.1  # while waiting for another process to finish creating the study
 
+# How a worker gets its objective: from the run config, the study (its trials feed the memory model) and the
+# event that stops a trial in flight. The CLI's is objective_for; a test passes a small one of its own.
+ObjectiveFactory = Callable[[RunConfig, optuna.Study, threading.Event], Objective]
+
 
 # -- starting and resuming --------------------------------------------------------------------------------
 
-def run(config: RunConfig) -> int:
-    """`hybrid run`: create (or continue) the study, then work on it with config.workers processes."""
+def run(config: RunConfig, objective: ObjectiveFactory | None = None) -> int:
+    """`hybrid run`: create (or continue) the study, then work on it with config.workers processes. `objective`:
+    how worker 0 builds its objective (default objective_for; the other workers' processes always use that)."""
     config.finalize()
     if config.repo:  # the repository's train.py and search_space.yaml; its own data and metric
         from hybrid.foreign import configure
@@ -62,10 +68,11 @@ def run(config: RunConfig) -> int:
         ensure_prepared(get_profile(config.profile))
     storage = store.open_storage(config.storage)
     study = _open_study(storage, config, space, code)
-    return _work_all(study.study_name, config)
+    return _work_all(study.study_name, config, objective)
 
 
-def resume(study_name: str, storage_url: str, *, workers: int | None = None) -> int:
+def resume(study_name: str, storage_url: str, *, workers: int | None = None,
+           objective: ObjectiveFactory | None = None) -> int:
     """`hybrid resume`: the stored run config, the stored code and space, the same budget."""
     storage = store.open_storage(storage_url)
     if not store.study_exists(storage, study_name):
@@ -74,7 +81,7 @@ def resume(study_name: str, storage_url: str, *, workers: int | None = None) -> 
     config.storage = storage_url
     if workers:
         config.workers = workers
-    return _work_all(study_name, config)
+    return _work_all(study_name, config, objective)
 
 
 def _open_study(storage, config: RunConfig, space: SearchSpace, code: str) -> optuna.Study:  # noqa: ANN001
@@ -117,7 +124,7 @@ def _check_same_run(study: optuna.Study, config: RunConfig, space: SearchSpace) 
         raise UserError(f"study {config.study!r} exists with another search space: choose another --study name")
 
 
-def _work_all(study_name: str, config: RunConfig) -> int:
+def _work_all(study_name: str, config: RunConfig, objective: ObjectiveFactory | None) -> int:
     """Worker 0 here (with the progress display), workers 1..N-1 as processes on the same study. A baseline that
     failed in an earlier run runs again first (the user fixed what failed it, or it fails and stops the run again)."""
     stops.retry_failed_baseline(optuna.load_study(study_name=study_name, storage=store.open_storage(config.storage)))
@@ -132,7 +139,7 @@ def _work_all(study_name: str, config: RunConfig) -> int:
         p.start()
     stopped = True
     try:
-        code = work(study_name, config, worker=0, show=True)
+        code = run_worker(study_name, config, 0, objective or objective_for, show=True)
         stopped = code == EXIT_INTERRUPTED
     finally:
         if stopped:  # Ctrl-C reaches the whole process group; a `kill`, or a stop for an error, only this process
@@ -148,7 +155,7 @@ def _worker_process(study_name: str, config: dict[str, Any], index: int, parent:
     pin_gpu(index)
     stop_with(parent)
     try:
-        work(study_name, RunConfig.from_dict(config), worker=index, show=False)
+        run_worker(study_name, RunConfig.from_dict(config), index, objective_for, show=False)
     except KeyboardInterrupt:
         pass
     except UserError as e:  # e.g. every config refused: said in one line, as the first worker says it
@@ -169,7 +176,7 @@ class TrialStopped(KeyboardInterrupt):
         self.number = number
 
 
-class _Interrupt:
+class Interrupt:
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler, or the run stopping its workers) stop the run cleanly. They set
     `stop`: a train.py trial in flight is killed at once (its runner raises KeyboardInterrupt; the trial is failed,
     never counted), and whatever else is under way (a proposal, an in-process evaluation, recording a result)
@@ -191,7 +198,7 @@ class _Interrupt:
     def _term(self, signum: int, frame: object) -> None:
         self.stop.set()
 
-    def __enter__(self) -> _Interrupt:
+    def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._ctrl_c),
                               signal.SIGTERM: signal.signal(signal.SIGTERM, self._term)}
@@ -203,29 +210,40 @@ class _Interrupt:
                 signal.signal(signum, previous)
 
 
-def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = True) -> int:
-    """Run moves until the budget is spent and no trial is in flight; returns the exit status (130 after Ctrl-C)."""
-    storage = store.open_storage(config.storage)
-    study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(config.pruner))
+def objective_for(config: RunConfig, study: optuna.Study, stop: threading.Event) -> Objective:
+    """The objective config names, for a worker of `study`; `stop` ends its train.py trial in flight."""
+    return make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
+                          memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False),
+                          stop=stop, sandbox=config.sandbox, trusted_code=(generations.load_all(study)[0].code,),
+                          repo=config.repo, seed=config.seed, benchmark_noise=config.benchmark_noise)
+
+
+def run_worker(study_name: str, config: RunConfig, worker: int, objective: ObjectiveFactory, *, show: bool) -> int:
+    """Worker number `worker` of the study: its method, seeded for it, and its objective, then work."""
+    study = optuna.load_study(study_name=study_name, storage=store.open_storage(config.storage),
+                              pruner=make_pruner(config.pruner))
+    space = SearchSpace.from_dict(study.user_attrs[store.SPACE_KEY])
+    # A resumed run continues from a fresh but deterministic seed: replaying the original seed would repeat
+    # the configs already tried. Workers get seeds of their own.
+    seed = config.seed + WORKER_SEED_STRIDE * worker + len(store.finished_trials(study))
+    method = build_method(config, study, space, generations.load_all(study)[0].code, seed)
+    interrupt = Interrupt()
+    return work(study, config, method, objective(config, study, interrupt.stop), interrupt, show=show)
+
+
+def work(study: optuna.Study, config: RunConfig, method: Method, objective: Objective, interrupt: Interrupt, *,
+         show: bool = True) -> int:
+    """Run the method's moves on the objective until the budget is spent and no trial is in flight; returns the
+    exit status (130 after Ctrl-C or SIGTERM, which `interrupt` catches while this runs)."""
     base = generations.load_all(study)[0]
     space = SearchSpace.from_dict(study.user_attrs[store.SPACE_KEY])
     budget = Budget.of(config)
-    done_before = len(store.finished_trials(study))
-    # A resumed run continues from a fresh but deterministic seed: replaying the original seed would repeat
-    # the configs already tried. Workers get seeds of their own.
-    seed = config.seed + WORKER_SEED_STRIDE * worker + done_before
-    method = build_method(config, study, space, base.code, seed)
     baseline = Move("baseline", 0, base.code, space, config=space.defaults())
     study.sampler = method.sampler
-    interrupt = _Interrupt()
     scrub.register(config.storage, config.llm_base_url)  # never shown back by a trial's text
-    objective = make_objective(config.objective, get_profile(config.profile), vram_cap_gb=config.vram_cap_gb,
-                               memory_model=config.memory_model, history=lambda: study.get_trials(deepcopy=False),
-                               stop=interrupt.stop, sandbox=config.sandbox, trusted_code=(base.code,),
-                               repo=config.repo, seed=config.seed, benchmark_noise=config.benchmark_noise)
     progress = RunProgress(study, config, budget, enabled=show)
     reaper = store.Reaper(study)
-    rules = stops.StopRules(study_name, config.storage, config.max_failures_in_a_row)
+    rules = stops.StopRules(study.study_name, config.storage, config.max_failures_in_a_row)
     llm_spent = False
     harness_seal = seal_harness(get_profile(config.profile) if config.objective == "train" else None)
     with progress, interrupt:
@@ -261,7 +279,7 @@ def work(study_name: str, config: RunConfig, *, worker: int = 0, show: bool = Tr
 
 
 def _one_trial(study: optuna.Study, method: Method, objective: Objective, config: RunConfig, budget: Budget,
-               interrupt: _Interrupt, baseline: Move) -> optuna.trial.FrozenTrial | None:
+               interrupt: Interrupt, baseline: Move) -> optuna.trial.FrozenTrial | None:
     """Ask for a trial, decide its move, run and record it; None if it was not ours to run (another worker took
     the slot). The trial is asked first, so that its slot is taken before anything is proposed (an LLM call, a
     GP fit) and it beats meanwhile; the enqueued baseline (which store.settle enqueues again if its worker dies)

@@ -29,7 +29,7 @@ class FakeObjective:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: FakeObjective())
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: FakeObjective())
 
 
 def finished(out: Path) -> dict[str, int]:

@@ -16,7 +16,7 @@ import pytest
 from llm_server import FakeLLM, config_answer
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from rich.console import Console
-from test_llm_methods import SPACE, llm_env, load, quick, run_config  # noqa: F401 (fixtures)
+from test_llm_methods import SPACE, llm_env, load, quick, quick_objective, run_config  # noqa: F401 (fixtures)
 from test_resume import ENV, TRIALS, _alive, _children, count, hybrid_cmd, wait_for
 
 import hybrid.loop
@@ -64,7 +64,7 @@ def objective(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     class Holder:
         value = Scripted()
 
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: Holder.value)
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: Holder.value)
     return Holder
 
 
@@ -272,7 +272,7 @@ CAP = 0.0001  # dollars: spent by the first answer
 def test_llm_hp_stops_with_exit_0_once_its_cap_is_spent_and_resume_keeps_the_cap(tmp_path, quick, capsys) -> None:
     with FakeLLM(responder=lambda system, prompt: config_answer(SPACE.defaults())) as llm:
         config = run_config(tmp_path, "llm-hp", llm.base_url, 6, llm_max_usd=CAP)
-        assert loop.run(config) == 0
+        assert loop.run(config, quick_objective) == 0
         err = capsys.readouterr().err
         assert len(llm.requests) == 1
         assert "[llm-hp] the study's LLM cost reached $" in err and "of its --llm-max-usd 0.0001" in err
@@ -280,7 +280,7 @@ def test_llm_hp_stops_with_exit_0_once_its_cap_is_spent_and_resume_keeps_the_cap
         assert "hybrid resume" not in err
         progress = [line for line in err.splitlines() if line.startswith("[llm-hp] ") and " tok $" in line]
         assert progress and "of $0.0001" in progress[-1]  # the study's LLM tokens and cost so far, and the cap
-        assert loop.resume(config.study, config.storage) == 0
+        assert loop.resume(config.study, config.storage, objective=quick_objective) == 0
         assert len(llm.requests) == 1
     finished = store.finished_trials(load(config))
     assert [t.user_attrs["source"] for t in finished] == ["baseline", "llm-hp"]
@@ -291,7 +291,7 @@ def test_centaur_goes_on_with_cma_es_once_its_cap_is_spent(tmp_path, quick, caps
     monkeypatch.setattr(centaur, "WARMUP_TRIALS", 1)
     with FakeLLM(responder=lambda system, prompt: config_answer(SPACE.defaults())) as llm:
         config = run_config(tmp_path, "centaur", llm.base_url, 6, llm_fraction=1.0, llm_max_usd=CAP)
-        assert loop.run(config) == 0
+        assert loop.run(config, quick_objective) == 0
     err = capsys.readouterr().err
     assert len(llm.requests) == 1
     assert [t.user_attrs["source"] for t in store.finished_trials(load(config))] == \
@@ -301,7 +301,7 @@ def test_centaur_goes_on_with_cma_es_once_its_cap_is_spent(tmp_path, quick, caps
 
 def test_the_structural_agent_proposes_nothing_once_the_cap_is_spent(tmp_path, quick) -> None:
     config = run_config(tmp_path, "tpe", "http://127.0.0.1:9/never-called", 2, llm="none")
-    assert loop.run(config) == 0
+    assert loop.run(config, quick_objective) == 0
     study = load(config)
     study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"status": "rejected", "llm_cost_usd": 0.5}))
     agent = LLMStructuralAgent(RunConfig(**{**config.to_dict(), "method": "hybrid", "llm": "anthropic",

@@ -56,7 +56,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
         mp.chdir(folder)
         assert main(["run", "--method", "random", "--study", "real", "--trials", "1", "--profile", "test",
                      "--sandbox", "off"]) == 0
-        mp.setattr(hybrid.loop, "make_objective", lambda *a, **k: LoggingFake())
+        mp.setattr(hybrid.loop, "objective_for", lambda *a, **k: LoggingFake())
         assert main(["run", "--method", "hybrid", "--study", "h", "--trials", str(FAKE_TRIALS["h"]), "--profile",
                      "test", "--mutate-every", "3", "--stagnation", "2"]) == 0
         mp.setattr(dash, "publish", lambda *a: None)
@@ -229,7 +229,7 @@ def test_an_artifact_deleted_in_the_dashboard_is_uploaded_again(dashboard: str, 
 def test_a_failed_upload_is_said_once_and_fails_no_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: LoggingFake())
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: LoggingFake())
     monkeypatch.setattr(dash, "_warned", False)
 
     def unwritable(url: str) -> None:
@@ -247,7 +247,7 @@ def test_a_failed_upload_is_said_once_and_fails_no_trial(tmp_path: Path, monkeyp
 def test_delete_removes_the_studys_artifacts_and_no_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: LoggingFake())
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: LoggingFake())
     for name in ("gone", "kept"):
         assert main(["run", "--method", "random", "--study", name, "--trials", "2", "--profile", "test"]) == 0
     files = tmp_path / "runs" / "dashboard-artifacts"

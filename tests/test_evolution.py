@@ -94,7 +94,7 @@ def _catalog_knobs() -> dict:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: NewKnobObjective())
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: NewKnobObjective())
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -329,7 +329,7 @@ DRIVER = """
 import sys, hybrid.loop
 sys.path.insert(0, {tests!r})
 from test_evolution import NewKnobObjective
-hybrid.loop.make_objective = lambda *a, **k: NewKnobObjective(pause=0.3)
+hybrid.loop.objective_for = lambda *a, **k: NewKnobObjective(pause=0.3)
 from hybrid.cli import main
 sys.exit(main({argv!r}))
 """
@@ -379,7 +379,8 @@ def run_forked_workers(study: optuna.Study, n: int, *, trials: int) -> list[int 
     the test's objective); their exit codes."""
     config = hybrid.config.RunConfig.from_dict({**store.run_info(study), "trials": trials})
     ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=hybrid.loop.work, args=("s", config), kwargs={"worker": i, "show": False})
+    workers = [ctx.Process(target=hybrid.loop.run_worker, args=("s", config, i, hybrid.loop.objective_for),
+                           kwargs={"show": False})
                for i in range(n)]
     for w in workers:
         w.start()
@@ -390,7 +391,7 @@ def run_forked_workers(study: optuna.Study, n: int, *, trials: int) -> list[int 
 
 def test_workers_share_one_lineage(fake: None, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """Three worker processes on one study: one structural move at a time, the others tune meanwhile."""
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: NewKnobObjective(pause=0.05))
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: NewKnobObjective(pause=0.05))
     run(capsys, "--trials", "1", "--mutate-every", "4", "--stagnation", "3")  # creates the study
     study = load()
     assert run_forked_workers(study, 3, trials=40) == [0, 0, 0]
@@ -418,7 +419,7 @@ def test_a_parent_trial_that_finishes_after_the_mutation_is_not_a_warm_start(fak
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The child starts from the parent's incumbent as it stood when the child was created: an older trial of
     the parent still in flight then (another worker's) does not change it afterwards."""
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: LateTrial(pause=0.02))
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: LateTrial(pause=0.02))
     run(capsys, "--trials", "1", "--mutate-every", "4", "--stagnation", "3")
     assert run_forked_workers(load(), 2, trials=16) == [0, 0]
     study = load()
@@ -445,7 +446,7 @@ def test_a_baseline_enqueued_again_after_a_mutation_runs_the_base_code_at_its_de
     store.settle(study, optuna_compat.trial_id(died))  # failed, and the baseline enqueued again
     study.tell(orphan, state=optuna.trial.TrialState.FAIL)
     config = hybrid.config.RunConfig.from_dict({**store.run_info(study), "trials": 9})  # one trial more
-    assert hybrid.loop.work("s", config, show=False) == 0
+    assert hybrid.loop.run_worker("s", config, 0, hybrid.loop.objective_for, show=False) == 0
     study = load()
     check_invariants(study)
     again = [t for t in store.finished_trials(study) if t.user_attrs["source"] == "baseline"]

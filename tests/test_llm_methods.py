@@ -7,6 +7,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,9 +62,15 @@ def llm_env(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
 
 
+def quick_objective(config: RunConfig, study: optuna.Study, stop: threading.Event) -> QuickObjective:
+    """loop.run's objective in these tests."""
+    return QuickObjective()
+
+
 @pytest.fixture
 def quick(monkeypatch, llm_env):
-    monkeypatch.setattr(loop, "make_objective", lambda *a, **k: QuickObjective())
+    """An LLM environment, and the QuickObjective for runs the CLI starts."""
+    monkeypatch.setattr(loop, "objective_for", quick_objective)
 
 
 def run_config(tmp_path: Path, method: str, base_url: str, trials: int, **kw) -> RunConfig:
@@ -130,7 +137,7 @@ def test_llm_hp_survives_the_corpus_and_shows_its_rejections(tmp_path, quick):
     entries = corpus("hp")
     with FakeLLM([answer(e) for e in entries]) as llm:
         config = run_config(tmp_path, "llm-hp", llm.base_url, len(entries) + 1)
-        assert loop.run(config) == 0
+        assert loop.run(config, quick_objective) == 0
     trials = consistent(load(config))
     assert [t.user_attrs["source"] for t in trials] == ["baseline"] + ["llm-hp"] * len(entries)
     for entry, trial, request, following in zip(entries, trials[1:], llm.requests, llm.requests[1:] + [None]):
@@ -150,7 +157,7 @@ def test_transient_provider_errors_are_retried_within_a_trial(tmp_path, quick, m
     monkeypatch.setenv("HYBRID_LLM_TIMEOUT_SECONDS", "2")  # the hung request's wait; still ten times a request's need
     with FakeLLM([Fail(429), Hang(120.0), config_answer(SPACE.defaults())]) as llm:
         config = run_config(tmp_path, "llm-hp", llm.base_url, 2)
-        assert loop.run(config) == 0
+        assert loop.run(config, quick_objective) == 0
     trial = consistent(load(config))[1]
     assert trial.user_attrs["status"] == "ok" and trial.user_attrs["llm_attempts"] == 3
 
@@ -168,7 +175,7 @@ def test_a_provider_that_stays_down_stops_the_run_cleanly_and_resume_goes_on(tmp
     with FakeLLM([config_answer(SPACE.defaults())]) as llm:  # the server is back: the run continues to its budget
         study = load(config)
         study.set_user_attr(store.RUN_KEY, {**study.user_attrs[store.RUN_KEY], "llm_base_url": llm.base_url + "/v1"})
-        assert loop.resume(config.study, config.storage) == 0
+        assert loop.resume(config.study, config.storage, objective=quick_objective) == 0
     assert [t.user_attrs["status"] for t in consistent(load(config))] == ["ok", "rejected", "rejected", "ok"]
 
 
@@ -212,7 +219,7 @@ def test_llm_code_keeps_better_edits_and_reverts_the_rest(tmp_path, quick):
                      set_knob("DEPTH", "3"), set_knob("DEPTH", "99")])
     with FakeLLM(responder=editor) as llm:
         config = run_config(tmp_path, "llm-code", llm.base_url, 7)
-        assert loop.run(config) == 0
+        assert loop.run(config, quick_objective) == 0
     study = load(config)
     trials = consistent(study)
     gens = generations.load_all(study)
@@ -249,7 +256,7 @@ def advisor(system: str, prompt: str) -> str:
 def test_centaur_consults_the_llm_on_a_seeded_fraction_of_trials(tmp_path, quick, monkeypatch):
     with FakeLLM(["I am not sure what to propose."], responder=advisor) as llm:
         config = run_config(tmp_path, "centaur", llm.base_url, 30, llm_fraction=0.5, seed=3)
-        assert loop.run(config) == 0
+        assert loop.run(config, quick_objective) == 0
     trials = consistent(load(config))
     method = CentaurMethod.__new__(CentaurMethod)
     method.fraction, method.run_seed = 0.5, 3
@@ -291,7 +298,7 @@ def test_centaur_rebuilds_its_cma_state_from_the_study(tmp_path, quick, monkeypa
     monkeypatch.setattr(loop, "build_method", lambda *a: live.append(build(*a)) or live[-1])
     with FakeLLM(responder=advisor) as llm:
         config = run_config(tmp_path, "centaur", llm.base_url, 26, llm_fraction=0.5)
-        assert loop.run(config) == 0
+        assert loop.run(config, quick_objective) == 0
         study = load(config)
         rebuilt = CentaurMethod(config.finalize(), study, SPACE, TRAIN_PY.read_text(), seed=12345)
     state, again = live[0].cma, rebuilt.cma

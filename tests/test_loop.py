@@ -46,7 +46,7 @@ class FakeObjective:
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """In-process runs on the fake objective, in a fresh working directory."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: FakeObjective())
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: FakeObjective())
 
 
 def load(name: str, storage: str = "sqlite:///runs/hybrid.db") -> optuna.Study:
@@ -161,7 +161,7 @@ def existing(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("existing")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.setattr(hybrid.loop, "make_objective", lambda *a, **k: FakeObjective())
+        mp.setattr(hybrid.loop, "objective_for", lambda *a, **k: FakeObjective())
         assert main(["run", "--method", "tpe", "--study", "s", "--trials", "3", "--profile", "test"]) == 0
     return root
 

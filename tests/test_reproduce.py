@@ -27,7 +27,7 @@ def test_surrogate_protocol_writes_the_paper_beside_ours(tmp_path: Path, monkeyp
     """The whole command at a small budget, in this process, on an instant objective."""
     monkeypatch.setattr(hybrid.reproduce, "has_gpu", lambda: False)
     monkeypatch.setattr(hybrid.reproduce, "PROTOCOL_HOURS", 0.5)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: FakeObjective())
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: FakeObjective())
     out = tmp_path / "out"
     code, err = cli(capsys, "reproduce", "arxiv-2603.24647", "--seeds", "2", "--workers", "1", "--out", str(out))
     assert code == 0, err

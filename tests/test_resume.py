@@ -98,14 +98,14 @@ class InterruptingObjective:
 def test_ctrl_c_then_resume_continues_the_sampler_to_the_same_budget(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: InterruptingObjective(at=15))
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: InterruptingObjective(at=15))
     assert main(["run", "--method", "cmaes", "--study", "s", "--trials", "26", "--profile", "test"]) == 130
     study = optuna.load_study(study_name="s", storage="sqlite:///runs/hybrid.db")
     trials = study.get_trials()
     assert len(trials) == 16 and all(map(records.is_finished, trials[:15]))
     assert trials[15].state == TrialState.FAIL and "status" not in trials[15].user_attrs
 
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: InterruptingObjective(at=-1))
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: InterruptingObjective(at=-1))
     assert main(["resume", "--study", "s"]) == 0
     trials = check_study("sqlite:///runs/hybrid.db", "s", 26)
     # CMA-ES went on from the state it had stored in the database, not from a new start
@@ -134,7 +134,7 @@ class SlowInProcessObjective:
 def test_the_first_ctrl_c_asks_and_the_second_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     objective = SlowInProcessObjective(at=3)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: objective)
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: objective)
     assert main(["run", "--method", "tpe", "--study", "s", "--trials", "10", "--profile", "test"]) == 130
     assert objective.survived_first  # and the second one cut the 5 s sleep (or the AssertionError would fail the run)
     trials = optuna.load_study(study_name="s", storage="sqlite:///runs/hybrid.db").get_trials()
@@ -144,7 +144,7 @@ def test_the_first_ctrl_c_asks_and_the_second_stops_at_once(tmp_path: Path, monk
 def test_a_study_whose_creation_was_cut_short_is_completed_by_the_next_run(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: InterruptingObjective(at=-1))
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: InterruptingObjective(at=-1))
     monkeypatch.setattr(store, "GRACE_SECONDS", 0.5)  # how long a run waits for another process creating it
     space = load_space(PROJECT_ROOT / "search_space.yaml", "test")
     study = optuna.create_study(storage=store.open_storage("sqlite:///runs/hybrid.db"), study_name="s")

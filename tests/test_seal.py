@@ -183,7 +183,7 @@ def test_a_harness_changed_mid_run_stops_the_run_with_one_line(tree: Path, tmp_p
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(harness.seal, "HARNESS_DIR", tree)
     objective = EditsTheHarness(tree / "scorer.py")
-    monkeypatch.setattr(hybrid.loop, "make_objective", lambda *a, **k: objective)
+    monkeypatch.setattr(hybrid.loop, "objective_for", lambda *a, **k: objective)
     code, err = cli(capsys, "run", "--method", "tpe", "--objective", "surrogate", "--study", "s", "--trials", "6")
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == ("hybrid: error: the harness changed since the run started: harness/scorer.py; "
