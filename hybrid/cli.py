@@ -68,6 +68,13 @@ def _command(sub: argparse._SubParsersAction, name: str, summary: str, descripti
                           epilog="examples:\n" + examples, formatter_class=HelpFormatter)
 
 
+def _command_group(sub: argparse._SubParsersAction, name: str, summary: str, description: str, examples: str,
+                   metavar: str) -> argparse._SubParsersAction:
+    """A subcommand whose first argument names one of its own (`hybrid import autoresearch`); where those go."""
+    p = _command(sub, name, summary, description, examples)
+    return p.add_subparsers(dest=f"{name}_command", required=True, parser_class=Parser, metavar=metavar)
+
+
 # The defaults of --budget-hours: hybrid.config.DEFAULT_BUDGET_HOURS for a run; for compare on cpu,
 # hybrid.compare.CPU_BUDGET_HOURS, a quarter of a run's, so that its four default studies take about one run's time.
 RUN_BUDGET_HELP = "GPU-hours of trial wall time (default: 24 on gpu/surrogate, 0.25 on cpu)"
@@ -284,10 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8080, help="the TCP port to listen on")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
 
-    p = _command(sub, "import", "another tool's history as a study",
-                 "Import the history of another tool as a study that `hybrid report` shows and `hybrid run` continues.",
-                 "  hybrid import autoresearch --repo ~/autoresearch --study night1")
-    isub = p.add_subparsers(dest="import_command", required=True, parser_class=Parser, metavar="SOURCE")
+    isub = _command_group(sub, "import", "another tool's history as a study",
+                          "Import the history of another tool as a study that `hybrid report` shows and `hybrid run` "
+                          "continues.", "  hybrid import autoresearch --repo ~/autoresearch --study night1", "SOURCE")
     pp = _command(isub, "autoresearch", "an autoresearch checkout's results.tsv and branch of kept commits",
                   "One generation per kept commit, one trial per results.tsv row (source import); continue it with "
                   "`hybrid run --method hybrid --study S --repo PATH`. Its metric is the repository's own evaluation.",
@@ -319,10 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_max_usd(p)
     _add_sandbox_flag(p)
 
-    p = _command(sub, "surrogate", "the surrogate model of the paper's trials",
-                 "The surrogate objective on its own: predictions for configs of the paper's space.",
-                 "  hybrid surrogate predict --in configs.csv --out predicted.csv")
-    ssub = p.add_subparsers(dest="surrogate_command", required=True, parser_class=Parser, metavar="COMMAND")
+    ssub = _command_group(sub, "surrogate", "the surrogate model of the paper's trials",
+                          "The surrogate objective on its own: predictions for configs of the paper's space.",
+                          "  hybrid surrogate predict --in configs.csv --out predicted.csv", "COMMAND")
     pp = _command(ssub, "predict", "add val_bpb_pred, p_fail, wall_seconds_pred to a CSV of configs",
                   "Read a CSV with one config a row (a column per knob) and write it with val_bpb_pred, p_fail and "
                   "wall_seconds_pred added.",
