@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from hybrid import generations, records, store
+from hybrid.study import generations, records, store
 from hybrid.evolution import Snapshot, format_lineage, lineage_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,8 @@ import torch
 import hybrid.config
 import hybrid.loop
 from harness.profiles import get_profile
-from hybrid import store, surrogate
+from hybrid import surrogate
+from hybrid.study import store
 from hybrid.memory import MemoryModel
 
 ROOT = Path(__file__).resolve().parents[1]

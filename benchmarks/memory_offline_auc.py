@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from harness.profiles import get_profile
 from hybrid.memory import GIB, MIB, PAPER_CAP_GB, analytic_peak_bytes, grad_accum, model_shapes, peak_bytes
-from hybrid.store import code_sha
+from hybrid.study.store import code_sha
 from hybrid.surrogate import EDITED_CODE, TRIALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optuna
 
-from hybrid import records, store
+from hybrid.study import records, store
 
 ROOT = Path(__file__).resolve().parents[1]
 

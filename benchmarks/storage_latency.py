@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 
 from harness.result import TrialResult
-from hybrid import store
+from hybrid.study import store
 from hybrid.loop import _suggest
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space

@@ -40,12 +40,14 @@ def run_study(job: dict[str, Any]) -> dict[str, Any]:
     """One study on the benchmark objective in a temporary database; its verdicts and final truth."""
     import optuna
 
-    from hybrid import generations, loop, store
+    from hybrid import loop
+
+    from hybrid.study import generations, store
     from hybrid.benchmark_objective import DEFAULT_NOISE, hidden_world, read_truth
     from hybrid.config import RunConfig
     from hybrid.evolution import DEFAULT_SCHEDULES
     from hybrid.promotion import NOISE_Z, REPEATS, incumbent
-    from hybrid.records import ok_value
+    from hybrid.study.records import ok_value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started, wall = time.process_time(), time.time()

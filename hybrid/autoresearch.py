@@ -25,11 +25,11 @@ from optuna.trial import TrialState
 
 from harness.knobs import KnobError, find_knobs, inject_knobs, parse_python
 from harness.result import PENALTY
-from hybrid import generations, records, store
+from hybrid.study import generations, records, store
 from hybrid.errors import UserError
 from hybrid.foreign import Repo
 from hybrid.config import RunConfig
-from hybrid.generations import Generation
+from hybrid.study.generations import Generation
 from hybrid.space import SearchSpace, SpaceError, load_space
 from hybrid.space_init import widened
 

@@ -381,7 +381,7 @@ def cmd_space(args: argparse.Namespace) -> int:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from hybrid.results import readable
+    from hybrid.reports.results import readable
     from hybrid.trial import run_single_trial
 
     result = run_single_trial(profile=args.profile, assignments=args.set, train_py=args.train_py, space_path=args.space,
@@ -410,7 +410,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from hybrid import store
+    from hybrid.study import store
     from hybrid.loop import resume
 
     store.require_database(args.storage)
@@ -427,14 +427,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _check_folder(storage: str | None) -> None:
     """An explicit SQLite storage's folder must exist (only the default runs/ is created)."""
-    from hybrid import store
+    from hybrid.study import store
 
     if storage not in (None, DEFAULT_STORAGE):
         store.require_folder(storage)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hybrid.report import write_report
+    from hybrid.reports.report import write_report
 
     out = write_report(args.storage, args.study, args.out)
     print(f"report written to {out}")
@@ -442,14 +442,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from hybrid.results import studies_table
+    from hybrid.reports.results import studies_table
 
     print(studies_table(args.storage).to_string(index=False))
     return 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from hybrid import results
+    from hybrid.reports import results
 
     study = results.open_study(args.storage, args.study)
     best = results.best_trials(study, args.top)
@@ -462,7 +462,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from hybrid import results
+    from hybrid.reports import results
 
     if args.follow and not args.log:
         raise UserError("--follow follows the log: add --log")
@@ -484,7 +484,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from hybrid import dashboard, results
+    from hybrid.reports import dashboard, results
 
     study = results.open_study(args.storage, args.study)
     plan = results.deletion_plan(study, args.storage)
@@ -497,7 +497,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from hybrid.dashboard import serve
+    from hybrid.reports.dashboard import serve
 
     return serve(args.storage, host=args.host, port=args.port)
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import optuna
 
-from hybrid import report, store
+from hybrid.reports import report
+
+from hybrid.study import store
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from hybrid.config import DEFAULT_BUDGET_HOURS, DEFAULT_STORAGE, METHODS, Budget, RunConfig
 from hybrid.gpus import pin_gpu

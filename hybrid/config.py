@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 
 from harness.profiles import get_profile
-from hybrid import store
+from hybrid.study import store
 from hybrid.errors import UserError
 
 

@@ -10,9 +10,9 @@ import numpy as np
 from optuna.trial import FrozenTrial
 from scipy.stats import rankdata
 
-from hybrid.generations import Generation
+from hybrid.study.generations import Generation
 from hybrid.promotion import is_tuning
-from hybrid.records import ok_value
+from hybrid.study.records import ok_value
 from hybrid.space import SearchSpace
 
 IMPORTANCE_MIN_TRIALS = 5  # successful tuning trials before importances mean anything

@@ -20,16 +20,17 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.knobs import KnobError
-from hybrid import evidence, generations, records
+from hybrid import evidence
+from hybrid.study import generations, records
 from hybrid.classical.move_sampler import MoveSampler
 from hybrid.classical.samplers import make_sampler
 from hybrid.classical.warmstart import best_configs, cma_source_trials
-from hybrid.generations import Generation, Lineage
+from hybrid.study.generations import Generation, Lineage
 from hybrid.move import Move
 from hybrid.probes import joint_probe, probe_configs
 from hybrid.promotion import (REPEATS, Schedule, control_config, fresh_score, incumbent, is_tuning, judge,
                               pooled_noise, runs_of, score)
-from hybrid.records import ok_value
+from hybrid.study.records import ok_value
 from hybrid.space import Knob, SearchSpace, SpaceError, check_against_code
 from hybrid.llm.catalog import CatalogAgent
 from hybrid.llm.structural_agent import LLMStructuralAgent

@@ -30,7 +30,7 @@ from harness.result import TrialResult, is_oom
 from harness.sandbox import Jail, Limits, default_memory_bytes, kill
 from harness.scrub import scrub
 from harness.seal import HarnessChanged
-from hybrid import store
+from hybrid.study import store
 from hybrid.errors import UserError
 
 if TYPE_CHECKING:

@@ -20,9 +20,11 @@ from harness import scrub
 from harness.profiles import get_profile
 from harness.result import TrialResult
 from harness.seal import seal as seal_harness
-from hybrid import dashboard, generations, optuna_compat, records, results, stops, store
+from hybrid import stops
+from hybrid.reports import dashboard, results
+from hybrid.study import generations, optuna_compat, records, store
 from hybrid.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
-from hybrid.generations import Generation
+from hybrid.study.generations import Generation
 from hybrid.config import Budget, RunConfig
 from hybrid.classical.move_sampler import MoveSampler
 from hybrid.llm.spending import LLMBudgetSpent

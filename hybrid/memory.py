@@ -514,7 +514,7 @@ class MemoryModel:
         self._estimates: dict[tuple[str, str], float | None] = {}
 
     def estimate_mb(self, code: str, config: dict[str, Any]) -> float | None:
-        from hybrid.store import code_sha
+        from hybrid.study.store import code_sha
 
         key = (code_sha(code), repr(sorted(config.items())))
         if key not in self._estimates:
@@ -526,8 +526,8 @@ class MemoryModel:
     def calibration(self, code: str, history: Iterable[FrozenTrial]) -> float | None:
         """Median recorded / estimated peak over the largest successful trials of `code` in history (see the
         class); None if too few."""
-        from hybrid import records
-        from hybrid.store import code_sha
+        from hybrid.study import records
+        from hybrid.study.store import code_sha
 
         sha = code_sha(code)
         points = []  # (estimate, recorded) in MiB

@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial
 
 from harness.profiles import Profile
 from harness.result import TrialResult
-from hybrid.records import SOURCE, ok_value
+from hybrid.study.records import SOURCE, ok_value
 
 
 class Objective(Protocol):

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.text import Text
 
-from hybrid import records, store
+from hybrid.study import records, store
 
 if TYPE_CHECKING:
     from hybrid.config import Budget, RunConfig

@@ -9,8 +9,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from hybrid import records
-from hybrid.records import best_trial, ok_value
+from hybrid.study import records
+from hybrid.study.records import best_trial, ok_value
 
 # Fresh re-runs (each on a seed of its own) of a generation's incumbent before it is judged or mutated, and of a
 # candidate's control: what verdicts compare, since the incumbent's own run was selected for being low. 1, 2 and 3

@@ -21,8 +21,8 @@ import optuna
 from optuna.pruners import BasePruner
 from optuna.trial import FrozenTrial, TrialState
 
-from hybrid import optuna_compat
-from hybrid.records import GENERATION, PRUNE_WITH
+from hybrid.study import optuna_compat
+from hybrid.study.records import GENERATION, PRUNE_WITH
 
 PRUNERS = ("none", "median", "sha", "hyperband", "wilcoxon")
 DEFAULT_PRUNER = "median"  # for `hybrid run` on real training; `reproduce` follows the paper (none)
@@ -58,7 +58,7 @@ class GenerationView:
     def __init__(self, study: optuna.Study, generations: Container[int]) -> None:
         self._study, self._generations = study, generations
 
-    # Optuna's pruners list trials through these (see hybrid/optuna_compat.py): filtered here.
+    # Optuna's pruners list trials through these (see hybrid/study/optuna_compat.py): filtered here.
     def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
         trials = optuna_compat.study_trials(self._study, deepcopy=deepcopy, states=states, use_cache=use_cache)

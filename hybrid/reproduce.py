@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from harness.profiles import PAPER_CAP_GB
-from hybrid import report
+from hybrid.reports import report
 from hybrid.compare import check_existing, default_storage, run_studies, study_name
 from hybrid.errors import UserError
 from hybrid.config import RunConfig

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hybrid import records, store
+from hybrid.study import records, store
 from hybrid.errors import UserError
 
 # `oom-predicted` trials in a row (they cost no time) after which a run stops: every config is over the cap.

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hybrid.evidence import Evidence
-from hybrid.generations import Generation
+from hybrid.study.generations import Generation
 from hybrid.space import Knob
 
 

@@ -47,7 +47,7 @@ from sklearn.linear_model import HuberRegressor
 
 from harness.profiles import PAPER_CAP_GB, data_dir
 from harness.result import TrialResult
-from hybrid import records
+from hybrid.study import records
 from hybrid.errors import UserError
 from hybrid.space import SearchSpace, SpaceError
 

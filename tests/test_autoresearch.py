@@ -12,7 +12,7 @@ import optuna
 import pytest
 import yaml
 
-from hybrid import store
+from hybrid.study import store
 from hybrid.foreign import ForeignObjective, Repo, outcome, parse_summary
 from hybrid.space import check_against_code, load_space
 from tests.util import cli

@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hybrid import generations, store
+from hybrid.study import generations, store
 from hybrid.benchmark_objective import BenchmarkObjective, Effect, hidden_world, read_truth
 from hybrid.config import RunConfig
 from hybrid.llm.catalog import BY_NAME, MUTATIONS

@@ -16,7 +16,7 @@ import torch
 from harness.knobs import find_knobs, inject_knobs
 from harness.profiles import get_profile
 from hybrid.evidence import Attempt, Evidence
-from hybrid.generations import Generation
+from hybrid.study.generations import Generation
 from hybrid.llm.catalog import BY_NAME, MUTATIONS, CatalogAgent, MutationError, carried, ranked
 from hybrid.llm.guard import check_patch
 from hybrid.paths import PROJECT_ROOT

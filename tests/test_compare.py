@@ -10,7 +10,7 @@ import pytest
 import harness.profiles
 import hybrid.loop
 from harness.result import TrialResult
-from hybrid import store
+from hybrid.study import store
 from hybrid.cli import build_parser
 from hybrid.compare import CPU_BUDGET_HOURS, plan
 from util import cli

@@ -22,10 +22,11 @@ from test_resume import ENV, TRIALS, _alive, _children, count, hybrid_cmd, wait_
 import hybrid.loop
 import hybrid.progress
 from harness.result import TrialResult
-from hybrid import loop, records, stops, store
+from hybrid import loop, stops
+from hybrid.study import records, store
 from hybrid.config import Budget, RunConfig
 from hybrid.errors import UserError
-from hybrid.generations import load_all
+from hybrid.study.generations import load_all
 from hybrid.llm import centaur
 from hybrid.llm.structural_agent import LLMStructuralAgent
 from hybrid.progress import RunProgress, duration, fit

@@ -23,8 +23,9 @@ from test_loop import FakeObjective
 
 import hybrid.loop
 from harness.result import TrialResult
-from hybrid import dashboard as dash
-from hybrid import generations, results, store
+from hybrid.reports import dashboard as dash
+from hybrid.reports import results
+from hybrid.study import generations, store
 from hybrid.cli import main
 from util import cli, closed_port
 

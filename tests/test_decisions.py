@@ -12,7 +12,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.result import PENALTY
-from hybrid.generations import Generation
+from hybrid.study.generations import Generation
 from hybrid.probes import at_unit, joint_probe, probe_configs, probe_values, unit
 from hybrid.promotion import NOISE_Z, Schedule, Score, control_config, is_sampled, judge, margin, pooled_noise, score
 from hybrid.space import Knob

@@ -28,12 +28,12 @@ import hybrid.config
 import hybrid.evolution
 import hybrid.loop
 from harness.result import TrialResult
-from hybrid import generations, optuna_compat, records, store
+from hybrid.study import generations, optuna_compat, records, store
 from hybrid.classical.warmstart import best_configs
 from hybrid.cli import main
 from hybrid.evolution import Snapshot, lineage_table
-from hybrid.generations import Generation
-from hybrid.lease import StructuralLease
+from hybrid.study.generations import Generation
+from hybrid.study.lease import StructuralLease
 from hybrid.llm.catalog import MUTATIONS
 from hybrid.llm.guard import PatchRejected
 from hybrid.llm.structural_agent import read_knobs, structural_task

@@ -22,7 +22,8 @@ from optuna.trial import TrialState
 from harness import profiles
 from harness.knobs import inject_knobs
 from harness.result import TrialResult
-from hybrid import cli, generations, loop, optuna_compat, records, store
+from hybrid import cli, loop
+from hybrid.study import generations, optuna_compat, records, store
 from hybrid.config import RunConfig
 from hybrid.llm import centaur
 from hybrid.llm.centaur import CentaurMethod, UnitCube

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 import hybrid.loop
 import hybrid.trial
 from harness.result import PENALTY, TrialResult
-from hybrid import records, store
+from hybrid.study import records, store
 from hybrid.cli import main
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space

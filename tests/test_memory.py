@@ -22,7 +22,7 @@ from harness.scorer import MAX_LOGIT_TOKENS
 from hybrid.memory import (GIB, MIB, PAPER_CAP_GB, MemoryModel, analytic_peak_bytes, default_cap_gb, model_shapes,
                           peak_bytes)
 from hybrid.paths import project_file
-from hybrid.store import code_sha
+from hybrid.study.store import code_sha
 
 GPU = get_profile("gpu")
 REFERENCE_BASELINE_MIB = 45060.2  # autoresearch's baseline, peak_vram_mb on one H100 (its README)

@@ -1,4 +1,4 @@
-"""One test per private Optuna or cmaes API that hybrid/optuna_compat.py wraps: an upgrade that changes one fails
+"""One test per private Optuna or cmaes API that hybrid/study/optuna_compat.py wraps: an upgrade that changes one fails
 here."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from hybrid import optuna_compat, store
+from hybrid.study import optuna_compat, store
 from hybrid.classical.move_sampler import GenerationStudy
-from hybrid.records import GENERATION
+from hybrid.study.records import GENERATION
 from hybrid.classical.samplers import make_sampler
 
 SPACE = {"x": FloatDistribution(0.0, 1.0), "n": IntDistribution(1, 8)}

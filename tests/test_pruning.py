@@ -10,7 +10,9 @@ from optuna.trial import TrialState
 
 from harness.profiles import get_profile
 from harness.runner import run_trial
-from hybrid import plots, pruners, records, report, store
+from hybrid import pruners
+from hybrid.reports import plots, report
+from hybrid.study import records, store
 from tests.conftest import TINY_TRAIN_PY
 from tests.util import cli
 

@@ -17,11 +17,13 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from scipy import stats as sps
 
-from hybrid import generations, plots, store
-from hybrid.generations import Generation
+from hybrid.reports import plots
+
+from hybrid.study import generations, store
+from hybrid.study.generations import Generation
 from hybrid.config import RunConfig
 from hybrid.promotion import Verdict
-from hybrid.stats import compare_pair, pairwise
+from hybrid.reports.stats import compare_pair, pairwise
 from util import cli
 
 DISTRIBUTIONS = {"LR": FloatDistribution(1e-3, 1.0, log=True), "DEPTH": IntDistribution(1, 8),

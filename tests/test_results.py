@@ -17,7 +17,9 @@ import pytest
 from optuna.trial import TrialState
 
 from harness.knobs import find_knobs
-from hybrid import __version__, optuna_compat, results, store
+from hybrid import __version__
+from hybrid.reports import results
+from hybrid.study import optuna_compat, store
 from hybrid.cli import main
 from hybrid.config import RunConfig
 from hybrid.paths import PROJECT_ROOT
@@ -176,7 +178,7 @@ def test_show_of_a_failed_trial_gives_its_reason(db: Path, capsys: pytest.Captur
 
 
 def test_show_diff_of_a_generation(db: Path, capsys: pytest.CaptureFixture) -> None:
-    from hybrid import generations
+    from hybrid.study import generations
 
     study = load(db)
     base = generations.load_all(study)[0]

@@ -18,9 +18,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 import hybrid.loop
 from harness.result import TrialResult
-from hybrid import records, store
+from hybrid.study import records, store
 from hybrid.cli import main
-from hybrid.generations import Generation, save
+from hybrid.study.generations import Generation, save
 from hybrid.paths import PROJECT_ROOT
 from hybrid.space import load_space
 

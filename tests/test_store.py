@@ -12,9 +12,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from harness.result import PENALTY, TrialResult
-from hybrid import generations, optuna_compat, store
+from hybrid.study import generations, optuna_compat, store
 from hybrid.errors import UserError
-from hybrid.generations import Generation
+from hybrid.study.generations import Generation
 
 X = {"x": FloatDistribution(0.0, 1.0)}
 

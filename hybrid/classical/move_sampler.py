@@ -10,8 +10,8 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from hybrid import optuna_compat
-from hybrid.records import GENERATION
+from hybrid.study import optuna_compat
+from hybrid.study.records import GENERATION
 
 
 class GenerationStudy:
@@ -21,7 +21,7 @@ class GenerationStudy:
         self._study = study
         self.generation = generation
 
-    # Optuna's samplers list trials through this private method (see hybrid/optuna_compat.py): overridden here.
+    # Optuna's samplers list trials through this private method (see hybrid/study/optuna_compat.py): overridden here.
     def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
         trials = optuna_compat.study_trials(self._study, deepcopy=deepcopy, states=states, use_cache=use_cache)

@@ -7,7 +7,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hybrid.records import ok_value
+from hybrid.study.records import ok_value
 from hybrid.space import SearchSpace
 
 CMA_MIN_SOURCES = 10  # cmaes.get_warm_start_mgd keeps the best 10 %: it needs at least ten solutions

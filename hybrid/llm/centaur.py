@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.knobs import inject_knobs
 from harness.result import PENALTY
-from hybrid import optuna_compat, records, store
+from hybrid.study import optuna_compat, records, store
 from hybrid.classical.move_sampler import MoveSampler
 from hybrid.llm import prompts
 from hybrid.llm.agent import failure_attrs, read_program, reply_attrs

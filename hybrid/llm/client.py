@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anthropic
 import openai
 
-from hybrid import records
+from hybrid.study import records
 from hybrid.errors import UserError
 from hybrid.llm.spending import SpendingCap
 

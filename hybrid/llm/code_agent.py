@@ -1,7 +1,7 @@
 """Method `llm-code`: an LLM edits train.py; a better val_bpb keeps the change, anything else reverts it (autoresearch).
 
 Each edit that passes the guard is a candidate generation; a kept one becomes the incumbent and a commit on the
-run's branch (the study's Lineage: hybrid.generations). The agent is shown the incumbent's train.py with the knob
+run's branch (the study's Lineage: hybrid.study.generations). The agent is shown the incumbent's train.py with the knob
 values that ran written in, so an edit's literals are the config it runs with: the new generation's space is the
 declared space restricted to the knobs the edited file still assigns validly, and its config is those values.
 """
@@ -14,16 +14,16 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from harness.knobs import find_knobs, inject_knobs
-from hybrid import generations, records, store
+from hybrid.study import generations, records, store
 from hybrid.classical.move_sampler import MoveSampler
-from hybrid.generations import Generation, Lineage
+from hybrid.study.generations import Generation, Lineage
 from hybrid.llm import prompts
 from hybrid.llm.agent import failure_attrs, read_program, reply_attrs
 from hybrid.llm.client import Advisor, ProviderError, make_provider
 from hybrid.llm.edits import describe, read_edit
 from hybrid.llm.guard import PatchRejected, check_patch
 from hybrid.move import Move
-from hybrid.records import ok_value
+from hybrid.study.records import ok_value
 from hybrid.space import SearchSpace, SpaceError
 
 if TYPE_CHECKING:

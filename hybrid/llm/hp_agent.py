@@ -9,7 +9,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from harness.knobs import inject_knobs
-from hybrid import store
+from hybrid.study import store
 from hybrid.classical.move_sampler import MoveSampler
 from hybrid.llm import prompts
 from hybrid.llm.agent import failure_attrs, read_program, reply_attrs

@@ -7,8 +7,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from hybrid import records
-from hybrid.records import ok_value
+from hybrid.study import records
+from hybrid.study.records import ok_value
 from hybrid.space import SearchSpace
 
 HISTORY_BEST = 5     # best trials always shown to the HP agent

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import optuna
 
-from hybrid import records, store
+from hybrid.study import records, store
 
 
 class LLMBudgetSpent(Exception):

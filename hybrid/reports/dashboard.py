@@ -10,7 +10,7 @@ lacks (`backfill`: studies run before, uploads that failed), then serves optuna-
 
 Optuna refuses attributes on a finished trial, so a recorded trial's artifacts are uploaded with
 optuna.artifacts.upload_artifact through a storage view that lists them where optuna-dashboard also looks for a
-trial's artifacts: in its study's system attributes (hybrid.optuna_compat). `optuna.artifacts.get_all_artifact_meta`
+trial's artifacts: in its study's system attributes (hybrid.study.optuna_compat). `optuna.artifacts.get_all_artifact_meta`
 does not see them; the dashboard does.
 """
 from __future__ import annotations
@@ -31,10 +31,11 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
 from harness.scrub import scrub
-from hybrid import generations, optuna_compat, records, results, store
+from hybrid.reports import results
+from hybrid.study import generations, optuna_compat, records, store
 from hybrid.config import artifacts_root
 from hybrid.errors import UserError
-from hybrid.generations import Generation
+from hybrid.study.generations import Generation
 
 FOLDER = "dashboard-artifacts"  # the artifact store, beside the database (or under ./runs)
 TEXT = "text/plain; charset=utf-8"  # every artifact is text: shown in the browser, not downloaded

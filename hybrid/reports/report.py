@@ -24,11 +24,12 @@ import optuna
 import pandas as pd
 
 from harness.profiles import PAPER_CAP_GB
-from hybrid import plots, records, results, store
+from hybrid.reports import plots, results
+from hybrid.study import records, store
 from hybrid.errors import UserError
 from hybrid.evolution import lineage_table
 from hybrid.foreign import trust_note
-from hybrid.stats import PairTest, pairwise
+from hybrid.reports.stats import PairTest, pairwise
 
 OOM_STATUSES = ("oom", "oom-predicted")
 TOKEN_COLUMN = re.compile(r"^llm_.*tokens")
@@ -344,7 +345,7 @@ def build(url: str, names: list[str] | None, out: Path, *, title: str = "hybrid 
              f"Storage `{store.masked_url(url)}`, {len(studies)} {'study' if len(studies) == 1 else 'studies'} "
              f"({setups}), {what_there_is(frame)}; "
              f"written {datetime.datetime.now().isoformat(timespec='seconds')}. Every number below is recomputed from "
-             "`results.parquet` (one row per trial) by `hybrid.report`; `summary.json` holds them as data.",
+             "`results.parquet` (one row per trial) by `hybrid.reports.report`; `summary.json` holds them as data.",
              trust_note(studies),
              "## Best trial of each study", best_markdown(studies, url), few_steps_markdown(frame),
              "## Per method", methods_markdown(table, unit),

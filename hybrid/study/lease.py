@@ -17,7 +17,7 @@ import optuna
 from optuna.storages import RDBStorage
 from sqlalchemy import delete, exc, insert, select, update
 
-from hybrid import optuna_compat
+from hybrid.study import optuna_compat
 
 LEASE_KEY = "hybrid.lease"
 LEASE_SECONDS = float(os.environ.get("HYBRID_LEASE_SECONDS", 900))  # longer than any structural move (an LLM call)

@@ -18,7 +18,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.knobs import inject_knobs
-from hybrid import generations, optuna_compat, records, store
+from hybrid.study import generations, optuna_compat, records, store
 from hybrid.config import DEFAULT_STORAGE
 from hybrid.errors import UserError
 

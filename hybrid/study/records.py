@@ -1,5 +1,5 @@
 """What a trial record holds, and the questions every module asks of one: is it finished, did it succeed, which
-is the best. A trial's attributes (Optuna user attributes) are named here; hybrid.store writes them.
+is the best. A trial's attributes (Optuna user attributes) are named here; hybrid.study.store writes them.
 
 Trial attributes: SOURCE (who proposed the move: tpe, cmaes, llm-hp, catalog, repeat, baseline, import, ...),
 GENERATION (the code generation that ran), CODE_SHA, SEED, METHOD, STATUS (ok or a failure class, written last),

@@ -31,9 +31,9 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError, SQLA
 
 from harness.result import PRUNED, TrialResult
 from harness.scrub import scrub
-from hybrid import optuna_compat, records
+from hybrid.study import optuna_compat, records
 from hybrid.errors import UserError
-from hybrid.records import is_finished
+from hybrid.study.records import is_finished
 
 HEARTBEAT_SECONDS = float(os.environ.get("HYBRID_HEARTBEAT_SECONDS", 10))
 GRACE_SECONDS = 3 * HEARTBEAT_SECONDS  # three missed beats and a trial is declared dead

@@ -13,8 +13,8 @@ from typing import Any
 import git
 import optuna
 
-from hybrid import store
-from hybrid.lease import StructuralLease
+from hybrid.study import store
+from hybrid.study.lease import StructuralLease
 from hybrid.promotion import Verdict
 from hybrid.space import SearchSpace
 

@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from hybrid import records  # noqa: E402
+from hybrid.study import records  # noqa: E402
 
 MIN_IMPORTANCE_TRIALS = 10   # fewer trials in every study of a method: no importances for it
 GRID_POINTS = 400

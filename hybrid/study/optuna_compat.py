@@ -8,7 +8,7 @@ Optuna gives no public way to write a trial's attributes from a sampler hook (wh
 settle a trial another process left RUNNING, or to reach a study's tables; its samplers list a study's trials
 through `Study._get_trials`, which hybrid.classical.move_sampler.GenerationStudy overrides to show each
 generation only its own trials. cmaes keeps CMA-ES's step size and covariance private. Optuna refuses attributes on
-a finished trial, so hybrid.dashboard lists a recorded trial's artifacts and writes its note where optuna-dashboard
+a finished trial, so hybrid.reports.dashboard lists a recorded trial's artifacts and writes its note where optuna-dashboard
 reads them for a trial: in its study's system attributes.
 """
 from __future__ import annotations
