@@ -115,19 +115,26 @@ def mean_ci(values: list[float]) -> str:
     return f"{statistics.mean(values):.5f} ± {Z95 * statistics.stdev(values) / math.sqrt(len(values)):.5f}"
 
 
+def verdict_rates(runs: list[dict[str, Any]]) -> str:
+    """Table cells: the studies' verdicts, the false-promotion rate and the power."""
+    moves = [d for x in runs for d in x["decisions"]]
+    noise = runs[0]["noise"] if runs else 0.0
+    false = [d for d in moves if d["true_effect"] >= 0]
+    good = [d for d in moves if d["true_effect"] <= -POWER_FACTOR * noise]
+    return (f"{len(moves)} | {rate(sum(d['promoted'] for d in false), len(false))} | "
+            f"{rate(sum(d['promoted'] for d in good), len(good))}")
+
+
+RATES_HEADER = f"verdicts | false promotions (true effect >= 0) | power (better by >= {POWER_FACTOR:g} x noise)"
+
+
 def grid_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| mutate every | stagnation | repeats | verdicts | false promotions (true effect >= 0) | "
-             f"power (better by >= {POWER_FACTOR:g} x noise) | final true val_bpb | CPU s/study |",
+    lines = [f"| mutate every | stagnation | repeats | {RATES_HEADER} | final true val_bpb | CPU s/study |",
              "|---|---|---|---|---|---|---|---|"]
     for m, w, r in GRID:
         runs = [x for x in rows if (x["mutate_every"], x["stagnation"], x["repeats"]) == (m, w, r)]
-        moves = [d for x in runs for d in x["decisions"]]
-        noise = runs[0]["noise"] if runs else 0.0
-        false = [d for d in moves if d["true_effect"] >= 0]
-        good = [d for d in moves if d["true_effect"] <= -POWER_FACTOR * noise]
-        lines.append(f"| {m} | {w} | {r} | {len(moves)} | {rate(sum(d['promoted'] for d in false), len(false))} | "
-                     f"{rate(sum(d['promoted'] for d in good), len(good))} | "
-                     f"{mean_ci([x['best_true'] for x in runs])} | {statistics.mean(x['cpu_seconds'] for x in runs):.0f} |")
+        lines.append(f"| {m} | {w} | {r} | {verdict_rates(runs)} | {mean_ci([x['best_true'] for x in runs])} | "
+                     f"{statistics.mean(x['cpu_seconds'] for x in runs):.0f} |")
     return lines
 
 
@@ -143,7 +150,7 @@ def h2h_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def kind_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Every grid verdict by the move's hidden kind: how often promoted, and how often a probe gave the incumbent."""
+    """Every verdict by the move's hidden kind: how often promoted, and how often a probe gave the incumbent."""
     moves = [d for x in rows for d in x["decisions"]]
     lines = ["| hidden kind | verdicts | promoted | mean true effect | candidate's incumbent from a probe |",
              "|---|---|---|---|---|"]
@@ -156,7 +163,7 @@ def kind_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def margin_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Every grid verdict judged again at other margins (its delta against z standard errors instead of the z its
+    """Every verdict judged again at other margins (its delta against z standard errors instead of the z its
     study ran with): the trade-off between false promotions and power. First order: a verdict that went the other
     way would have changed the study's later moves, which this does not replay."""
     moves = [(d, x.get("noise_z", 2.0)) for x in rows for d in x["decisions"]
@@ -182,6 +189,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], log_name: str) 
     """The results page: the command, the grid by schedule and by kind, the head-to-head."""
     grid = [r for r in rows if r["part"] == "grid"]
     h2h = [r for r in rows if r["part"] == "h2h"]
+    hybrid = [r for r in h2h if r["method"] == "hybrid"]
     hours = sum(r["wall_seconds"] for r in rows) / 3600
     ran = sorted({tuple(r["schedule_ran"]) for r in h2h if r["method"] == "hybrid"})
     return "\n".join([
@@ -198,7 +206,10 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], log_name: str) 
         *margin_table(grid), "",
         f"## Head-to-head at equal budget ({args.budget_hours:g} h of modelled H200 time per study)", "",
         f"hybrid ran (mutate every, stagnation, repeats) = {', '.join(map(str, ran))}.", "",
-        *h2h_table(h2h), ""])
+        *h2h_table(h2h), "",
+        f"### The hybrid's own verdicts in the head-to-head (its default schedule, {args.budget_hours:g} h per study)",
+        "", f"| studies | {RATES_HEADER} |", "|---|---|---|---|", f"| {len(hybrid)} | {verdict_rates(hybrid)} |", "",
+        *kind_table(hybrid), "", *margin_table(hybrid), ""])
 
 
 def main() -> int:
