@@ -76,6 +76,7 @@ def trial_line(trial: FrozenTrial, objective: str) -> Text:
 class Stats:
     """The study's numbers at one moment (finished trials: all of them, this run's included)."""
     finished: int
+    pruned: int  # stopped early by the pruner: not a fault
     failed: int
     best: float | None
     seconds_used: float
@@ -108,9 +109,11 @@ class RunProgress:
     def _stats(self) -> Stats:
         finished = store.finished_trials(self.study)
         values = [v for t in finished if (v := records.ok_value(t)) is not None]
+        pruned = sum(t.user_attrs.get(records.STATUS) == records.PRUNED for t in finished)
         used = store.seconds_used(finished)
         done = float(len(finished)) if self.budget.trials is not None else used
-        return Stats(len(finished), len(finished) - len(values), min(values, default=None), used,
+        failed = len(finished) - len(values) - pruned
+        return Stats(len(finished), pruned, failed, min(values, default=None), used,
                      records.LLMUsage.of(self.study.get_trials(deepcopy=False)), done, self._eta(finished, done))
 
     def _eta(self, finished: list[FrozenTrial], done: float) -> float | None:
@@ -142,8 +145,9 @@ class RunProgress:
         parts = [self.budget_text()]
         if eta and s.eta_seconds is not None:
             parts.append(f"ETA {duration(s.eta_seconds)}")
-        parts += [f"best {s.best:.4f}" if s.best is not None else "best -", f"{s.failed} failed",
-                  f"elapsed {duration(time.monotonic() - self.started)}"]
+        parts += [f"best {s.best:.4f}" if s.best is not None else "best -"]
+        parts += [f"{s.pruned} pruned"] if s.pruned else []
+        parts += [f"{s.failed} failed", f"elapsed {duration(time.monotonic() - self.started)}"]
         if s.llm.tokens or self.config.llm not in (None, "none"):
             cap = f" of ${self.config.llm_max_usd:g}" if self.config.llm_max_usd is not None else ""
             parts.append(f"LLM {s.llm.tokens / 1000:.1f}k tok ${s.llm.usd:.2f}{cap}")

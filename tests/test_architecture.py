@@ -87,3 +87,13 @@ def test_the_graph_sees_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     with pytest.raises(CycleError):
         list(TopologicalSorter(import_graph()).static_order())
+
+
+def test_the_cli_and_every_method_load_no_llm_sdk_until_a_provider_is_made():
+    """The Anthropic and OpenAI SDKs cost about 2 s of import: a run without an LLM (and `hybrid --help`) never pays."""
+    script = ("import importlib, sys, hybrid.cli, hybrid.loop, hybrid.llm.client\n"
+              "from hybrid.config import METHODS\n"
+              "for m in METHODS.values():\n    importlib.import_module(m.factory.partition(':')[0])\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('anthropic', 'openai')))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

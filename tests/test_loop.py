@@ -263,18 +263,19 @@ def test_a_stop_ends_every_worker_and_says_why_in_one_line(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_the_24_hour_protocol_on_the_surrogate_spends_its_budget(tmp_path: Path) -> None:
-    """What the protocol records. How long it takes (CPU and wall seconds on one core) is measured by
-    benchmarks/sampler_time.py, not asserted here."""
+def test_the_protocol_on_the_surrogate_spends_its_budget(tmp_path: Path) -> None:
+    """What the protocol records, over a quarter of its 24 hours (TPE's time per trial grows with the trials, so the
+    whole protocol would be a quarter of the test suite's time). How long 24 hours take (CPU and wall seconds on one
+    core) is measured by benchmarks/sampler_time.py, not asserted here."""
     done = subprocess.run([sys.executable, "-m", "hybrid.cli", "run", "--method", "tpe", "--objective",
-                           "surrogate", "--budget-hours", "24", "--study", "p"], cwd=tmp_path, capture_output=True,
+                           "surrogate", "--budget-hours", "6", "--study", "p"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
 
     study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path}/runs/hybrid.db")
     trials = study.get_trials()
-    assert all(map(records.is_finished, trials)) and len(trials) > 200
-    assert sum(t.user_attrs["total_seconds"] for t in trials) >= 24 * 3600
+    assert all(map(records.is_finished, trials)) and len(trials) > 50
+    assert sum(t.user_attrs["total_seconds"] for t in trials) >= 6 * 3600
     assert trials[0].user_attrs["source"] == "baseline"
     for t in trials:
         assert all(k in t.user_attrs for k in ("source", "generation", "code_sha", "status", "seed", "method",

@@ -11,9 +11,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anthropic
-import openai
-
 from hybrid.study import records
 from hybrid.errors import UserError
 from hybrid.llm.spending import SpendingCap
@@ -119,13 +116,14 @@ def cost(model: str, usage: Usage) -> float | None:
 
 
 class Provider:
-    """One chat model behind an SDK: `complete` sends the fixed prefix (cached) and the task, retrying transient errors."""
+    """One chat model behind an SDK: `complete` sends the fixed prefix (cached) and the task, retrying transient errors.
+    Each provider imports its SDK when it is made (about 2 s for both): a run without an LLM never loads one."""
     name = ""
-    errors: tuple[type[Exception], ...] = ()  # the SDK's exceptions
     cap: SpendingCap | None = None  # --llm-max-usd, set by make_provider
 
-    def __init__(self, model: str, policy: RetryPolicy) -> None:
+    def __init__(self, model: str, policy: RetryPolicy, errors: tuple[type[Exception], ...]) -> None:
         self.model, self.policy = model, policy
+        self.errors = errors  # the SDK's exceptions
 
     def complete(self, prefix: str, prompt: str) -> Reply:
         """The model's answer; ProviderError once retries are spent or at once for a permanent error;
@@ -185,10 +183,10 @@ def _transient_status(status: int | None) -> bool:
 class AnthropicProvider(Provider):
     """Claude through the official SDK; the prefix is a system block marked for prompt caching."""
     name = "anthropic"
-    errors = (anthropic.AnthropicError,)
 
     def __init__(self, model: str, policy: RetryPolicy, base_url: str | None = None) -> None:
-        super().__init__(model, policy)
+        import anthropic
+        super().__init__(model, policy, (anthropic.AnthropicError,))
         base_url = base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
         try:  # the SDK finds a key, a token or a credentials profile, or raises for a broken profile
             self._sdk = anthropic.Anthropic(base_url=base_url, timeout=policy.timeout, max_retries=0)
@@ -213,6 +211,7 @@ class AnthropicProvider(Provider):
         return Reply(text, usage, self.model, message.stop_reason == "max_tokens")
 
     def _classify(self, error: Exception) -> tuple[bool, float | None]:
+        import anthropic
         if isinstance(error, anthropic.APIStatusError):
             return _transient_status(error.status_code), _retry_after(error)
         return isinstance(error, anthropic.APIConnectionError), None  # timeouts are connection errors
@@ -221,22 +220,23 @@ class AnthropicProvider(Provider):
 class OpenAIProvider(Provider):
     """Any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama, llama.cpp); the prefix is the system message."""
     name = "openai"
-    errors = (openai.OpenAIError,)
 
     def __init__(self, model: str | None, policy: RetryPolicy, base_url: str | None = None) -> None:
+        import openai
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         key = os.environ.get("OPENAI_API_KEY")
         if key is None and base_url is None:
             raise UserError("no OpenAI credentials: set OPENAI_API_KEY in the environment, "
                             "or --llm-base-url URL for a local server (vLLM, Ollama, llama.cpp)")
         self._sdk = openai.OpenAI(api_key=key or "unused", base_url=base_url, timeout=policy.timeout, max_retries=0)
-        super().__init__(model or (self._served_model() if base_url else DEFAULT_MODELS["openai"]), policy)
+        model = model or (self._served_model(openai.OpenAIError) if base_url else DEFAULT_MODELS["openai"])
+        super().__init__(model, policy, (openai.OpenAIError,))
 
-    def _served_model(self) -> str:
+    def _served_model(self, sdk_error: type[Exception]) -> str:
         """The first model a local server lists (vLLM and llama.cpp serve one)."""
         try:
             models = [m.id for m in self._sdk.models.list()]
-        except openai.OpenAIError as e:
+        except sdk_error as e:
             raise UserError(f"cannot list the models of {self._sdk.base_url}: {_describe(e)}; pass --llm-model") from None
         if not models:
             raise UserError(f"{self._sdk.base_url} serves no model: pass --llm-model")
@@ -254,6 +254,7 @@ class OpenAIProvider(Provider):
         return Reply(choice.message.content or "", usage, self.model, choice.finish_reason == "length")
 
     def _classify(self, error: Exception) -> tuple[bool, float | None]:
+        import openai
         if isinstance(error, openai.APIStatusError):
             return _transient_status(error.status_code), _retry_after(error)
         return isinstance(error, openai.APIConnectionError), None
