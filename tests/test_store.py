@@ -105,14 +105,15 @@ def test_heartbeat_keeps_a_running_trial_alive(study: optuna.Study, monkeypatch:
 
 def test_reaper_fails_dead_trials_and_completes_recorded_ones(study: optuna.Study,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "GRACE_SECONDS", 1.0)
+    # the grace is what a beat's write and a sweep may take under load (1 s was once too little on a loaded machine)
+    monkeypatch.setattr(store, "GRACE_SECONDS", 5.0)
     alive, dead, silent = running_trial(study), running_trial(study), running_trial(study)
     # killed after writing `status`, before the tell: everything was recorded, so it is told, not lost
     recorded = running_trial(study, total_seconds=300.0, val_bpb=1.1, source="tpe", status="ok")
     recorded_oom = running_trial(study, total_seconds=30.0, status="oom")
     partial = running_trial(study, total_seconds=300.0, val_bpb=1.0)  # killed before `status`
     for trial in (dead, recorded, recorded_oom, partial):
-        beat(study, trial, age=10.0)
+        beat(study, trial, age=30.0)
     beat(study, alive, age=0.0)
 
     reaper = store.Reaper(study)
@@ -120,7 +121,7 @@ def test_reaper_fails_dead_trials_and_completes_recorded_ones(study: optuna.Stud
     states = {t.number: (t.state, t.values) for t in study.get_trials()}
     assert states == {0: (TrialState.RUNNING, None), 1: (TrialState.FAIL, None), 2: (TrialState.RUNNING, None),
                       3: (TrialState.COMPLETE, [1.1]), 4: (TrialState.COMPLETE, [PENALTY]), 5: (TrialState.FAIL, None)}
-    time.sleep(1.1)  # the trial that never beat is dead once this process has watched it silent for the grace
+    time.sleep(5.1)  # the trial that never beat is dead once this process has watched it silent for the grace
     beat(study, alive, age=0.0)
     reaper.sweep()
     assert frozen(study, silent).state == TrialState.FAIL
