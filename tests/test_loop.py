@@ -228,14 +228,14 @@ def test_the_console_script_reports_bad_input_the_same_way(existing: Path) -> No
 def test_workers_share_one_study_and_stop_at_the_budget_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
-    code, err = cli(capsys, "run", "--method", "tpe", "--study", "s", "--objective", "surrogate", "--trials", "30",
+    code, err = cli(capsys, "run", "--method", "tpe", "--study", "s", "--objective", "surrogate", "--trials", "15",
                     "--workers", "3")
     assert code == 0, err
     trials = load("s").get_trials()
     assert [t.number for t in trials] == list(range(len(trials)))
     finished = [t for t in trials if records.is_finished(t)]
-    assert len(finished) == 30 and len({t.user_attrs["source"] for t in finished}) == 2  # baseline, tpe
-    assert len({tuple(t.params.values()) for t in finished}) == 30  # three seeds, no config proposed twice
+    assert len(finished) == 15 and len({t.user_attrs["source"] for t in finished}) == 2  # baseline, tpe
+    assert len({tuple(t.params.values()) for t in finished}) == 15  # three seeds, no config proposed twice
     # a worker that asked for a trial after the others had filled the budget gave its slot back, marked as such
     surplus = [t for t in trials if not records.is_finished(t)]
     assert all(t.state == TrialState.FAIL and t.user_attrs == {"surplus": True} for t in surplus)
