@@ -82,7 +82,7 @@ def test_a_run_records_pruned_trials_and_their_curves(data_dir, tmp_path, capsys
     storage = f"sqlite:///{tmp_path}/db.sqlite"
     code, err = cli(capsys, *tiny_run(tmp_path, "--study", "p", "--trials", "2", "--pruner", "median"))
     assert code == 0, err
-    assert "best " in err and "1 pruned  0 failed" in err  # the run's summary counts a pruned trial apart
+    assert "1 pruned  0 failed" in err  # the run's summary counts a pruned trial apart
     study = optuna.load_study(study_name="p", storage=storage)
     baseline, *others = sorted(study.get_trials(), key=lambda t: t.number)
     assert baseline.state == TrialState.COMPLETE and baseline.intermediate_values  # never pruned
