@@ -513,9 +513,9 @@ def test_llm_mutations_run_and_a_hostile_one_is_rejected_without_harm(fake: None
 def test_a_few_real_generations_on_the_test_profile(prepared_test, tmp_path: Path, capsys,  # noqa: ANN001
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    # 13 trials reach a second generation whatever the noise (the baseline, a sampled trial and the repeats of its
+    # 8 trials reach a second generation whatever the noise (the baseline, a sampled trial and the one repeat of its
     # incumbent, then the mutation) and run its first trials: its parent's incumbent, then its probes.
-    run(capsys, "--llm", "none", "--trials", "13", "--mutate-every", "1", "--stagnation", "1")
+    run(capsys, "--llm", "none", "--trials", "8", "--mutate-every", "1", "--stagnation", "1", "--repeats", "1")
     study = load()
     check_invariants(study)
     gens = generations.load_all(study)
