@@ -36,6 +36,9 @@ SAMPLE = {"forge_cross_entropy", "forge_torch_function", "forge_result_files_par
           "files_venv_pth", "files_tokenizer_pickle", "files_db_write",
           "damage_kill_ancestors", "damage_daemon", "damage_fork_bomb", "damage_memory"}
 FULL = os.environ.get("HYBRID_FULL_CORPUS") == "1"
+# A trial's memory cap here (harness.sandbox.default_memory_bytes): a hog meets it at a few GiB on any machine,
+# where 80 % of a large one's memory would let damage_memory's 8 GiB through without reaching the cap.
+TRIAL_MEMORY_GB = 4
 RUN = [c if FULL or c.name in SAMPLE else pytest.param(c, marks=pytest.mark.skip("not in the default sample: "
                                                                                "HYBRID_FULL_CORPUS=1 runs it"))
        for c in CASES]
@@ -53,6 +56,7 @@ def trusted(data_dir, tmp_path_factory):  # noqa: ANN001, ANN201
     mp = pytest.MonkeyPatch()
     for name, value in side.env.items():
         mp.setenv(name, value)
+    mp.setenv("HYBRID_TRIAL_MEMORY_GB", str(TRIAL_MEMORY_GB))
     yield side
     mp.undo()
     side.close()
@@ -116,6 +120,8 @@ def test_hostile_case(case: Case, trusted: TrustedSide, baseline: Baseline, data
     os.kill(os.getpid(), 0)  # the optimizer (this process) is alive
     assert not outcome.problems, (f"{case.name} ({case.doc}): status {outcome.status}, val_bpb {outcome.val_bpb}, "
                                   f"error {outcome.error!r}: " + " | ".join(outcome.problems))
+    if case.name == "damage_memory":  # the cap stopped the hog before its 16th 512 MiB block
+        assert len(outcome.reached) < 16, outcome.reached
 
 
 # ------------------------------------------------------------------------------------------ the patch guard
