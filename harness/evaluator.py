@@ -45,7 +45,7 @@ def main(spec_path: str, train_py: str, model_path: str, logits_path: str, in_fd
     channel = Channel.from_fds(in_fd, out_fd)
     rows, seq_len, vocab = spec["eval_rows"], spec["seq_len"], spec["vocab_size"]
     try:
-        set_up(spec)
+        set_up(spec | {"threads": spec["eval_threads"]})
         device = torch.device(spec["device"])
         channel.send({"op": "started"})
         channel.receive()  # the model is saved: load it

@@ -48,6 +48,7 @@ PEAK_BF16_FLOPS = {"H200": 989.5e12, "H200 NVL": 835.5e12, "GH200": 989.5e12, "H
                    "L4": 121e12, "A10G": 70e12, "RTX 4090": 165.2e12, "RTX 3090": 71e12}
 # Trials on CUDA: segments that grow instead of fragmenting (the reference sets it; reserved stays near allocated).
 CUDA_ALLOCATOR = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+EVALUATIONS = ("main", "check")  # each a process of its own, scored at once (harness.scorer.score)
 INTERMEDIATE_CALL_TOKENS = 8192  # tokens of one intermediate request: its logits stay far below a training step's
 
 
@@ -145,7 +146,10 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
     except OSError as e:
         return _finish(TrialResult(status="crash", error=f"cannot write the trial's folder: {e}"), config, log,
                        trial_dir, t0)
-    spec = {"seed": seed, "threads": threads, "device": "cuda:0" if gpu is not None else scoring_device.type,
+    # the evaluations run side by side: on a CPU, each with its share of the trial's threads, not all of them
+    eval_threads = max(1, (threads or torch.get_num_threads()) // len(EVALUATIONS))
+    spec = {"seed": seed, "threads": threads, "eval_threads": eval_threads,
+            "device": "cuda:0" if gpu is not None else scoring_device.type,
             "vram_cap_gb": vram_cap_gb,
             "seq_len": profile.seq_len, "time_budget": profile.time_budget, "vocab_size": tokenizer.vocab_size,
             "bos_id": tokenizer.bos_id, "eval_rows": forward_rows(profile)}
@@ -178,7 +182,7 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
 
     def new_evaluations() -> list[Evaluation]:
         return [Evaluation(start_evaluation, _fresh(trial_dir / f"eval-{name}") / "logits.bin", spec["eval_rows"],
-                           profile.seq_len, tokenizer.vocab_size) for name in ("main", "check")]
+                           profile.seq_len, tokenizer.vocab_size) for name in EVALUATIONS]
 
     limit = timeout or profile.timeout_seconds
     deadline = t0 + limit

@@ -88,6 +88,17 @@ def test_a_trial(prepared_test, tiny_train_py, tmp_path, monkeypatch):
     assert r.peak_memory_mb > 0 and r.mfu is None
 
 
+def test_the_two_evaluations_share_the_trial_threads(prepared_test, tiny_train_py, tmp_path, monkeypatch):
+    """Training has the trial's threads; the two evaluation processes, which run at once, half of them each."""
+    monkeypatch.setenv("HYBRID_TRIAL_THREADS", "4")
+    code = tiny_train_py.read_text().replace("    def forward(self, idx):\n", "    def forward(self, idx):\n"
+                                             "        print('THREADS', self.training, torch.get_num_threads())\n")
+    r = run_trial(code, {}, SHORT, tmp_path / "t", sandbox="off")
+    assert r.ok, r.error
+    log = (tmp_path / "t" / "log.txt").read_text()
+    assert "THREADS True 4" in log and "THREADS False 2" in log and "THREADS False 4" not in log
+
+
 FAILURES = [
     ("raise", "crash", "ValueError: boom from the tiny script (train.py:"),
     ("nan", "nan", "training loss is nan"),
