@@ -4,9 +4,9 @@
 
 Runs the same trial (train.py at the cpu defaults of search_space.yaml, seed 0) several times, `--concurrent` at
 once (as the test suite's processes or `hybrid run --workers` on one machine run them; 1: one after another), and
-writes benchmarks/results/NAME.json (per trial and summary), NAME.md (the table) and NAME.log (every trial's log). Overhead is a trial's wall time outside its training budget; the
-phases say where it went (imports, data, setup, eval, teardown). Run it on a quiet machine: the load average
-before each trial is recorded.
+writes benchmarks/results/NAME.json (per trial and summary), NAME.md (the table) and NAME.log (every trial's log).
+Overhead is a trial's wall time outside its training budget; the phases say where it went (imports, data,
+setup, eval, teardown). Run it on a quiet machine: the load average before each trial is recorded.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def summarize(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values)}
 
 
-def markdown(report: dict, name: str) -> str:
+def markdown(report: dict, stem: str) -> str:
     s = report["summary"]
     rows = [f"| {name} | {s[name]['mean']:.2f} | {s[name]['min']:.2f} | {s[name]['max']:.2f} |"
             for name in ("total_seconds", "training_seconds", "overhead_seconds", *(f"phase_{p}" for p in PHASES))]
@@ -48,9 +48,9 @@ def markdown(report: dict, name: str) -> str:
         "# Per-trial overhead on the cpu profile",
         "",
         f"Command: `python benchmarks/overhead_cpu.py --trials {len(report['trials'])} --concurrent "
-        f"{report['concurrent']} --name {name}`; {report['machine']['cpus']} cores, torch {report['machine']['torch']}, "
+        f"{report['concurrent']} --name {stem}`; {report['machine']['cpus']} cores, torch {report['machine']['torch']}, "
         f"measured {report['measured_at']}; load average before the trials {min(loads):.2f} to {max(loads):.2f}. "
-        f"Raw output: {name}.log, data: {name}.json.",
+        f"Raw output: {stem}.log, data: {stem}.json.",
         "",
         f"The same trial (cpu defaults, seed 0, {report['time_budget']:.0f} s training budget) run "
         f"{len(report['trials'])} times, {report['concurrent']} at once; {report['trials_ok']} succeeded.",

@@ -8,7 +8,7 @@ For each study of the storage (as `hybrid compare` names them: METHOD-sSEED), th
 trial (its generation's code with the trial's knob values, as `hybrid best --export` writes it), and once the
 project's train.py at the space's defaults (the baseline), run `--repeats` times on seeds no study used
 (RERUN_SEED + k), `--concurrent` at once, round by round through every study so that a drift of the machine's
-speed falls on all methods alike. Writes DIR/rerun_best.json (every re-run), rerun_best.md (the tables) and
+speed falls on all methods alike; methods are compared pairwise by seed as `hybrid compare`'s report does. Writes DIR/rerun_best.json (every re-run), rerun_best.md (the tables) and
 rerun_best.log (every re-run's trial log).
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import combinations
 from pathlib import Path
 
 import optuna
-from scipy import stats
 
 from harness.profiles import get_profile
 from harness.runner import run_trial
 from hybrid.reports import results
+from hybrid.reports.report import pairwise_markdown
+from hybrid.reports.stats import pairwise
 from hybrid.space import load_space
 from hybrid.study import records, store
 
@@ -53,14 +53,6 @@ def best_codes(url: str) -> tuple[dict[str, dict], str]:
     return studies, profiles.pop()
 
 
-def interval(differences: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95 % t-interval (nan below two values)."""
-    mean = statistics.mean(differences)
-    if len(differences) < 2:
-        return mean, float("nan")
-    return mean, stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
-
-
 def markdown(report: dict) -> str:
     studies, reruns = report["studies"], report["reruns"]
     fresh = {name: [r["val_bpb"] for r in reruns if r["study"] == name and r["status"] == "ok"]
@@ -69,13 +61,15 @@ def markdown(report: dict) -> str:
     lines = ["# Fresh re-runs of each study's best trial", "",
              f"Command: `HYBRID_TRIAL_THREADS={report['threads']} python benchmarks/rerun_best.py --storage "
              f"{report['storage']} --repeats {report['repeats']} --concurrent {report['concurrent']}`; "
-             f"{report['profile']} profile, measured {report['measured_at']} ({report['seconds'] / 60:.1f} min); load "
-             f"average before the re-runs {min(r['load'] for r in reruns):.2f} to {max(r['load'] for r in reruns):.2f}. "
+             f"{report['profile']} profile, measured {report['measured_at']} ({report['seconds'] / 60:.1f} min); "
+             f"load average before the re-runs {min(r['load'] for r in reruns):.2f} to "
+             f"{max(r['load'] for r in reruns):.2f}. "
              "Raw output: rerun_best.log (every re-run's trial log), data: rerun_best.json.", "",
              f"Each study's best trial, and the baseline, trained {report['repeats']} more times on seeds no study "
              f"used, {report['concurrent']} at once, round by round through all of them: every value below was "
              "measured under the same load.", "",
-             "| study | method | seed | best trial | recorded val_bpb | fresh re-runs (mean ± std) | fresh − recorded |",
+             "| study | method | seed | best trial | recorded val_bpb | fresh re-runs (mean ± std) | fresh − recorded "
+             "|",
              "|---|---|---|---|---|---|---|"]
     for name, s in studies.items():
         v = fresh[name]
@@ -94,14 +88,8 @@ def markdown(report: dict) -> str:
         sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
         lines.append(f"| {m} | {len(values)} | {statistics.mean(values):.4f}{sd} | "
                      f"{mean[BASELINE] - statistics.mean(values):.4f} |")
-    lines += ["", "| pair (a vs b) | seeds | mean difference a − b | 95 % t-interval |", "|---|---|---|---|"]
-    for a, b in combinations(methods, 2):
-        seeds = sorted(set(per_seed[a]) & set(per_seed[b]))
-        d, half = interval([per_seed[a][s] - per_seed[b][s] for s in seeds])
-        lines.append(f"| {a} vs {b} | {len(seeds)} | {d:+.4f} | [{d - half:+.4f}, {d + half:+.4f}] |")
-    lines += ["", "A negative difference means a's best trains to the lower val_bpb. Differences are paired by "
-                  "the studies' seed; the interval is Student's t over the seeds' differences, each a difference of "
-                  "means of fresh re-runs (with three seeds, t = 4.30: only a large and steady gap excludes 0).", ""]
+    lines += ["", "Pairs of methods on the fresh re-runs of their bests (`hybrid.reports.stats`, as in the compare's "
+                  "report):", "", pairwise_markdown(pairwise(per_seed)), ""]
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ from harness.errors import UserError
 from harness.knobs import find_knobs, inject_knobs, parse_python
 from harness.profiles import Profile, data_dir
 from harness.result import TrialResult, is_oom
-from harness.sandbox import Jail, Limits, default_memory_bytes
+from harness.sandbox import TRIAL_THREADS, Jail, Limits, default_memory_bytes
 from harness.scorer import (RESCORE_TOLERANCE, Evaluation, forward_rows, intermediate_rows, score,
                             score_intermediate)
 from harness.scrub import scrub
@@ -139,7 +139,7 @@ def run_trial(code: str, config: dict[str, Any], profile: Profile, trial_dir: Pa
     trial_code = inject_knobs(code, config)
     scoring_device, gpu = trial_device(device)
     tokenizer = Tokenizer.load(data.tokenizer)
-    threads = int(os.environ["HYBRID_TRIAL_THREADS"]) if os.environ.get("HYBRID_TRIAL_THREADS") else None
+    threads = int(os.environ[TRIAL_THREADS]) if os.environ.get(TRIAL_THREADS) else None
     try:
         (trial_dir / "train.py").write_text(trial_code)
         scratch = _fresh(trial_dir / "scratch")

@@ -53,6 +53,17 @@ class Limits:
     processes: int = PROCESSES
 
 
+TRIAL_THREADS = "HYBRID_TRIAL_THREADS"  # torch threads of a CPU trial's training (its two evaluations share them)
+
+
+def share_cores(processes: int) -> int:
+    """Torch threads of each of `processes` trials run side by side here: $HYBRID_TRIAL_THREADS, else the cores
+    shared among them, written there for this process's trials and the processes it starts. Threads that
+    outnumber the cores spin against each other (benchmarks/results/overhead_cpu_two_*.md)."""
+    os.environ.setdefault(TRIAL_THREADS, str(max(1, (os.cpu_count() or 1) // processes)))
+    return int(os.environ[TRIAL_THREADS])
+
+
 def default_memory_bytes(workers: int = 1) -> int:
     """Host memory a trial process may take: $HYBRID_TRIAL_MEMORY_GB, else 80 % of the machine's shared by workers."""
     if os.environ.get("HYBRID_TRIAL_MEMORY_GB"):

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from harness import scrub
 from harness.profiles import get_profile
+from harness.sandbox import share_cores
 from harness.result import TrialResult
 from harness.seal import seal as seal_harness
 from hybrid import stops
@@ -131,7 +132,7 @@ def _work_all(study_name: str, config: RunConfig, objective: ObjectiveFactory | 
     failed in an earlier run runs again first (the user fixed what failed it, or it fails and stops the run again)."""
     stops.retry_failed_baseline(optuna.load_study(study_name=study_name, storage=store.open_storage(config.storage)))
     if config.workers > 1:  # CPU trials of parallel workers split the cores instead of fighting over them
-        os.environ.setdefault("HYBRID_TRIAL_THREADS", str(max(1, (os.cpu_count() or 1) // config.workers)))
+        share_cores(config.workers)
         check_workers(config.workers)
         pin_gpu(0)
     ctx = multiprocessing.get_context("spawn")

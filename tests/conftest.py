@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.sandbox import share_cores
+
 # pytest-xdist runs the tests in several processes at once: each, and every trial it starts, takes its share of the
-# cores (as `hybrid run --workers` shares them among its workers), not all of them. Torch threads that outnumber the
-# cores spin against each other: two cpu-profile trials at once on 2 cores trained 5 to 7 steps with 2 threads
-# each, 31 to 32 with 1 (benchmarks/results/overhead_cpu_two_before_r1.md, overhead_cpu_two_one_thread.md).
+# cores, as `hybrid run --workers` shares them among its workers. Two cpu-profile trials at once on 2 cores trained
+# 5 to 7 steps with 2 threads each, 31 to 32 with 1 (benchmarks/results/overhead_cpu_two_before_r1.md,
+# overhead_cpu_two_one_thread.md).
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if XDIST_WORKERS > 1:
-    CORE_SHARE = max(1, (os.cpu_count() or 1) // XDIST_WORKERS)
-    os.environ.setdefault("HYBRID_TRIAL_THREADS", str(CORE_SHARE))
+    CORE_SHARE = share_cores(XDIST_WORKERS)
     os.environ.setdefault("OMP_NUM_THREADS", str(CORE_SHARE))  # the hybrid processes tests start
-    torch.set_num_threads(CORE_SHARE)
+    torch.set_num_threads(CORE_SHARE)  # this process's own torch work
 
 # A 1-layer model on harness.api. MODE picks a behaviour for the failure-class and causality tests. The training
 # runs in main() (the evaluation process runs train.py as a module to find the model's class, not its main()).

@@ -19,7 +19,8 @@ import pytest
 import harness.sandbox
 from harness.errors import UserError
 from harness.profiles import data_dir
-from harness.sandbox import ENV_ALLOWED, OPEN_FILES, PROJECT_ROOT, Jail, bwrap_problem, kill, resolve
+from harness.sandbox import (ENV_ALLOWED, OPEN_FILES, PROJECT_ROOT, TRIAL_THREADS, Jail, bwrap_problem, kill, resolve,
+                             share_cores)
 
 needs_bwrap = pytest.mark.skipif(bwrap_problem() is not None, reason=f"no sandbox here: {bwrap_problem()}")
 
@@ -275,3 +276,14 @@ def test_modes(tmp_path):
         assert argv[0].endswith("bwrap") and argv[-2:] == ["--", "python"]
         assert jail.path("train.py") == "/trial/train.py"
         assert "--unshare-all" in argv and "--die-with-parent" in argv
+
+
+def test_trials_side_by_side_share_the_cores_unless_told(monkeypatch):
+    monkeypatch.delenv(TRIAL_THREADS, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert share_cores(3) == 2 and os.environ[TRIAL_THREADS] == "2"  # written for the processes it starts
+    assert share_cores(16) == 2  # the first share stands
+    monkeypatch.setenv(TRIAL_THREADS, "5")
+    assert share_cores(2) == 5
+    monkeypatch.delenv(TRIAL_THREADS)
+    assert share_cores(16) == 1
